@@ -1,0 +1,552 @@
+"""ForecastEarlyStopping: stop a run once its loss forecast says, with confidence, that finishing is not worth it."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_debug, rank_zero_info
+from typing_extensions import override
+
+from lightning_scaling.callbacks.forecast import ScalingForecast, find_trajectory, resolve_horizon
+from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time
+from lightning_scaling.history import RunHistory
+
+if TYPE_CHECKING:
+    from lightning_scaling.forecast import Forecast
+
+__all__ = ["ForecastEarlyStopping", "ForecastStopRule", "PairedReference", "forecast_stop_reason", "reference_final_loss"]
+
+
+def reference_final_loss(history: RunHistory, *, tail_fraction: float = 0.01) -> float:
+    """Final loss of a finished run: the mean of its last ``tail_fraction`` of finite losses (at least one point),
+    so one noisy last step does not decide a comparison.
+
+    Raises:
+        ValueError: the history has no finite loss, or ``tail_fraction`` is not in (0, 1].
+
+    Example::
+
+        >>> h = RunHistory(step=range(200), loss=[3.0] * 198 + [2.9, 3.1])
+        >>> round(reference_final_loss(h), 6)
+        3.0
+    """
+    if not 0.0 < tail_fraction <= 1.0:
+        raise ValueError(f"`tail_fraction` must be in (0, 1], got {tail_fraction!r}")
+    loss = np.asarray(history.loss, dtype=np.float64)
+    loss = loss[np.isfinite(loss)]
+    if loss.size == 0:
+        raise ValueError(f"reference run {history.name!r} has no finite loss")
+    k = max(1, math.ceil(tail_fraction * loss.size))
+    return float(np.mean(loss[-k:]))
+
+
+class PairedReference:
+    """Baseline from a finished reference run, corrected for the forecast's shared bias.
+
+    Two runs of the same setup and schedule share most of a law's extrapolation error at a given fraction of
+    training (e.g. the annealing gain of a cosine decay, under-predicted mid-run). So at step ``s`` the reference's
+    own prefix up to ``s`` is forecast the same way, and the baseline is shifted by that forecast's error on the
+    reference: ``baseline(s) = final_ref + (forecast_ref(s).final_loss - final_ref) = forecast_ref(s).final_loss``.
+    Comparing ``final_lower > baseline(s) + margin`` then asks whether this run is predicted to end worse than the
+    reference *was predicted to at the same point*, which cancels the common-mode error. Refits of the reference
+    warm-start from the previous one. Steps the reference does not cover fall back to its final loss.
+
+    Args:
+        reference: The finished reference run.
+        horizon: Horizon used for both runs' forecasts.
+        **forecast_kwargs: Passed to ``forecast_run`` (``confidence``, ``law``, ``method``, ...).
+
+    Example::
+
+        >>> s = np.arange(0, 3001, 10)
+        >>> ref = RunHistory(step=s, loss=2.0 + (np.maximum(s, 1) / 50.0) ** -0.5)
+        >>> pr = PairedReference(ref, horizon=3000)
+        >>> round(pr.final, 3), bool(abs(pr.at(1500) - pr.final) < 0.01)
+        (2.129, True)
+    """
+
+    def __init__(self, reference: RunHistory, *, horizon: int | None, **forecast_kwargs: Any) -> None:
+        self.reference = reference
+        self.horizon = horizon
+        self.final = reference_final_loss(reference)
+        self.forecast_kwargs = forecast_kwargs
+        self._prev: Forecast | None = None
+        self._cache: dict[int, float] = {}
+
+    def at(self, step: int) -> float:
+        """The bias-corrected baseline for a forecast made from ``step`` observed steps."""
+        step = int(step)
+        ref_steps = np.asarray(self.reference.step)
+        if ref_steps.size == 0 or step >= ref_steps[-1] or step in self._cache:
+            return self._cache.get(step, self.final)
+        try:
+            fc = _forecast.forecast_run(self.reference.truncate(step), self.horizon, init=self._prev,
+                                        **self.forecast_kwargs)
+        except Exception:  # too little of the reference seen, or a failed fit: no correction
+            return self.final
+        self._prev = fc
+        self._cache[step] = float(fc.final_loss) if math.isfinite(fc.final_loss) else self.final
+        return self._cache[step]
+
+
+def forecast_stop_reason(
+    forecast: Forecast,
+    *,
+    current_step: int,
+    target_loss: float | None = None,
+    max_steps: int | None = None,
+    max_tokens: float | None = None,
+    min_delta: float | None = None,
+    baseline_loss: float | None = None,
+    margin: float = 0.0,
+    current_loss: float | None = None,
+) -> str | None:
+    """Decide from one forecast whether the run should stop; the reason, or ``None`` to continue.
+
+    Uses the forecast's band (``lower``/``upper``, made at the forecast's confidence) so each test is
+    conservative, i.e. it stops only if even the optimistic (lower) bound says so:
+
+    (c) **baseline**: ``final_lower > baseline_loss + margin``: even optimistically the run ends worse than the
+        baseline;
+    (a) **target**: the lower bound never reaches ``target_loss`` at or before the budget (the smallest of
+        ``max_steps``, ``max_tokens / tokens_per_step`` and the forecast's last step). Undecidable, hence no stop,
+        when the budget lies beyond the forecast or the target is already reached (``current_loss``);
+    (b) **min_delta**: the optimistic remaining improvement, forecast level at ``current_step`` minus
+        ``final_lower``, is below ``min_delta``.
+
+    Args:
+        forecast: A :class:`~lightning_scaling.forecast.Forecast` (only ``steps``, ``loss``, ``lower``,
+            ``final_lower`` and ``tokens_per_step`` are read).
+        current_step: The optimizer step now.
+        target_loss: Loss the run must reach.
+        max_steps: Step budget for ``target_loss``.
+        max_tokens: Token budget for ``target_loss``.
+        min_delta: Smallest remaining improvement worth training for.
+        baseline_loss: Final loss to beat.
+        margin: Tolerance added to ``baseline_loss``.
+        current_loss: The smoothed observed loss now (target already reached -> never stop for the target).
+
+    Returns:
+        A human-readable reason starting with ``"baseline"``, ``"target"`` or ``"min_delta"``, or ``None``.
+
+    Example::
+
+        >>> import types
+        >>> steps = np.arange(0, 1001, 100)
+        >>> loss = 3.0 + 1.0 / np.sqrt(1 + steps / 100)
+        >>> f = types.SimpleNamespace(steps=steps, loss=loss, lower=loss - 0.02, final_lower=loss[-1] - 0.02,
+        ...                           tokens_per_step=None)
+        >>> forecast_stop_reason(f, current_step=300, target_loss=3.1) is not None
+        True
+        >>> forecast_stop_reason(f, current_step=300, target_loss=3.4) is None
+        True
+    """
+    steps = np.asarray(forecast.steps, dtype=np.float64)
+    lower = np.asarray(forecast.lower, dtype=np.float64)
+    final_lower = float(forecast.final_lower)
+    if steps.size == 0 or not math.isfinite(final_lower):
+        return None
+    if baseline_loss is not None and final_lower > baseline_loss + margin:
+        return (
+            f"baseline: predicted final loss is at least {final_lower:.4f} (lower bound), worse than the baseline "
+            f"{baseline_loss:.4f} + margin {margin:g}"
+        )
+    if target_loss is not None and not (current_loss is not None and current_loss <= target_loss):
+        budgets = [float(steps[-1])]
+        if max_steps is not None:
+            budgets.append(float(max_steps))
+        tps = getattr(forecast, "tokens_per_step", None)
+        if max_tokens is not None and tps is not None and math.isfinite(tps) and tps > 0:
+            budgets.append(float(max_tokens) / float(tps))
+        budget = min(budgets)
+        explicit = budgets[1:]
+        # A budget past the forecast's end is undecidable (1 step / 1% slack: horizons count steps from 0 or 1).
+        beyond = bool(explicit) and min(explicit) > steps[-1] * 1.01 + 1
+        within = steps <= budget
+        reachable = bool(np.any(lower[within] <= target_loss)) if within.any() else True
+        if not reachable and not beyond:
+            best = float(np.nanmin(lower[within]))
+            return (
+                f"target: loss {target_loss:.4f} is not reached within the budget of {budget:.0f} steps even "
+                f"optimistically (lower bound {best:.4f})"
+            )
+    if min_delta is not None:
+        level = float(np.interp(current_step, steps, np.asarray(forecast.loss, dtype=np.float64)))
+        gain = level - final_lower
+        if math.isfinite(gain) and gain < min_delta:
+            return (
+                f"min_delta: at most {gain:.4f} more improvement is predicted (from {level:.4f} now to "
+                f"{final_lower:.4f} lower bound), below min_delta {min_delta:g}"
+            )
+    return None
+
+
+class ForecastStopRule:
+    """The stopping protocol, free of Lightning: criteria, ``patience`` and ``min_fraction``.
+
+    Feed it one forecast per check with :meth:`update`; it counts consecutive positive checks and returns the
+    reason once ``patience`` is reached. Checks before ``min_fraction`` of ``horizon`` are ignored. The
+    callback uses it, and it replays recorded runs offline (see the tests).
+
+    Args:
+        horizon: Last optimizer step of the run (for ``min_fraction``).
+        patience: Consecutive positive checks needed to stop.
+        min_fraction: Fraction of ``horizon`` that must be seen before any check counts.
+        **criteria: Keyword arguments of :func:`forecast_stop_reason` (``target_loss``, ``max_steps``,
+            ``max_tokens``, ``min_delta``, ``baseline_loss``, ``margin``).
+
+    Example::
+
+        >>> import types
+        >>> steps = np.arange(0, 1001, 100.0)
+        >>> f = types.SimpleNamespace(steps=steps, loss=3.5 - steps / 1e4, lower=3.45 - steps / 1e4,
+        ...                           final_lower=3.35, tokens_per_step=None)
+        >>> rule = ForecastStopRule(horizon=1000, patience=2, min_fraction=0.2, baseline_loss=3.2)
+        >>> [rule.update(f, current_step=s) is not None for s in (100, 200, 300)]
+        [False, False, True]
+    """
+
+    def __init__(self, *, horizon: int | None, patience: int = 3, min_fraction: float = 0.2, **criteria: Any) -> None:
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"`patience` must be a positive int, got {patience!r}")
+        if not 0.0 <= min_fraction < 1.0:
+            raise ValueError(f"`min_fraction` must be in [0, 1), got {min_fraction!r}")
+        self.horizon = horizon
+        self.patience = patience
+        self.min_fraction = min_fraction
+        self.criteria = criteria
+        self.wait_count = 0
+        self.last_reason: str | None = None
+
+    def ready(self, current_step: int) -> bool:
+        """Whether ``min_fraction`` of the run has been seen (always false for an unknown horizon)."""
+        return self.horizon is not None and current_step >= self.min_fraction * self.horizon
+
+    def check(self, forecast: Forecast, *, current_step: int, current_loss: float | None = None) -> str | None:
+        """One positive/negative verdict, without updating the patience counter."""
+        if not self.ready(current_step):
+            return None
+        return forecast_stop_reason(forecast, current_step=current_step, current_loss=current_loss, **self.criteria)
+
+    def record(self, positive: bool, reason: str | None = None) -> str | None:
+        """Count one (collectively agreed) verdict; the reason when ``patience`` is reached, else ``None``."""
+        if positive:
+            self.wait_count += 1
+            self.last_reason = reason or self.last_reason
+        else:
+            self.wait_count = 0
+        return self.last_reason if self.wait_count >= self.patience else None
+
+    def update(self, forecast: Forecast, *, current_step: int, current_loss: float | None = None) -> str | None:
+        """:meth:`check` then :meth:`record`: the stop reason once ``patience`` positive checks in a row."""
+        if not self.ready(current_step):
+            return None
+        reason = self.check(forecast, current_step=current_step, current_loss=current_loss)
+        return self.record(reason is not None, reason)
+
+
+class ForecastEarlyStopping(Callback):
+    r"""Stop training when the loss forecast says, with the chosen confidence, that finishing is not worth it.
+
+    Unlike :class:`~lightning.pytorch.callbacks.EarlyStopping`, which waits for a metric to stop improving, this
+    looks ahead: at every check it takes the latest forecast of the run's loss curve (from an attached
+    :class:`ScalingForecast` with the same ``confidence``, else it refits itself with
+    :func:`~lightning_scaling.forecast.forecast_run` on the :class:`LossTrajectory` history) and stops when
+
+    (a) ``target_loss`` cannot be reached within the ``max_steps``/``max_tokens`` budget (default: the planned
+        length of the run): the band's lower bound never gets there;
+    (b) the predicted remaining improvement, even optimistically, is below ``min_delta``;
+    (c) the run is predicted to end worse than ``baseline_loss`` (or the final loss of the ``reference`` run) by
+        more than ``margin``: the band's lower bound for the final loss is above ``baseline + margin``.
+
+    A check counts only after ``min_fraction`` of the run and when a new forecast is available; ``patience``
+    consecutive positive checks stop the run. The decision is reduced over ranks with
+    ``strategy.reduce_boolean_decision`` (stop only if every rank with a new forecast agrees), then
+    ``trainer.should_stop`` is set. The reason is kept in :attr:`stopped_reason` and reported with
+    ``rank_zero_info``.
+
+    Args:
+        target_loss: Loss the run must be able to reach.
+        max_steps: Step budget for ``target_loss`` (default: the run's planned steps).
+        max_tokens: Token budget for ``target_loss`` (needs tokens per step from the history).
+        min_delta: Smallest remaining improvement worth training for.
+        baseline_loss: Final loss to beat.
+        reference: A finished run (:class:`RunHistory` or a path :meth:`RunHistory.load` reads) whose final loss
+            (mean of its last 1%) is the baseline.
+        paired: With ``reference``, compare against the reference's forecast from the same number of steps
+            (:class:`PairedReference`) instead of its final loss, which cancels the error the two forecasts share
+            (on real cosine sweeps a forecast from 20-50% of the run under-predicts the annealing gain by
+            0.03-0.13 nats; the unpaired comparison then stops even the best run).
+        margin: Tolerance on the baseline comparison, in loss units.
+        confidence: Coverage of the forecast band used for the decisions, in (0, 1).
+        patience: Consecutive positive checks needed to stop.
+        min_fraction: Fraction of the run that must be seen before checks count.
+        check_every_n_steps: Optimizer steps between checks. Default: the ``every_n_steps`` of an attached
+            :class:`ScalingForecast`, else 200.
+        horizon: Last step of the run (default: ``trainer.max_steps`` / ``estimated_stepping_batches``).
+        law: Prior law for its own refits (see ``forecast_run``).
+        method: Forecast method for its own refits.
+        verbose: Report the stop (and positive checks at debug level).
+        forecast_kwargs: More keyword arguments for its own ``forecast_run`` calls.
+
+    Raises:
+        ValueError: no criterion is given, both ``baseline_loss`` and ``reference`` are given, or a number is out
+            of range.
+        MisconfigurationException: in ``setup``, when no :class:`LossTrajectory` is attached.
+
+    Attributes:
+        stopped_reason: Why training was stopped (``None`` if it was not).
+        stopped_step: The optimizer step at which it was stopped.
+        wait_count: Current number of consecutive positive checks.
+        baseline: The baseline final loss in use (from ``baseline_loss`` or ``reference``).
+
+    Example::
+
+        >>> from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+        >>> from lightning_scaling.callbacks.forecast import ScalingForecast
+        >>> stop = ForecastEarlyStopping(baseline_loss=3.05, margin=0.01, patience=3, min_fraction=0.25)
+        >>> callbacks = [LossTrajectory(), ScalingForecast(), stop]
+        >>> trainer = pl.Trainer(max_steps=20000, callbacks=callbacks)  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> stop.stopped_reason  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        target_loss: float | None = None,
+        max_steps: int | None = None,
+        max_tokens: float | None = None,
+        min_delta: float | None = None,
+        baseline_loss: float | None = None,
+        reference: RunHistory | str | os.PathLike | None = None,
+        margin: float = 0.0,
+        paired: bool = True,
+        confidence: float = 0.9,
+        patience: int = 3,
+        min_fraction: float = 0.2,
+        check_every_n_steps: int | None = None,
+        horizon: int | None = None,
+        law: Any = None,
+        method: str = "auto",
+        verbose: bool = True,
+        forecast_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("target_loss", target_loss), ("baseline_loss", baseline_loss), ("margin", margin)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+        for name, value in (("max_steps", max_steps), ("check_every_n_steps", check_every_n_steps),
+                            ("horizon", horizon)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
+        if max_tokens is not None and not (isinstance(max_tokens, (int, float)) and max_tokens > 0):
+            raise ValueError(f"`max_tokens` must be positive, got {max_tokens!r}")
+        if min_delta is not None and not (isinstance(min_delta, (int, float)) and min_delta > 0):
+            raise ValueError(f"`min_delta` must be positive, got {min_delta!r}")
+        if margin < 0:
+            raise ValueError(f"`margin` must be >= 0, got {margin!r}")
+        if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+            raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"`patience` must be a positive int, got {patience!r}")
+        if not (isinstance(min_fraction, (int, float)) and 0.0 <= min_fraction < 1.0):
+            raise ValueError(f"`min_fraction` must be in [0, 1), got {min_fraction!r}")
+        if baseline_loss is not None and reference is not None:
+            raise ValueError("give either `baseline_loss` or `reference`, not both")
+        if target_loss is None and min_delta is None and baseline_loss is None and reference is None:
+            raise ValueError(
+                "ForecastEarlyStopping needs a criterion: `target_loss`, `min_delta`, `baseline_loss` or `reference`"
+            )
+        if (max_steps is not None or max_tokens is not None) and target_loss is None:
+            raise ValueError("`max_steps`/`max_tokens` are budgets for `target_loss`; give `target_loss` too")
+        if reference is not None and not isinstance(reference, RunHistory):
+            reference = RunHistory.load(reference)
+        self.target_loss = None if target_loss is None else float(target_loss)
+        self.max_steps = max_steps
+        self.max_tokens = None if max_tokens is None else float(max_tokens)
+        self.min_delta = None if min_delta is None else float(min_delta)
+        self.reference = reference
+        self.baseline = reference_final_loss(reference) if reference is not None else baseline_loss
+        self.margin = float(margin)
+        self.paired = bool(paired)
+        self._paired_ref: PairedReference | None = None
+        self.confidence = float(confidence)
+        self.patience = patience
+        self.min_fraction = float(min_fraction)
+        self.check_every_n_steps = check_every_n_steps
+        self.horizon = horizon
+        self.law = law
+        self.method = method
+        self.verbose = verbose
+        self.forecast_kwargs = dict(forecast_kwargs or {})
+
+        self.stopped_reason: str | None = None
+        self.stopped_step: int | None = None
+        self._rule: ForecastStopRule | None = None
+        self._wait_count = 0
+        self._last_used: int | None = None
+        self._last_step: int | None = None
+        self._prev: Forecast | None = None
+        self._warning_cache = WarningCache()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target_loss=self.target_loss, min_delta=self.min_delta,
+                                        baseline=self.baseline, margin=self.margin)
+
+    @property
+    def wait_count(self) -> int:
+        return self._rule.wait_count if self._rule is not None else self._wait_count
+
+    # ---------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and find_trajectory(trainer) is None:
+            raise MisconfigurationException(
+                "ForecastEarlyStopping needs the LossTrajectory callback to record the loss curve: "
+                "`Trainer(callbacks=[LossTrajectory(...), ForecastEarlyStopping(...)])`."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sf = self._scaling_forecast(trainer)
+        horizon = resolve_horizon(trainer, self.horizon)
+        if horizon is None:
+            self._warning_cache.warn(
+                "ForecastEarlyStopping: the run has no known length (set `max_steps` on the Trainer or `horizon`); "
+                "it will not stop anything."
+            )
+        self._rule = ForecastStopRule(
+            horizon=horizon,
+            patience=self.patience,
+            min_fraction=self.min_fraction,
+            target_loss=self.target_loss,
+            max_steps=self.max_steps if self.max_steps is not None else horizon,
+            max_tokens=self.max_tokens,
+            min_delta=self.min_delta,
+            baseline_loss=self.baseline,
+            margin=self.margin,
+        )
+        self._rule.wait_count = self._wait_count
+        if self.reference is not None and self.paired:
+            self._paired_ref = PairedReference(self.reference, horizon=horizon, confidence=self.confidence,
+                                               law=self.law, method=self.method, **self.forecast_kwargs)
+        if self.check_every_n_steps is None:
+            self.check_every_n_steps = sf.every_n_steps if sf is not None else 200
+        self._last_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step or self._rule is None:
+            return  # accumulation micro-batch
+        self._last_step = step
+        # Same steps on every rank: the collectives below line up.
+        if step % (self.check_every_n_steps or 200) != 0 or not self._rule.ready(step):
+            return
+        self._check(trainer, step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "wait_count": self.wait_count,
+            "stopped_reason": self.stopped_reason,
+            "stopped_step": self.stopped_step,
+            "last_used": self._last_used,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._wait_count = int(state_dict.get("wait_count", 0))
+        if self._rule is not None:
+            self._rule.wait_count = self._wait_count
+        self.stopped_reason = state_dict.get("stopped_reason")
+        self.stopped_step = state_dict.get("stopped_step")
+        self._last_used = state_dict.get("last_used")
+
+    # -------------------------------------------------------------------- helpers
+    def _scaling_forecast(self, trainer: pl.Trainer) -> ScalingForecast | None:
+        return next(
+            (c for c in trainer.callbacks if isinstance(c, ScalingForecast) and c.confidence == self.confidence),
+            None,
+        )
+
+    def _latest_forecast(self, trainer: pl.Trainer) -> tuple[Forecast | None, float | None]:
+        """The newest forecast (ScalingForecast's, else an own refit) and the current smoothed loss."""
+        sf = self._scaling_forecast(trainer)
+        if sf is not None:
+            fc = sf.forecast
+            return fc, (_current_loss(fc) if fc is not None else None)
+        traj = find_trajectory(trainer)
+        if traj is None:
+            return None, None
+        try:
+            history = traj.history
+            fc = _forecast.forecast_run(history, self._rule.horizon if self._rule else None, None, law=self.law,
+                                        target_loss=self.target_loss, confidence=self.confidence,
+                                        method=self.method, init=self._prev, **self.forecast_kwargs)
+            self._prev = fc  # warm start: a refit from the previous solution costs milliseconds
+        except ValueError as err:  # too little data yet
+            rank_zero_debug(f"ForecastEarlyStopping: no forecast at step {trainer.global_step} ({err}).")
+            return None, None
+        except Exception as err:
+            self._warning_cache.warn(f"ForecastEarlyStopping: refit failed ({type(err).__name__}: {err}); "
+                                     "not stopping on this check.")
+            return None, None
+        return fc, _current_loss(fc)
+
+    def _check(self, trainer: pl.Trainer, step: int) -> None:
+        assert self._rule is not None
+        fc, current = self._latest_forecast(trainer)
+        is_new = fc is not None and int(fc.observed_until) != self._last_used
+        reason = None
+        if is_new:
+            try:
+                if self._paired_ref is not None:
+                    self._rule.criteria["baseline_loss"] = self._paired_ref.at(int(fc.observed_until))
+                reason = self._rule.check(fc, current_step=step, current_loss=current)
+            except Exception as err:
+                self._warning_cache.warn(f"ForecastEarlyStopping: check failed ({type(err).__name__}: {err}).")
+                is_new = False
+        strategy = trainer.strategy
+        # Every rank calls both reductions at the same step; a rank without a new forecast abstains (votes yes
+        # in the all-agree reduction), and nothing is counted when no rank has one.
+        any_new = strategy.reduce_boolean_decision(bool(is_new), all=False)
+        positive = strategy.reduce_boolean_decision(bool(reason is not None) if is_new else True, all=True)
+        if not any_new:
+            return
+        if is_new:
+            self._last_used = int(fc.observed_until)
+        stop_reason = self._rule.record(positive, reason)
+        if positive and self.verbose:
+            rank_zero_debug(f"ForecastEarlyStopping: positive check {self._rule.wait_count}/{self.patience} at "
+                            f"step {step}: {reason}")
+        if stop_reason is not None:
+            trainer.should_stop = True
+            self.stopped_reason = stop_reason
+            self.stopped_step = step
+            if self.verbose:
+                rank_zero_info(
+                    f"ForecastEarlyStopping: stopping at step {step} after {self._rule.wait_count} consecutive "
+                    f"positive checks. Reason: {stop_reason}"
+                )
+            for lg in trainer.loggers if trainer.is_global_zero else []:
+                lg.log_metrics({"forecast/early_stop": 1.0}, step=step)
+
+
+def _current_loss(fc: Forecast) -> float:
+    """The forecast's view of the loss now: its last smoothed observed point, else the start of the forecast."""
+    observed = np.asarray(getattr(fc, "observed_loss", ()), dtype=np.float64)
+    if observed.size and math.isfinite(observed[-1]):
+        return float(observed[-1])
+    return float(np.asarray(fc.loss, dtype=np.float64)[0])

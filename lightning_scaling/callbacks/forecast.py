@@ -1,0 +1,572 @@
+"""ScalingForecast: refit the run's loss curve while it trains and log where it is heading."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_debug, rank_zero_info
+from typing_extensions import override
+
+from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time
+
+if TYPE_CHECKING:
+    from lightning_scaling.forecast import Forecast
+    from lightning_scaling.history import RunHistory
+
+__all__ = ["ScalingForecast", "resolve_horizon"]
+
+_BACKGROUND_CHOICES = ("auto", True, False)
+# Progress-bar keys (short: the bar is one line).
+PBAR_LOSS = "pred_loss"
+PBAR_ETA = "eta_min"
+
+
+def resolve_horizon(trainer: pl.Trainer, horizon: int | None = None) -> int | None:
+    """The last optimizer step of the run: ``horizon`` if given, else ``trainer.max_steps``, else
+    ``trainer.estimated_stepping_batches`` when finite, else ``None`` (open-ended run)."""
+    if horizon is not None:
+        return int(horizon)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        est = trainer.estimated_stepping_batches
+    except Exception:  # no dataloader length, infinite iterable, ...
+        return None
+    return int(est) if est is not None and math.isfinite(est) and est > 0 else None
+
+
+def find_trajectory(trainer: pl.Trainer) -> LossTrajectory | None:
+    """The :class:`LossTrajectory` attached to ``trainer``, if any."""
+    return next((c for c in trainer.callbacks if isinstance(c, LossTrajectory)), None)
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class _Result:
+    """What one refit produced (computed on the worker or the training thread, applied on the training thread)."""
+
+    at_step: int
+    forecast: Forecast | None = None
+    error: BaseException | None = None
+    image: np.ndarray | None = None
+    critical_batch: float | None = None
+    fit_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+class ScalingForecast(Callback):
+    r"""Refit the run's loss curve while it trains and log the predicted final loss, band, ETA and target steps.
+
+    Every ``every_n_steps`` optimizer steps and after every validation run (not the sanity check) it fits
+    :func:`~lightning_scaling.forecast.forecast_run` to the history recorded by :class:`LossTrajectory` (which
+    must be attached) and logs, at the current ``global_step`` to every logger (rank 0):
+
+    - ``forecast/final_loss``, ``forecast/final_loss_lower``, ``forecast/final_loss_upper``: predicted loss at the
+      last step of the run (``horizon``) with its ``confidence`` band;
+    - ``forecast/steps_to_target``, ``forecast/tokens_to_target``: when the mean forecast reaches ``target_loss``;
+    - ``forecast/eta_seconds``: wall-clock seconds until ``target_loss`` is reached (until the end of the run when
+      no target is set), from the measured time per optimizer step (an EMA of ``time.perf_counter`` deltas,
+      validation included, the refits themselves excluded); ``forecast/remaining_seconds``: until the end;
+    - ``forecast/critical_batch``: the latest gradient noise scale B_simple (samples) when
+      :class:`GradientNoiseScale` feeds the history.
+
+    Non-finite values (a target that is never reached) are not logged; they stay in :attr:`summary`. The
+    progress bar shows ``pred_loss`` and ``eta_min``. With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
+    it also writes, on rank 0, the custom-scalars layout (once per run), each refit's full forecast curve as its
+    own run ``<log_dir>/forecast/step_XXXXXX`` under the observed-loss tag ``scaling/loss`` (so TensorBoard
+    overlays them), a figure of the curve, forecast and band (``forecast/curve``) and the latest forecast with its
+    fitted parameters as ``<log_dir>/forecast/latest.json``.
+
+    **Cost.** The refit must not stall training. It is timed; with ``background="auto"`` it runs on the training
+    thread until one refit costs more than ``max_overhead`` of the training time of its interval, and from then on
+    in a background thread (one refit in flight; the history snapshot is taken on the training thread, the
+    result is picked up at the next optimizer step). ``background=True``/``False`` forces either mode. The cost of
+    the latest refit is in :attr:`refit_seconds`, the time the training thread spent on it in
+    :attr:`stall_seconds`.
+
+    **Failures.** A failed fit never raises into the training loop: the last good forecast is kept and the
+    first failure of each kind is warned about once. ``forecast_run`` refuses (``ValueError``) while too little of
+    the curve is seen; that is expected early on and only reported at the end of training if no refit ever
+    succeeded.
+
+    Args:
+        every_n_steps: Optimizer steps between refits.
+        target_loss: Loss to reach; enables ``steps_to_target``, ``tokens_to_target`` and a target ETA.
+        horizon: Last optimizer step to forecast to. Default: ``trainer.max_steps`` or
+            ``trainer.estimated_stepping_batches``.
+        lr_schedule: Per-step LR schedule (index ``i`` = LR of step ``i``) passed to ``forecast_run``. Default: the
+            planned schedule recorded by :class:`LossTrajectory`.
+        confidence: Coverage of the band, in (0, 1).
+        law: Optional prior law from smaller runs of the same setup (see ``forecast_run``).
+        method: Forecast method passed to ``forecast_run``.
+        background: ``"auto"``, ``True`` (always off the training thread) or ``False`` (always on it).
+        max_overhead: With ``background="auto"``, the fraction of the interval's training time above which refits
+            move off the training thread.
+        refit_on_validation: Also refit after each validation run.
+        figure: Log a matplotlib figure of the forecast to TensorBoard at each refit (needs matplotlib).
+        forecast_runs: Write each refit's curve to its own TensorBoard run and ``latest.json``.
+        prog_bar: Show ``pred_loss`` and ``eta_min`` in the progress bar.
+        warm_start: Start each refit from the previous forecast (``forecast_run(init=...)``: milliseconds instead
+            of a full search); ``forecast_run`` itself redoes the full validation periodically
+            (``revalidate_every``, or when the observed span grew by a quarter).
+        forecast_kwargs: More keyword arguments for ``forecast_run``.
+
+    Raises:
+        ValueError: ``every_n_steps`` or ``horizon`` is not a positive int, ``confidence`` not in (0, 1),
+            ``max_overhead`` not positive, ``target_loss`` not finite or ``background`` not one of
+            ``"auto"``, ``True``, ``False``.
+        MisconfigurationException: in ``setup``, when no :class:`LossTrajectory` is attached.
+
+    Attributes:
+        forecast: The latest successful :class:`~lightning_scaling.forecast.Forecast` (``None`` before the first).
+        summary: The latest logged summary (Python floats, non-finite kept), restored from checkpoints.
+        n_refits: Successful refits; ``n_failures``: failed ones.
+        refit_seconds: Wall time of the latest refit (fit, figure and files).
+        stall_seconds: Time the training thread spent on the latest refit; ``max_stall_seconds`` the worst.
+        step_seconds: Measured seconds per optimizer step (EMA), ``None`` before two steps.
+        background_active: Whether refits currently run off the training thread.
+
+    Example::
+
+        >>> from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+        >>> callbacks = [LossTrajectory(tokens_per_sample=256), ScalingForecast(every_n_steps=100, target_loss=3.2)]
+        >>> trainer = pl.Trainer(max_steps=5000, callbacks=callbacks)  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> callbacks[1].summary["forecast/final_loss"]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 200,
+        *,
+        target_loss: float | None = None,
+        horizon: int | None = None,
+        lr_schedule: Any = None,
+        confidence: float = 0.9,
+        law: Any = None,
+        method: str = "auto",
+        background: bool | str = "auto",
+        max_overhead: float = 0.02,
+        refit_on_validation: bool = True,
+        figure: bool = True,
+        forecast_runs: bool = True,
+        prog_bar: bool = True,
+        warm_start: bool = True,
+        forecast_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be a positive int, got {every_n_steps!r}")
+        if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
+            raise ValueError(f"`horizon` must be a positive int or None, got {horizon!r}")
+        if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+            raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}")
+        if target_loss is not None and _finite(target_loss) is None:
+            raise ValueError(f"`target_loss` must be a finite number or None, got {target_loss!r}")
+        if not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
+            raise ValueError(f"`max_overhead` must be a positive fraction, got {max_overhead!r}")
+        if background not in _BACKGROUND_CHOICES or isinstance(background, int) and not isinstance(background, bool):
+            raise ValueError(f"`background` must be 'auto', True or False, got {background!r}")
+        self.every_n_steps = every_n_steps
+        self.target_loss = float(target_loss) if target_loss is not None else None
+        self.horizon = horizon
+        self.lr_schedule = lr_schedule
+        self.confidence = float(confidence)
+        self.law = law
+        self.method = method
+        self.background = background
+        self.max_overhead = float(max_overhead)
+        self.refit_on_validation = refit_on_validation
+        self.figure = figure
+        self.forecast_runs = forecast_runs
+        self.prog_bar = prog_bar
+        self.warm_start = warm_start
+        self.forecast_kwargs = dict(forecast_kwargs or {})
+
+        self.forecast: Forecast | None = None
+        self.summary: dict[str, float] = {}
+        self.n_refits = 0
+        self.n_failures = 0
+        self.refit_seconds: float | None = None
+        self.stall_seconds: float | None = None
+        self.max_stall_seconds = 0.0
+        self.background_active = background is True
+        self.last_error: str | None = None
+        self._step_ema: float | None = None
+        self._ema_weight = 0.0  # for bias correction of the EMA
+        self._warning_cache = WarningCache()
+        self._traj: LossTrajectory | None = None
+        self._resolved_horizon: int | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+        self._last_observed: int | None = None
+        self._seen_step: int | None = None
+        self._t_last: float | None = None
+        self._interval_seconds = 0.0
+        self._pbar_pending = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, target_loss=self.target_loss)
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Seconds per optimizer step: bias-corrected EMA of wall-clock deltas (``None`` before two steps)."""
+        if self._step_ema is None or self._ema_weight <= 0:
+            return None
+        return self._step_ema / self._ema_weight
+
+    @property
+    def resolved_horizon(self) -> int | None:
+        """The horizon in use (``horizon`` or the trainer's planned number of steps), set at train start."""
+        return self._resolved_horizon if self._resolved_horizon is not None else self.horizon
+
+    # ---------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._traj = find_trajectory(trainer)
+        if self._traj is None:
+            raise MisconfigurationException(
+                "ScalingForecast needs the LossTrajectory callback to record the loss curve: "
+                "`Trainer(callbacks=[LossTrajectory(...), ScalingForecast(...)])`."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning_scaling.callbacks.panels import write_custom_scalars
+
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                try:
+                    write_custom_scalars(lg.experiment)
+                except Exception as err:  # a logging nicety must not stop training
+                    self._warning_cache.warn(f"ScalingForecast: could not write the TensorBoard layout ({err}).")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolved_horizon = resolve_horizon(trainer, self.horizon)
+        self._seen_step = trainer.global_step
+        self._t_last = None
+        self._interval_seconds = 0.0
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:
+            return  # accumulation micro-batch: no optimizer step yet
+        now = time.perf_counter()
+        if self._t_last is not None and self._seen_step is not None:
+            n = max(step - self._seen_step, 1)
+            dt = (now - self._t_last) / n
+            self._update_ema(dt)
+            self._interval_seconds += now - self._t_last
+        self._t_last, self._seen_step = now, step
+        self._poll(trainer)
+        if step % self.every_n_steps == 0:
+            self._refit(trainer)
+        if self._pbar_pending:
+            self._log_prog_bar(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.refit_on_validation or trainer.state.fn != "fit":
+            return
+        self._poll(trainer)
+        self._refit(trainer)
+        self._t_last = time.perf_counter() if self._t_last is not None else None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._future is not None:
+            try:  # pick up the last refit so the final summary is logged
+                self._future.result(timeout=120)
+            except Exception:
+                pass
+            self._poll(trainer)
+        self._shutdown()
+        if self.n_refits == 0 and self.last_error is not None:
+            self._warning_cache.warn(
+                f"ScalingForecast: no forecast could be made during this run; last error: {self.last_error}"
+            )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._shutdown(wait=False)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._shutdown(wait=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "summary": dict(self.summary),
+            "step_ema": self._step_ema,
+            "ema_weight": self._ema_weight,
+            "n_refits": self.n_refits,
+            "n_failures": self.n_failures,
+            "background_active": self.background_active,
+            "refit_seconds": self.refit_seconds,
+            "last_observed": self._last_observed,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.summary = dict(state_dict.get("summary", {}))
+        self._step_ema = state_dict.get("step_ema")
+        self._ema_weight = float(state_dict.get("ema_weight", 0.0))
+        self.n_refits = int(state_dict.get("n_refits", 0))
+        self.n_failures = int(state_dict.get("n_failures", 0))
+        if self.background == "auto":
+            self.background_active = bool(state_dict.get("background_active", False))
+        self.refit_seconds = state_dict.get("refit_seconds")
+        self._last_observed = state_dict.get("last_observed")
+
+    # -------------------------------------------------------------------- helpers
+    def _update_ema(self, dt: float, beta: float = 0.95) -> None:
+        self._step_ema = beta * (self._step_ema or 0.0) + (1 - beta) * dt
+        self._ema_weight = beta * self._ema_weight + (1 - beta)
+
+    def _refit(self, trainer: pl.Trainer) -> None:
+        """Snapshot the history on the training thread and fit it now or in the background."""
+        if self._future is not None:
+            return  # one refit in flight; the next interval will try again
+        traj = self._traj or find_trajectory(trainer)
+        if traj is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            history = traj.history  # fresh arrays: a private snapshot for the worker
+        except Exception as err:
+            self._warning_cache.warn(f"ScalingForecast: could not read the loss history ({err}).")
+            return
+        if len(history) == 0 or int(history.step[-1]) == self._last_observed:
+            return  # nothing new since the last refit
+        self._last_observed = int(history.step[-1])
+        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        rank_zero = trainer.is_global_zero
+        job_args = dict(
+            at_step=trainer.global_step,
+            log_dir=tb.log_dir if (tb is not None and rank_zero) else None,
+            draw=bool(self.figure and tb is not None and rank_zero),
+            horizon=self.resolved_horizon,
+            init=self.forecast if self.warm_start else None,
+        )
+        if self.background_active:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ScalingForecast")
+            self._future = self._executor.submit(self._compute, history, **job_args)
+            self._record_stall(time.perf_counter() - t0)
+            return
+        result = self._compute(history, **job_args)
+        self._apply(trainer, result)
+        cost = time.perf_counter() - t0
+        self._record_stall(cost)
+        interval = self._interval_seconds
+        self._interval_seconds = 0.0
+        if self._t_last is not None:
+            self._t_last = time.perf_counter()  # the refit is not training time
+        if self.background == "auto" and interval > 0 and cost > self.max_overhead * interval:
+            self.background_active = True
+            rank_zero_info(
+                f"ScalingForecast: a refit took {cost * 1e3:.1f} ms, {100 * cost / interval:.1f}% of the "
+                f"{interval:.2f} s of training since the last one (> {100 * self.max_overhead:g}%); "
+                "refitting in a background thread from now on."
+            )
+
+    def _record_stall(self, seconds: float) -> None:
+        self.stall_seconds = seconds
+        self.max_stall_seconds = max(self.max_stall_seconds, seconds)
+
+    def _compute(
+        self,
+        history: RunHistory,
+        *,
+        at_step: int,
+        log_dir: str | None,
+        draw: bool,
+        horizon: int | None,
+        init: Forecast | None = None,
+    ) -> _Result:
+        """Fit and render; runs on the worker thread in background mode, so it touches no trainer state."""
+        t0 = time.perf_counter()
+        result = _Result(at_step=at_step, critical_batch=_last_finite(getattr(history, "gns_b_simple", None)))
+        try:
+            result.forecast = _forecast.forecast_run(
+                history,
+                horizon,
+                self.lr_schedule,
+                law=self.law,
+                target_loss=self.target_loss,
+                confidence=self.confidence,
+                method=self.method,
+                **({"init": init} if init is not None else {}),
+                **self.forecast_kwargs,
+            )
+        except Exception as err:
+            result.error = err
+            result.fit_seconds = result.total_seconds = time.perf_counter() - t0
+            return result
+        result.fit_seconds = time.perf_counter() - t0
+        if draw:
+            try:
+                from lightning_scaling.callbacks.panels import forecast_figure, render_figure
+
+                result.image = render_figure(forecast_figure(history, result.forecast, target_loss=self.target_loss))
+            except ImportError:
+                pass  # matplotlib is optional for the figure
+            except Exception as err:
+                result.error = err  # reported on the training thread, forecast still used
+        if log_dir is not None and self.forecast_runs:
+            from lightning_scaling.callbacks.panels import write_forecast_json, write_forecast_run
+
+            try:
+                write_forecast_run(log_dir, result.forecast, at_step=at_step)
+                write_forecast_json(log_dir, result.forecast, extra={"at_step": at_step,
+                                                                      "fit_seconds": result.fit_seconds})
+            except Exception as err:
+                result.error = err
+        result.total_seconds = time.perf_counter() - t0
+        return result
+
+    def _poll(self, trainer: pl.Trainer) -> None:
+        """Apply a finished background refit (training thread)."""
+        if self._future is None or not self._future.done():
+            return
+        future, self._future = self._future, None
+        t0 = time.perf_counter()
+        try:
+            result = future.result()
+        except Exception as err:  # _compute catches everything; this is belt and braces
+            result = _Result(at_step=trainer.global_step, error=err)
+        self._apply(trainer, result)
+        self._record_stall((self.stall_seconds or 0.0) + time.perf_counter() - t0)
+
+    def _apply(self, trainer: pl.Trainer, result: _Result) -> None:
+        self.refit_seconds = result.total_seconds
+        if result.forecast is None:
+            self.n_failures += 1
+            err = result.error
+            self.last_error = f"{type(err).__name__}: {err}"
+            if isinstance(err, ValueError) and self.n_refits == 0:
+                rank_zero_debug(f"ScalingForecast: no forecast yet at step {result.at_step} ({self.last_error}).")
+            else:
+                self._warn_failure(err, result.at_step)
+            return
+        if result.error is not None:  # the fit worked; drawing or writing files did not
+            self._warn_failure(result.error, result.at_step)
+        self.forecast = result.forecast
+        self.n_refits += 1
+        self.summary = self._summarise(result, trainer.global_step)
+        self._pbar_pending = self.prog_bar
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: v for k, v in self.summary.items() if k.startswith("forecast/") and math.isfinite(v)}
+        step = trainer.global_step
+        for lg in trainer.loggers:
+            try:
+                lg.log_metrics(metrics, step=step)
+                if result.image is not None and isinstance(lg, TensorBoardLogger):
+                    lg.experiment.add_image("forecast/curve", result.image, global_step=step, dataformats="HWC")
+            except Exception as err:
+                self._warn_failure(err, step)
+
+    def _warn_failure(self, err: BaseException | None, step: int) -> None:
+        key = type(err).__name__
+        if key not in self._warning_cache:
+            self._warning_cache.warn(
+                f"ScalingForecast: refit at step {step} failed ({key}: {err}); keeping the last good forecast. "
+                f"Further {key} failures are not reported."
+            )
+            # WarningCache keys on the message; remember the kind so that other messages of it stay silent.
+            self._warning_cache.add(key)
+
+    def _summarise(self, result: _Result, current_step: int) -> dict[str, float]:
+        fc = result.forecast
+        assert fc is not None
+        horizon = self.resolved_horizon
+        if horizon is None and len(fc.steps):
+            horizon = int(fc.steps[-1])
+        dt = self.step_seconds
+        nan = math.nan
+        out = {
+            "forecast/final_loss": float(fc.final_loss),
+            "forecast/final_loss_lower": float(fc.final_lower),
+            "forecast/final_loss_upper": float(fc.final_upper),
+            "at_step": float(result.at_step),
+            "observed_until": float(fc.observed_until),
+            "forecast/refit_seconds": float(result.total_seconds),
+        }
+        remaining = nan
+        if dt is not None and horizon is not None:
+            remaining = max(horizon - current_step, 0) * dt
+        out["forecast/remaining_seconds"] = remaining
+        eta = remaining
+        if self.target_loss is not None:
+            steps_to = float(fc.steps_to(self.target_loss))
+            out["forecast/steps_to_target"] = steps_to
+            try:
+                out["forecast/tokens_to_target"] = float(fc.tokens_to(self.target_loss))
+            except Exception:  # tokens unknown
+                out["forecast/tokens_to_target"] = nan
+            eta = max(steps_to - current_step, 0.0) * dt if dt is not None else nan
+        out["forecast/eta_seconds"] = eta
+        if result.critical_batch is not None:
+            out["forecast/critical_batch"] = result.critical_batch
+        return out
+
+    def _log_prog_bar(self, pl_module: pl.LightningModule) -> None:
+        # CPU tensors: the progress bar converts logged values with .item() on every batch; on a CPU tensor that
+        # is no host-device synchronisation.
+        self._pbar_pending = False
+        loss = self.summary.get("forecast/final_loss")
+        eta = self.summary.get("forecast/eta_seconds")
+        try:
+            if loss is not None and math.isfinite(loss):
+                pl_module.log(PBAR_LOSS, torch.tensor(loss), prog_bar=True, logger=False, on_step=True,
+                              on_epoch=False, batch_size=1)
+            if eta is not None and math.isfinite(eta):
+                pl_module.log(PBAR_ETA, torch.tensor(eta / 60.0), prog_bar=True, logger=False, on_step=True,
+                              on_epoch=False, batch_size=1)
+        except Exception as err:  # e.g. logging disabled in this context
+            self._warning_cache.warn(f"ScalingForecast: could not update the progress bar ({err}).")
+
+    def _shutdown(self, wait: bool = True) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=True)
+            self._executor = None
+        if not wait:
+            self._future = None
+
+
+def _last_finite(values: Any) -> float | None:
+    if values is None:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr[-1]) if arr.size else None

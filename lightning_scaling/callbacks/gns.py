@@ -1,0 +1,611 @@
+"""Live gradient noise scale (``B_simple``) for Lightning runs: a thin adapter over :mod:`lightning_scaling.gns`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import WarningCache
+from torch import Tensor, nn
+
+from typing_extensions import override
+
+from lightning_scaling.gns import GNSEstimator, GNSReading
+
+__all__ = ["GradientNoiseScale"]
+
+_METHODS = ("auto", "ddp", "accumulation", "per_example")
+_LAYERS = ("norm", "norm+linear")
+
+warning_cache = WarningCache()
+
+
+# --------------------------------------------------------------------------- Trainer internals, wrapped in one place
+def _scaler(trainer: "pl.Trainer") -> Any:
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _scale_tensor(scaler: Any) -> Optional[Tensor]:
+    """The current loss scale as a device tensor (no host sync); ``None`` without a scaler."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)  # private, but get_scale() would sync every step
+    if isinstance(scale, Tensor):
+        return scale.detach().reshape(())
+    return torch.tensor(float(scaler.get_scale()))
+
+
+def _optimizer_unscales_itself(optimizer: Any) -> bool:
+    try:
+        from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+        return bool(_optimizer_handles_unscaling(optimizer))
+    except Exception:  # pragma: no cover - internal moved
+        return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def _is_sharded(trainer: "pl.Trainer") -> bool:
+    try:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _is_deepspeed(trainer: "pl.Trainer") -> bool:
+    return type(trainer.strategy).__name__.startswith("DeepSpeed")
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum over ranks (every rank must call it); identity on a single process."""
+    if _dist_ready():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _default_batch_size(batch: Any) -> int:
+    """Samples in a (micro-)batch: the leading dimension of the first tensor found."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            try:
+                return _default_batch_size(v)
+            except TypeError:
+                continue
+    elif isinstance(batch, Sequence) and not isinstance(batch, str):
+        for v in batch:
+            try:
+                return _default_batch_size(v)
+            except TypeError:
+                continue
+    raise TypeError(f"Cannot infer the batch size from a batch of type {type(batch).__name__}; pass `batch_size_fn`.")
+
+
+def _sq_norm(tensors: list[Tensor]) -> Tensor:
+    """Sum of squared L2 norms in fp32 (local shards for DTensors)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    if not local:
+        return torch.zeros(())
+    try:  # fp32 accumulation without copying low-precision gradients
+        norms = torch._foreach_norm(local, 2, dtype=torch.float32)
+    except (TypeError, RuntimeError):  # older torch without the dtype argument
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in local]
+    return torch.stack(list(norms)).square().sum()
+
+
+def _is_norm_module(m: nn.Module) -> Optional[str]:
+    """'ln' / 'rms' for LayerNorm/RMSNorm-like modules with a 1-D+ affine weight, else None."""
+    if isinstance(m, nn.LayerNorm):
+        return "ln" if m.elementwise_affine else None
+    rms_cls = getattr(nn, "RMSNorm", None)
+    if rms_cls is not None and isinstance(m, rms_cls):
+        return "rms" if m.elementwise_affine else None
+    name = type(m).__name__
+    w = getattr(m, "weight", None)
+    if isinstance(w, nn.Parameter) and w.dim() >= 1:
+        if name.endswith("RMSNorm"):
+            return "rms"
+        if name.endswith("LayerNorm"):
+            return "ln"
+    return None
+
+
+class GradientNoiseScale(Callback):
+    r"""Logs the gradient noise scale ``B_simple = tr(Σ)/|G|²`` and the batch size relative to it, while training.
+
+    ``B_simple`` (McCandlish et al. 2018, https://arxiv.org/abs/1812.06162) estimates the critical batch size: the
+    batch beyond which doubling the batch no longer roughly halves the number of steps. ``gns/batch_over_bsimple``
+    = current global batch / ``B_simple``: far below 1 the run wastes time (steps), far above 1 it wastes compute.
+    Under Adam it is a proxy only; validate it with a batch-size sweep.
+
+    The small-batch squared gradient norms come from one of:
+
+    * ``"ddp"``: each rank's local gradient, read in a DDP communication hook before the all-reduce (cost: one scalar
+      all-reduce per step). ``b_small`` = local batch × accumulation, ``b_big`` = × world size.
+    * ``"accumulation"``: each micro-batch gradient, read by per-parameter tensor hooks before it is added into
+      ``.grad`` (no copy). Needs ``accumulate_grad_batches >= 2``. ``b_small`` = micro-batch.
+    * ``"per_example"``: exact per-example gradient norms of LayerNorm/RMSNorm affine parameters from module hooks
+      (``b_small = 1``), paired with the norm-layer-only full-batch gradient: the **"LN-proxy" GNS** of Gray et al.
+      2024 (https://arxiv.org/abs/2411.00999). ``per_example_layers="norm+linear"`` adds exact per-example norms of
+      ``nn.Linear`` layers (with a sequence dimension, via the Gram/"ghost" norm or a batched product), which costs
+      roughly another backward.
+    * ``"auto"``: ``"ddp"`` when ``world_size > 1``, else ``"accumulation"`` when ``accumulate_grad_batches >= 2``,
+      else ``"per_example"``; the choice is logged.
+
+    The full-batch gradient is read in ``on_before_optimizer_step`` (after AMP unscaling, before clipping). AMP loss
+    scales are divided out (also for fused optimizers, which Lightning does not unscale), non-finite steps are
+    skipped and counted, the last short accumulation window is skipped, and sharded (FSDP) squared norms are
+    summed over ranks. Samples are what the batch holds (sequences for language models, not tokens).
+
+    Logged with ``logger.log_metrics`` at the optimizer step (rank 0) every ``log_every_n_steps`` steps:
+    ``gns/b_simple``, ``gns/b_simple_tokens`` (if tokens per sample are known), ``gns/grad_sq_norm``,
+    ``gns/trace_sigma``, ``gns/batch_over_bsimple``, ``gns/b_simple_ci_low``, ``gns/b_simple_ci_high`` and
+    ``gns/skipped_steps``. When a :class:`~lightning_scaling.callbacks.LossTrajectory` is attached, each read-out is
+    also appended to its ``RunHistory`` via ``record_gns``.
+
+    Args:
+        method: Source of the small-batch gradients (see above).
+        ema_decay: Decay of the EMAs of ``|G|²`` and ``tr(Σ)``, per optimizer step.
+        log_every_n_steps: Read-out and logging interval in optimizer steps; ``None`` uses the Trainer's.
+        tokens_per_sample: Tokens per sample for ``gns/b_simple_tokens``; ``None`` takes it from an attached
+            ``LossTrajectory`` if it knows it.
+        batch_size_fn: ``batch -> int``, samples in a (local) micro-batch. Defaults to the leading dimension of the
+            first tensor in the batch. In a LightningCLI config pass a dotted import path.
+        per_example_layers: ``"norm"`` (LN-proxy, cheap) or ``"norm+linear"`` (adds exact Linear norms).
+        loss_reduction: How ``training_step`` reduces the per-example losses over the micro-batch: ``"mean"``
+            (default) or ``"sum"``. Only ``per_example`` needs it.
+        z: Normal quantile of the logged confidence band.
+        log_prefix: Tag prefix (change it to run several instances side by side, e.g. to compare methods).
+
+    Raises:
+        ValueError: On invalid arguments.
+
+    Attributes:
+        estimator: The :class:`~lightning_scaling.gns.GNSEstimator` (raw per-step statistics: ``estimator.raw()``).
+        method_used: The resolved method after ``on_fit_start`` (``None`` before).
+        label: ``"GNS"`` or ``"LN-proxy GNS"`` / ``"LN+Linear-proxy GNS"`` for ``per_example``.
+        last_reading: The most recent :class:`~lightning_scaling.gns.GNSReading` (``None`` before the first log).
+        n_partial_windows: Optimizer steps skipped because their accumulation window was short.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_scaling.callbacks.gns import GradientNoiseScale
+        >>> gns = GradientNoiseScale(method="auto", tokens_per_sample=1024)
+        >>> trainer = pl.Trainer(callbacks=[gns], accumulate_grad_batches=4, logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        method: Literal["auto", "ddp", "accumulation", "per_example"] = "auto",
+        *,
+        ema_decay: float = 0.99,
+        log_every_n_steps: Optional[int] = None,
+        tokens_per_sample: Optional[int] = None,
+        batch_size_fn: Optional[Callable[[Any], int]] = None,
+        per_example_layers: Literal["norm", "norm+linear"] = "norm",
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        z: float = 1.96,
+        log_prefix: str = "gns/",
+    ) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+        if per_example_layers not in _LAYERS:
+            raise ValueError(f"`per_example_layers` must be one of {_LAYERS}, got {per_example_layers!r}.")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
+        if log_every_n_steps is not None and (int(log_every_n_steps) != log_every_n_steps or log_every_n_steps < 1):
+            raise ValueError(f"`log_every_n_steps` must be a positive integer or None, got {log_every_n_steps}.")
+        if not isinstance(log_prefix, str) or not log_prefix:
+            raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}.")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise ValueError("`batch_size_fn` must be callable (batch -> number of samples) or None.")
+        # GNSEstimator validates ema_decay, tokens_per_sample and z.
+        self.estimator = GNSEstimator(ema_decay=ema_decay, tokens_per_sample=tokens_per_sample, z=z)
+        self.method = method
+        self.ema_decay = ema_decay
+        self.log_every_n_steps = log_every_n_steps
+        self.tokens_per_sample = tokens_per_sample
+        self.batch_size_fn = batch_size_fn
+        self.per_example_layers = per_example_layers
+        self.loss_reduction = loss_reduction
+        self.log_prefix = log_prefix
+        self.method_used: Optional[str] = None
+        self.label = "GNS"
+        self.last_reading: Optional[GNSReading] = None
+        self.n_partial_windows = 0
+        self._enabled = False
+        self._handles: list[Any] = []
+        self._tracked: list[nn.Parameter] = []
+        self._reset_window()
+
+    @property
+    def state_key(self) -> str:
+        # Lightning reads state_key on every hook call (profiler names): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(
+                method=self.method, per_example_layers=self.per_example_layers, log_prefix=self.log_prefix
+            )
+        return key
+
+    # ------------------------------------------------------------------ window accounting
+    def _reset_window(self) -> None:
+        self._n_micro = 0
+        self._n_samples = 0
+        self._micro_sizes: list[int] = []
+        self._hook_norms: list[Tensor] = []  # accumulation: per-parameter micro-batch grad norms
+        self._ddp_sq: list[Tensor] = []  # ddp: per-bucket local squared norms
+        self._ddp_syncs = 0
+        self._pe_sq: list[Tensor] = []  # per_example: per-(micro, module) sums of per-example squared norms
+        self._in_backward_window = False
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_method(self, trainer: "pl.Trainer") -> str:
+        k = trainer.accumulate_grad_batches
+        if self.method != "auto":
+            return self.method
+        if trainer.world_size > 1:
+            reason = self._ddp_possible(trainer)
+            if reason is None:
+                return "ddp"
+            rank_zero_warn(f"GradientNoiseScale(method='auto'): not using the DDP comm hook because {reason}.")
+        if k >= 2:
+            return "accumulation"
+        return "per_example"
+
+    def _ddp_possible(self, trainer: "pl.Trainer") -> Optional[str]:
+        """``None`` if a DDP comm hook can be installed, else the reason why not."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy) or _is_deepspeed(trainer):
+            return f"the strategy is {type(strategy).__name__}, not DDP"
+        model = strategy.model
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            return "the model is not wrapped in DistributedDataParallel"
+        if getattr(model, "_comm_hooks", None) or getattr(strategy, "_ddp_comm_hook", None) is not None:
+            return (
+                "a DDP communication hook is already set (PyTorch allows one per model). Remove `ddp_comm_hook` from"
+                " DDPStrategy, or use method='accumulation' / 'per_example'"
+            )
+        return None
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_hooks()
+        self._reset_window()
+        self._enabled = False
+        if _is_deepspeed(trainer):
+            rank_zero_warn("GradientNoiseScale: DeepSpeed owns the gradients; no gradient noise scale is measured.")
+            return
+        if not pl_module.automatic_optimization:
+            rank_zero_warn("GradientNoiseScale supports automatic optimization only; no noise scale is measured.")
+            return
+        method = self._resolve_method(trainer)
+        if method == "ddp":
+            reason = self._ddp_possible(trainer)
+            if reason is not None:
+                if trainer.world_size > 1 or self.method == "ddp":
+                    raise ValueError(f"GradientNoiseScale(method='ddp') cannot run: {reason}.")
+        self.method_used = method
+        self._world = max(int(trainer.world_size), 1)
+        if method == "ddp":
+            trainer.strategy.model.register_comm_hook(state=None, hook=self._comm_hook)
+            self._tracked = [p for p in pl_module.parameters() if p.requires_grad]
+            self.label = "GNS"
+        else:
+            self._tracked = self._install_local_hooks(pl_module)
+            self.label = "GNS" if method == "accumulation" else (
+                "LN-proxy GNS" if self.per_example_layers == "norm" else "LN+Linear-proxy GNS"
+            )
+            if method == "per_example" and not self._tracked:
+                rank_zero_warn(
+                    "GradientNoiseScale(method='per_example') found no LayerNorm/RMSNorm (or Linear) layers with"
+                    " trainable parameters; no noise scale is measured."
+                )
+                return
+        self._enabled = True
+        rank_zero_info(
+            f"GradientNoiseScale: method={method!r} ({self.label}), accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}, world_size={trainer.world_size}."
+        )
+
+    def _install_local_hooks(self, pl_module: nn.Module) -> list[nn.Parameter]:
+        """Tensor hooks (accumulation) or module hooks (per_example); returns the parameters of the big norm."""
+        if self.method_used == "accumulation":
+            tracked = [p for p in pl_module.parameters() if p.requires_grad]
+            for p in tracked:
+                self._handles.append(p.register_hook(self._param_hook))
+            return tracked
+        return self._install_module_hooks(pl_module)
+
+    def _install_module_hooks(self, pl_module: nn.Module) -> list[nn.Parameter]:
+        counts: dict[int, int] = {}
+        for m in pl_module.modules():
+            for p in m.parameters(recurse=False):
+                counts[id(p)] = counts.get(id(p), 0) + 1
+        tracked: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for m in pl_module.modules():
+            kind = _is_norm_module(m)
+            if kind is None and self.per_example_layers == "norm+linear" and isinstance(m, nn.Linear):
+                kind = "linear"
+            if kind is None:
+                continue
+            params = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            # A parameter shared with another module gets gradient from both; its per-example norm is not local.
+            if not params or any(counts[id(p)] > 1 for p in params):
+                if params:
+                    warning_cache.warn(f"GradientNoiseScale: skipping {type(m).__name__} with shared parameters.")
+                continue
+            self._handles.append(m.register_forward_hook(functools.partial(self._fwd_hook, kind)))
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    tracked.append(p)
+        return tracked
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _disable(self) -> None:
+        self._remove_hooks()
+        self._reset_window()
+        self._enabled = False
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._disable()
+
+    # ------------------------------------------------------------------ hooks (no host syncs in any of them)
+    def _comm_hook(self, state, bucket):  # no annotations: DDP checks them, and they are strings here
+        """DDP comm hook: sum the bucket's local squared norm, then do the default averaging all-reduce."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if self._in_backward_window:
+            buf = bucket.buffer()
+            self._ddp_sq.append(torch.linalg.vector_norm(buf, dtype=torch.float32).square())
+            if bucket.is_last():
+                self._ddp_syncs += 1
+        return allreduce_hook(state, bucket)  # the usual averaging all-reduce
+
+    def _param_hook(self, grad: Tensor) -> None:
+        if self._in_backward_window:
+            g = grad.to_local() if hasattr(grad, "to_local") else grad
+            self._hook_norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
+
+    def _fwd_hook(self, kind: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if not (self._in_backward_window and module.training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
+            return
+        # Autograd already keeps the input of LayerNorm/Linear for their own backward: holding it costs no memory.
+        x = args[0]
+        output.register_hook(functools.partial(self._bwd_hook, kind, module, x))
+
+    def _bwd_hook(self, kind: str, module: nn.Module, x: Tensor, grad_out: Tensor) -> None:
+        with torch.no_grad():
+            self._pe_sq.append(self._per_example_sq_sum(kind, module, x, grad_out))
+
+    def _per_example_sq_sum(self, kind: str, module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+        """Σ_b |∂ℓ_b/∂θ|² over the micro-batch, undoing the mean reduction (×B²)."""
+        b = x.shape[0]
+        x = x.detach().float()
+        g = g.detach().float()
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        if kind == "linear":
+            x = x.reshape(b, -1, x.shape[-1])
+            g = g.reshape(b, -1, g.shape[-1])
+            t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
+            total = x.new_zeros(())
+            if weight is not None and weight.requires_grad:
+                if t == 1:
+                    total = total + (x.square().sum((1, 2)) * g.square().sum((1, 2))).sum()
+                elif t * (d_in + d_out) < d_in * d_out:  # Gram ("ghost") norm: Σ_tt' (a_t·a_t')(δ_t·δ_t')
+                    total = total + (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum()
+                else:  # explicit per-example weight gradients
+                    total = total + torch.bmm(g.transpose(1, 2), x).square().sum()
+            if isinstance(bias, Tensor) and bias.requires_grad:
+                total = total + g.sum(1).square().sum()
+        else:
+            d = weight.numel()
+            shape = tuple(weight.shape)
+            eps = getattr(module, "eps", None)
+            if eps is None:  # e.g. Hugging Face RMSNorm; None for RMSNorm means finfo(dtype).eps, as in torch
+                eps = getattr(module, "variance_epsilon", None)
+            if kind == "ln":
+                xhat = F.layer_norm(x, shape, eps=1e-5 if eps is None else eps)
+            else:
+                xhat = F.rms_norm(x, shape, eps=eps)
+            xhat = xhat.reshape(b, -1, d)
+            g = g.reshape(b, -1, d)
+            total = x.new_zeros(())
+            if weight.requires_grad:
+                total = total + (g * xhat).sum(1).square().sum()
+            if isinstance(bias, Tensor) and bias.requires_grad:
+                total = total + g.sum(1).square().sum()
+        if self.loss_reduction == "mean":
+            total = total * float(b * b)
+        return total
+
+    # ------------------------------------------------------------------ per micro-batch
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        if not self._enabled:
+            return
+        fn = self.batch_size_fn or _default_batch_size
+        try:
+            self._micro_sizes.append(int(fn(batch)))
+        except Exception as err:  # never raise into the training loop: warn and stop measuring
+            rank_zero_warn(f"GradientNoiseScale: cannot get the batch size ({err}); pass `batch_size_fn`. Disabled.")
+            self._disable()
+            return
+        self._in_backward_window = True
+
+    @override
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._enabled:
+            self._n_micro += 1
+
+    # ------------------------------------------------------------------ per optimizer step
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        try:
+            self._measure(trainer, optimizer)
+        finally:
+            self._reset_window()
+        step = trainer.global_step
+        every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
+        if (step + 1) % every == 0:
+            self._log(trainer, step)
+
+    def _measure(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> None:
+        k = int(trainer.accumulate_grad_batches)
+        n_micro = self._n_micro
+        sizes = self._micro_sizes[-n_micro:] if n_micro else []
+        if n_micro != k or len(self._micro_sizes) != n_micro:
+            # Lightning's last short window (or a skipped backward): gradients are rescaled wrongly; skip.
+            self.n_partial_windows += 1
+            return
+        local_samples = float(sum(sizes))
+        if local_samples <= 0:
+            return
+        grads = [p.grad for p in self._tracked if p.grad is not None]
+        if not grads:
+            warning_cache.warn("GradientNoiseScale: no gradients at the optimizer step; skipped.")
+            return
+        device = grads[0].device
+        big = _sq_norm(grads).to(device)
+        if _is_sharded(trainer):
+            big = _all_reduce_sum(big)
+        # Loss scale: hooks always see scaled gradients; .grad is scaled only for self-unscaling (fused) optimizers.
+        scale = _scale_tensor(_scaler(trainer))
+        inv2 = None if scale is None else 1.0 / scale.to(device=device, dtype=torch.float32).square()
+        if inv2 is not None and _optimizer_unscales_itself(optimizer):
+            big = big * inv2
+        world = self._world
+        method = self.method_used
+        if method == "ddp":
+            if self._ddp_syncs != 1 or not self._ddp_sq:
+                warning_cache.warn(
+                    "GradientNoiseScale(method='ddp'): the gradient was all-reduced "
+                    f"{self._ddp_syncs} times in this window (expected once, under no_sync); step skipped."
+                )
+                return
+            local_sq = torch.stack(self._ddp_sq).sum()  # |local window-mean grad|² (× scale²)
+            # One scalar all-reduce on every rank (on NCCL it is queued on the stream: no host sync).
+            small = _all_reduce_sum(local_sq) / world
+            b_small, b_big = local_samples, local_samples * world
+        elif method == "accumulation":
+            if not self._hook_norms:
+                warning_cache.warn(
+                    "GradientNoiseScale(method='accumulation'): the parameter hooks saw no gradients (a strategy"
+                    " that manages gradients itself, e.g. FSDP1 flat parameters?). Try method='per_example'."
+                )
+                return
+            # Lightning divides each micro loss by K: micro mean-grad = K × hook grad, so |·|² gains K².
+            local = torch.stack(self._hook_norms).square().sum() * float(k * k) / k  # mean over the K micro-batches
+            if _is_sharded(trainer):
+                # Sharded gradients are reduce-scattered after every micro-batch (no no_sync): each rank holds a
+                # shard of the *global* micro-batch gradient, so the squared norm is the sum over ranks.
+                small = _all_reduce_sum(local)
+                b_small = local_samples / k * world
+            else:  # local micro-batch gradients: average their squared norms over ranks
+                small = _all_reduce_sum(local) / world
+                b_small = local_samples / k
+            b_big = local_samples * world
+            if any(s != sizes[0] for s in sizes):
+                warning_cache.warn("GradientNoiseScale: unequal micro-batch sizes; using their mean as b_small.")
+        else:
+            if not self._pe_sq:
+                return
+            local_sum = torch.stack(self._pe_sq).sum() * float(k * k)
+            n = torch.full((), local_samples, dtype=local_sum.dtype, device=local_sum.device)  # fill, not H2D copy
+            totals = _all_reduce_sum(torch.stack([local_sum, n]))
+            small = totals[0] / totals[1]
+            b_small, b_big = 1.0, local_samples * world
+        if inv2 is not None:
+            small = small * inv2
+        self.estimator.update(small, big, b_small=b_small, b_big=b_big, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ read-out
+    def _find_trajectory(self, trainer: "pl.Trainer") -> Any:
+        return next(
+            (c for c in trainer.callbacks if c is not self and callable(getattr(c, "record_gns", None))), None
+        )
+
+    def _tokens_per_sample(self, trainer: "pl.Trainer") -> Optional[float]:
+        if self.tokens_per_sample is not None:
+            return self.tokens_per_sample
+        traj = self._find_trajectory(trainer)
+        return None if traj is None else getattr(traj, "tokens_per_sample", None)
+
+    def _log(self, trainer: "pl.Trainer", step: int) -> None:
+        traj = self._find_trajectory(trainer)
+        r = self.estimator.read(tokens_per_sample=self._tokens_per_sample(trainer))  # one host sync per interval
+        self.last_reading = r
+        if r.n_steps == 0:
+            return
+        metrics = {
+            "grad_sq_norm": r.grad_sq_norm,
+            "trace_sigma": r.trace_sigma,
+            "skipped_steps": float(r.n_skipped),
+        }
+        if math.isfinite(r.b_simple) and r.b_simple > 0:
+            metrics["b_simple"] = r.b_simple
+            metrics["batch_over_bsimple"] = r.b_big / r.b_simple
+            if math.isfinite(r.b_simple_tokens):
+                metrics["b_simple_tokens"] = r.b_simple_tokens
+            if math.isfinite(r.ci_low):
+                metrics["b_simple_ci_low"] = r.ci_low
+                metrics["b_simple_ci_high"] = r.ci_high
+        metrics = {self.log_prefix + k: v for k, v in metrics.items()}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+        if traj is not None and self.log_prefix == "gns/":  # one series per run history
+            traj.record_gns(step, r.b_simple, r.grad_sq_norm, r.trace_sigma)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._enabled:  # final read-out for programmatic use (one host sync, once)
+            self.last_reading = self.estimator.read(tokens_per_sample=self._tokens_per_sample(trainer))
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "estimator": self.estimator.state_dict(),
+            "method_used": self.method_used,
+            "n_partial_windows": self.n_partial_windows,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "estimator" in state_dict:
+            self.estimator.load_state_dict(state_dict["estimator"])
+        self.n_partial_windows = int(state_dict.get("n_partial_windows", 0))

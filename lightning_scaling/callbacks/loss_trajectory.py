@@ -1,0 +1,541 @@
+"""LossTrajectory: record loss versus steps and tokens, the LR schedule (past and planned) and N for every run."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
+from typing_extensions import override
+
+from lightning_scaling.history import HISTORY_FILENAME, RunHistory
+
+__all__ = ["LossTrajectory", "count_non_embedding_params", "default_batch_size"]
+
+# Schedules longer than this are not simulated at train start (it costs ~10 µs per step in Python).
+_MAX_SIMULATED_STEPS = 2_000_000
+
+
+def count_non_embedding_params(module: torch.nn.Module) -> int:
+    """Trainable parameters excluding those of ``nn.Embedding`` modules (Kaplan et al.'s N); tied weights once.
+
+    Example::
+
+        >>> m = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> count_non_embedding_params(m)
+        20
+    """
+    embedding = {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if p.requires_grad and id(p) not in embedding and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def default_batch_size(batch: Any) -> int:
+    """Samples in a micro-batch: the leading dimension of the first tensor found (tensor, sequence or mapping).
+
+    Raises:
+        ValueError: no tensor in the batch; pass ``batch_size_fn`` then.
+    """
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        items = []
+    for item in items:
+        try:
+            return default_batch_size(item)
+        except ValueError:
+            continue
+    raise ValueError(
+        f"cannot infer the batch size of a {type(batch).__name__}; pass `batch_size_fn=` to LossTrajectory"
+    )
+
+
+class LossTrajectory(Callback):
+    r"""Record a run's loss against optimizer steps and tokens, its learning rate and planned schedule.
+
+    Per optimizer step it records the step, the cumulative samples and tokens consumed before it (summed over
+    gradient-accumulation micro-batches and DDP ranks), the training loss undone from Lightning's division by
+    ``accumulate_grad_batches`` and averaged over micro-batches and ranks, and the LR of every parameter group.
+    At train start it simulates the LR scheduler on a dummy optimizer up to ``max_steps`` and stores the
+    **planned** per-step LR, which schedule-aware forecasts need.
+
+    Losses stay on the device and are copied to the host in chunks of ``flush_every_n_steps`` steps, with one
+    all-reduce per chunk under DDP: there is no per-step host-device synchronisation. At each flush it logs
+    ``scaling/loss``, ``scaling/lr``, ``scaling/tokens`` and ``scaling/samples`` at their exact steps to every
+    logger and, with a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, the loss against tokens to the
+    run ``<log_dir>/by_tokens`` (same tag, tokens as the step axis). The history is written to
+    ``<log_dir>/scaling/history.json`` at every checkpoint and at the end of training, and is part of the
+    callback's checkpointed state, so a resumed run continues one history.
+
+    Args:
+        tokens_per_sample: Tokens per sample (the context length for packed LM batches). Tokens are then
+            samples × this.
+        batch_size_fn: ``batch -> int`` samples in a micro-batch. Default: the leading dimension of the first
+            tensor in the batch. Under LightningCLI give a dotted import path.
+        tokens_fn: ``batch -> int`` tokens in a micro-batch (e.g. non-padding tokens); overrides
+            ``tokens_per_sample`` for counting.
+        n_params: Non-embedding parameter count N. Default: trainable parameters outside ``nn.Embedding``.
+        flush_every_n_steps: Optimizer steps between host copies, logging and all-reduces.
+        name: Run name stored in the history (default: the logger's name/version or ``"run"``).
+        save_dir: Folder for ``history.json`` (default: ``<trainer.log_dir>/scaling``).
+        log_by_tokens: Write the loss-versus-tokens TensorBoard run.
+        val_loss_key: Metric name (in ``trainer.callback_metrics``) of the validation loss to record.
+
+    Raises:
+        ValueError: a size argument is not positive, or a callable argument is not callable.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_scaling.callbacks import LossTrajectory
+        >>> traj = LossTrajectory(tokens_per_sample=128)
+        >>> trainer = pl.Trainer(max_steps=100, callbacks=[traj])  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> traj.history.loss[-1]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokens_per_sample: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        tokens_fn: Callable[[Any], int] | None = None,
+        n_params: int | None = None,
+        flush_every_n_steps: int = 50,
+        name: str | None = None,
+        save_dir: str | None = None,
+        log_by_tokens: bool = True,
+        val_loss_key: str = "val_loss",
+    ) -> None:
+        super().__init__()
+        for arg, value in (("tokens_per_sample", tokens_per_sample), ("n_params", n_params)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"`{arg}` must be a positive number or None, got {value!r}")
+        if not isinstance(flush_every_n_steps, int) or flush_every_n_steps < 1:
+            raise ValueError(f"`flush_every_n_steps` must be a positive int, got {flush_every_n_steps!r}")
+        for arg, fn in (("batch_size_fn", batch_size_fn), ("tokens_fn", tokens_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{arg}` must be callable, got {fn!r}")
+        self.tokens_per_sample = float(tokens_per_sample) if tokens_per_sample is not None else None
+        self.batch_size_fn = batch_size_fn or default_batch_size
+        self.tokens_fn = tokens_fn
+        self.n_params = n_params
+        self.flush_every_n_steps = flush_every_n_steps
+        self.name = name
+        self.save_dir = save_dir
+        self.log_by_tokens = log_by_tokens
+        self.val_loss_key = val_loss_key
+        self._warning_cache = WarningCache()
+        self._by_tokens_writer: Any = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        # Host-side, flushed records (global over ranks).
+        self._step: list[int] = []
+        self._loss: list[float] = []
+        self._samples: list[float] = []  # cumulative, before the step
+        self._tokens: list[float] = []
+        self._lr: list[list[float]] = []
+        self._samples_total = 0.0
+        self._tokens_total = 0.0
+        self._gns: dict[str, list[float]] = {"step": [], "b_simple": [], "grad_sq_norm": [], "trace_sigma": []}
+        self._val: dict[str, list[float]] = {"step": [], "loss": []}
+        self._planned_lr: list[float] | None = None
+        self._batch_size: float | None = None
+        self._n_logged = 0
+        # Device-side, pending records of this rank (not yet flushed).
+        self._pending_loss: list[torch.Tensor] = []
+        self._pending_counts: list[tuple[float, float]] = []  # local (samples, tokens) per step
+        self._pending_step: list[int] = []
+        self._pending_lr: list[list[float]] = []
+        # Current accumulation window.
+        self._win_loss: torch.Tensor | None = None
+        self._win_micro = 0
+        self._win_samples = 0.0
+        self._win_tokens = 0.0
+        self._win_step: int | None = None
+        self._win_lr: list[float] | None = None
+        self._stepped = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def batch_size(self) -> float | None:
+        """Samples per optimizer step, global over ranks and accumulation (``None`` until measured)."""
+        return self._batch_size
+
+    @property
+    def history(self) -> RunHistory:
+        """The run so far as a :class:`~lightning_scaling.history.RunHistory`.
+
+        Records not yet flushed are copied to the host (a synchronisation; read it at log or refit intervals,
+        not every step). Under DDP it holds the records up to the last collective flush (every
+        ``flush_every_n_steps`` steps), identical on every rank.
+        """
+        trainer = self._trainer()
+        if trainer is None or trainer.world_size == 1:
+            self._flush(trainer=None)  # no collective: other ranks may not be reading the history now
+        lr = np.array([g[0] if g else math.nan for g in self._lr], dtype=np.float64)
+        meta: dict[str, Any] = {}
+        if self._lr and len(self._lr[0]) > 1:
+            meta["lr_groups"] = self._lr
+        kwargs: dict[str, Any] = {}
+        if self._gns["step"]:
+            kwargs.update(
+                gns_step=self._gns["step"],
+                gns_b_simple=self._gns["b_simple"],
+                gns_grad_sq_norm=self._gns["grad_sq_norm"],
+                gns_trace_sigma=self._gns["trace_sigma"],
+            )
+        if self._val["step"]:
+            kwargs.update(val_step=self._val["step"], val_loss=self._val["loss"])
+        return RunHistory(
+            name=self.name or "run",
+            n_params=self.n_params,
+            batch_size=self._batch_size,
+            tokens_per_sample=self.tokens_per_sample,
+            step=np.asarray(self._step, dtype=np.int64),
+            loss=np.asarray(self._loss, dtype=np.float64),
+            samples=np.asarray(self._samples, dtype=np.float64),
+            tokens=np.asarray(self._tokens, dtype=np.float64) if self._counts_tokens else None,
+            lr=lr,
+            planned_lr=self._planned_lr,
+            meta=meta,
+            **kwargs,
+        )
+
+    def record_gns(self, step: int, b_simple: float, grad_sq_norm: float, trace_sigma: float) -> None:
+        """Append a gradient-noise-scale reading (called by :class:`GradientNoiseScale` at its log interval)."""
+        steps = self._gns["step"]
+        if steps and step <= steps[-1]:
+            return  # a resumed run may re-log a step it already has
+        steps.append(int(step))
+        self._gns["b_simple"].append(float(b_simple))
+        self._gns["grad_sq_norm"].append(float(grad_sq_norm))
+        self._gns["trace_sigma"].append(float(trace_sigma))
+
+    @property
+    def _counts_tokens(self) -> bool:
+        return self.tokens_per_sample is not None or self.tokens_fn is not None
+
+    # ---------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # trainer.log_dir broadcasts, so resolve it here where every rank runs, not in rank-zero-only writes.
+        self._history_path = self.history_path(trainer)
+        if not pl_module.automatic_optimization:
+            self._warning_cache.warn(
+                "LossTrajectory: manual optimization; the returned loss is recorded once per optimizer step "
+                "as returned, without undoing any accumulation."
+            )
+        if self.name is None and trainer.logger is not None:
+            version = trainer.logger.version
+            self.name = f"{trainer.logger.name}/{version if isinstance(version, str) else f'version_{version}'}"
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Restored state is visible here under every strategy (FSDP restores after on_fit_start).
+        if self.n_params is None:
+            self.n_params = count_non_embedding_params(pl_module)
+        try:
+            self._planned_lr = self._simulate_schedule(trainer)
+        except Exception as err:  # an exotic scheduler must never stop training
+            self._planned_lr = None
+            self._warning_cache.warn(f"LossTrajectory: could not simulate the LR schedule ({err}); forecasts "
+                                     "will be schedule-blind.")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._win_step is None:
+            self._win_step = trainer.global_step
+        samples = float(self.batch_size_fn(batch))
+        self._win_samples += samples
+        if self.tokens_fn is not None:
+            self._win_tokens += float(self.tokens_fn(batch))
+        elif self.tokens_per_sample is not None:
+            self._win_tokens += samples * self.tokens_per_sample
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._win_lr is None:
+            self._win_lr = [float(g["lr"]) for g in optimizer.param_groups]
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            # Lightning divides each micro-batch loss by accumulate_grad_batches (read now: it may change).
+            factor = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            value = loss.detach().float() * factor
+            self._win_loss = value if self._win_loss is None else self._win_loss + value
+            self._win_micro += 1
+        elif loss is not None and not (isinstance(outputs, Mapping) and not outputs):
+            raise TypeError(
+                f"LossTrajectory: training_step must return a Tensor or a mapping with 'loss', got {type(loss)}"
+            )
+        if not self._stepped:
+            return
+        # The optimizer stepped: close the window.
+        if self._win_loss is None or self._win_micro == 0:
+            mean = torch.tensor(math.nan, device=pl_module.device)
+        else:
+            mean = self._win_loss / self._win_micro
+        self._pending_loss.append(mean)
+        self._pending_counts.append((self._win_samples, self._win_tokens))
+        self._pending_step.append(int(self._win_step if self._win_step is not None else trainer.global_step - 1))
+        self._pending_lr.append(self._win_lr or [])
+        self._win_loss, self._win_micro, self._win_samples, self._win_tokens = None, 0, 0.0, 0.0
+        self._win_step, self._win_lr, self._stepped = None, None, False
+        if len(self._pending_loss) >= self.flush_every_n_steps:
+            self._flush(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.val_loss_key)
+        if value is None:
+            return
+        step = trainer.global_step
+        if self._val["step"] and step <= self._val["step"][-1]:
+            return
+        self._val["step"].append(int(step))
+        self._val["loss"].append(float(value))  # once per validation run, not per step
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer)
+        path = self._write(trainer)
+        if path is not None:
+            rank_zero_info(f"LossTrajectory: history of {len(self._step)} steps written to {path}")
+        self._close_writer()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        try:  # keep what was recorded; never mask the user's exception
+            self._flush(trainer=None)
+            self._write(trainer)
+        except Exception:
+            pass
+        self._close_writer()
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._write(trainer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every rank when a checkpoint is dumped, so the collective flush is safe here.
+        self._flush(self._trainer())
+        return {
+            "version": 1,
+            "step": list(self._step),
+            "loss": list(self._loss),
+            "samples": list(self._samples),
+            "tokens": list(self._tokens),
+            "lr": [list(g) for g in self._lr],
+            "samples_total": self._samples_total,
+            "tokens_total": self._tokens_total,
+            "batch_size": self._batch_size,
+            "n_params": self.n_params,
+            "name": self.name,
+            "gns": {k: list(v) for k, v in self._gns.items()},
+            "val": {k: list(v) for k, v in self._val.items()},
+            "n_logged": self._n_logged,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._reset_state()
+        self._step = list(state_dict.get("step", []))
+        self._loss = list(state_dict.get("loss", []))
+        self._samples = list(state_dict.get("samples", []))
+        self._tokens = list(state_dict.get("tokens", []))
+        self._lr = [list(g) for g in state_dict.get("lr", [])]
+        self._samples_total = float(state_dict.get("samples_total", 0.0))
+        self._tokens_total = float(state_dict.get("tokens_total", 0.0))
+        self._batch_size = state_dict.get("batch_size")
+        if self.n_params is None:
+            self.n_params = state_dict.get("n_params")
+        if self.name is None:
+            self.name = state_dict.get("name")
+        self._gns.update({k: list(v) for k, v in state_dict.get("gns", {}).items()})
+        self._val.update({k: list(v) for k, v in state_dict.get("val", {}).items()})
+        self._n_logged = int(state_dict.get("n_logged", len(self._step)))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # state_dict() gets no trainer argument but must run the collective flush.
+        self._trainer_ref = weakref.ref(trainer)
+
+    # -------------------------------------------------------------------- helpers
+    def _trainer(self) -> pl.Trainer | None:
+        ref = getattr(self, "_trainer_ref", None)
+        return ref() if ref is not None else None
+
+    def _flush(self, trainer: pl.Trainer | None) -> None:
+        """Move pending records to the host; under DDP (``trainer`` given) reduce them over ranks first."""
+        if not self._pending_loss:
+            return
+        losses = torch.stack(self._pending_loss)
+        counts = torch.tensor(self._pending_counts, dtype=torch.float64)
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            # One all-reduce per chunk, on every rank (the flush points are the same step on all ranks).
+            losses = trainer.strategy.reduce(losses.clone(), reduce_op="mean")
+            counts = trainer.strategy.reduce(counts.to(losses.device), reduce_op="sum").cpu()
+        host_loss = losses.cpu().double().tolist()
+        for i, (step, loss, lr) in enumerate(zip(self._pending_step, host_loss, self._pending_lr)):
+            samples, tokens = counts[i].tolist()
+            self._step.append(step)
+            self._loss.append(loss)
+            self._samples.append(self._samples_total)
+            self._tokens.append(self._tokens_total if self._counts_tokens else math.nan)
+            self._lr.append(lr)
+            self._samples_total += samples
+            self._tokens_total += tokens
+            if self._batch_size is None and samples > 0:
+                self._batch_size = samples
+        self._pending_loss, self._pending_counts, self._pending_step, self._pending_lr = [], [], [], []
+        n_bad = sum(1 for v in host_loss if not math.isfinite(v))
+        if n_bad:
+            self._warning_cache.warn(
+                f"LossTrajectory: {n_bad} non-finite loss value(s) recorded (kept and flagged in the history)."
+            )
+        if trainer is not None:
+            self._log(trainer)
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        if not trainer.loggers or not trainer.is_global_zero:
+            return
+        if self._n_logged == 0 and self._step:
+            sizes = {"scaling/n_params": self.n_params, "scaling/batch_size": self._batch_size,
+                     "scaling/tokens_per_sample": self.tokens_per_sample}
+            sizes = {k: float(v) for k, v in sizes.items() if v is not None}
+            for lg in trainer.loggers:
+                lg.log_metrics(sizes, step=self._step[0])
+        start = self._n_logged
+        for i in range(start, len(self._step)):
+            metrics = {"scaling/loss": self._loss[i], "scaling/samples": self._samples[i]}
+            if self._lr[i]:
+                metrics["scaling/lr"] = self._lr[i][0]
+            if self._counts_tokens:
+                metrics["scaling/tokens"] = self._tokens[i]
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=self._step[i])
+        writer = self._tokens_writer(trainer)
+        if writer is not None:
+            for i in range(start, len(self._step)):
+                if math.isfinite(self._loss[i]):
+                    writer.add_scalar("scaling/loss", self._loss[i], global_step=int(self._tokens[i]))
+            writer.flush()
+        self._n_logged = len(self._step)
+
+    def _tokens_writer(self, trainer: pl.Trainer) -> Any:
+        if not (self.log_by_tokens and self._counts_tokens):
+            return None
+        if self._by_tokens_writer is None:
+            tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            if tb is None:
+                return None
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._by_tokens_writer = SummaryWriter(log_dir=str(Path(tb.log_dir) / "by_tokens"))
+        return self._by_tokens_writer
+
+    def _close_writer(self) -> None:
+        if self._by_tokens_writer is not None:
+            self._by_tokens_writer.close()
+            self._by_tokens_writer = None
+
+    def history_path(self, trainer: pl.Trainer) -> Path:
+        """Where the history is written: ``save_dir`` or ``<log_dir>/scaling``, plus ``history.json``.
+
+        Reads ``trainer.log_dir``, a collective under DDP: call it on every rank.
+        """
+        base = Path(self.save_dir) if self.save_dir else Path(trainer.log_dir or trainer.default_root_dir) / "scaling"
+        return base / HISTORY_FILENAME
+
+    def _write(self, trainer: pl.Trainer) -> Path | None:
+        if not trainer.is_global_zero or not (self._step or self._pending_loss):
+            return None
+        path = getattr(self, "_history_path", None) or self.history_path(trainer)
+        self.history.to_json(path)
+        return path
+
+    def _simulate_schedule(self, trainer: pl.Trainer) -> list[float] | None:
+        """Per-step LR of optimizer 0's first group from step 0 to max_steps - 1, by stepping copies of the
+        schedulers on a parameter-free stand-in optimizer (the real optimizer state is never copied)."""
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if max_steps is None:
+            est = trainer.estimated_stepping_batches
+            max_steps = int(est) if math.isfinite(est) else None
+        if max_steps is None or max_steps > _MAX_SIMULATED_STEPS or not trainer.optimizers:
+            return None
+        optimizer = trainer.optimizers[0]
+        configs = [c for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is optimizer]
+        current = trainer.global_step
+        past = [g[0] if g else math.nan for g in self._lr[:current]] if len(self._lr) >= current else []
+        lr_now = float(optimizer.param_groups[0]["lr"])
+        if not configs:
+            return (past if len(past) == current else [lr_now] * current) + [lr_now] * (max_steps - current)
+
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr_now)
+        stand_in.param_groups = [
+            {**{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]}
+            for g in optimizer.param_groups
+        ]
+        memo = {id(optimizer): stand_in}
+        schedulers = []
+        for cfg in configs:
+            if cfg.reduce_on_plateau:
+                return None  # depends on future metrics: not simulatable
+            schedulers.append((copy.deepcopy(cfg.scheduler, memo), cfg.interval, max(1, cfg.frequency)))
+        steps_per_epoch = None
+        if any(interval == "epoch" for _, interval, _ in schedulers):
+            batches = trainer.num_training_batches
+            if not math.isfinite(batches):
+                return None
+            steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        future = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(current, max_steps):
+                future.append(float(stand_in.param_groups[0]["lr"]))
+                done = step + 1  # optimizer steps completed after this one
+                for sched, interval, freq in schedulers:
+                    if interval == "step" and done % freq == 0:
+                        sched.step()
+                    elif interval == "epoch" and steps_per_epoch and done % steps_per_epoch == 0:
+                        if (done // steps_per_epoch) % freq == 0:
+                            sched.step()
+        if len(past) != current:
+            past = [math.nan] * current
+        return past + future

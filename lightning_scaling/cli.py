@@ -1,0 +1,406 @@
+"""The ``lightning-scaling`` command line: a thin layer over the library's functions.
+
+Sub-commands:
+
+* ``demo``: the built-in scaling study (tiny byte-level GPTs on the Python standard library, CPU, < 5 minutes);
+* ``recipe --config FILE``: the same procedure for your own LightningModule/DataModule;
+* ``fit LOGDIR...``: fit B_crit(L) and L(N, S, B) to existing runs and predict a larger model;
+* ``forecast LOGDIR --horizon STEPS``: forecast one run's loss curve.
+
+Bad input ends with one line on stderr and exit code 2 (usage) or 1 (data that cannot be fitted), never a traceback.
+
+Example::
+
+    $ lightning-scaling demo --out demo_out
+    $ lightning-scaling fit demo_out/runs --predict-n 1e6 --target-loss 2.2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_scaling._version import __version__
+
+EXIT_OK, EXIT_DATA, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(ValueError):
+    """A user-facing error: printed as one line, exit code ``EXIT_DATA``."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1 or value != float(text):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _add_tag_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reading logs (TensorBoard event folders or Lightning metrics.csv)")
+    g.add_argument("--loss-tag", default=None, metavar="TAG",
+                   help="scalar tag/column of the training loss (default: scaling/loss, written by LossTrajectory; "
+                        "e.g. train_loss for a plain Lightning run)")
+    g.add_argument("--lr-tag", default=None, metavar="TAG", help="tag of the learning rate (optional)")
+    g.add_argument("--n-params", type=_positive_float, default=None, metavar="N",
+                   help="non-embedding parameter count of the run(s), when the logs do not record it")
+    g.add_argument("--run-batch-size", type=_positive_float, default=None, metavar="B",
+                   help="samples per optimizer step of the run(s), when the logs do not record it")
+    g.add_argument("--tokens-per-sample", type=_positive_float, default=None, metavar="T",
+                   help="tokens per sample (context length), when the logs do not record it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-scaling`` (one sub-parser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-scaling",
+        description="Scaling-law evidence from PyTorch Lightning runs: demo, recipe, fits and forecasts.",
+    )
+    parser.add_argument("--version", action="version", version=f"lightning-scaling {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="train a ladder of tiny GPTs on CPU, fit the scaling laws, predict the largest model",
+        description="Train tiny byte-level GPTs on the Python standard library's sources (no download, CPU): a "
+                    "batch sweep for the critical batch size B_crit(L) and a size ladder for L(N, S, B); predict "
+                    "the largest model's loss curve before training it, then train it and compare. Writes "
+                    "TensorBoard logs, run histories, report.json and PNG plots.")
+    demo.add_argument("--out", default="lightning_scaling_demo", metavar="DIR",
+                      help="output folder (default: ./lightning_scaling_demo; finished runs in it are reused)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a tiny setting (well under a minute): widths 8-32, 60 steps")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per run (overrides)")
+    demo.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--json", action="store_true", help="print report.json instead of the table")
+
+    recipe = sub.add_parser(
+        "recipe", help="the scaling recipe for your own model and data (YAML/JSON config)",
+        description="Run the scaling recipe (batch sweep -> B_crit(L); size ladder -> L(N, S, B); predict the "
+                    "largest size before training it) for any LightningModule/LightningDataModule given by "
+                    "class_path/init_args. Resumable: finished runs are not retrained. See "
+                    "callbacks/recipe_example.yaml.")
+    recipe.add_argument("--config", required=True, metavar="FILE", help="YAML or JSON recipe config")
+    recipe.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: ./scaling_<config name>)")
+    recipe.add_argument("--steps", type=_positive_int, default=None, help="override max_steps")
+    recipe.add_argument("--accelerator", default=None, help="override trainer.accelerator (cpu, gpu, ...)")
+    recipe.add_argument("--devices", default=None, help="override trainer.devices")
+    recipe.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    recipe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    recipe.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    recipe.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+
+    fit = sub.add_parser(
+        "fit", help="fit B_crit(L) and L(N, S, B) to existing runs; predict a larger model",
+        description="Read runs (this project's history.json, TensorBoard event folders or Lightning metrics.csv, "
+                    "searched recursively), fit the critical batch size on runs of one size at several batch "
+                    "sizes and the scaling law L(N, S, B) on runs of several sizes, and predict a model of "
+                    "--predict-n parameters.")
+    fit.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="folders or files holding runs")
+    fit.add_argument("--predict-n", type=_positive_float, default=None, metavar="N",
+                     help="non-embedding size of the model to predict")
+    fit.add_argument("--batch-size", type=_positive_float, default=None, metavar="B",
+                     help="batch size (samples) of the prediction (default: the runs' most common)")
+    fit.add_argument("--steps", type=_positive_int, default=None, help="steps of the predicted trajectory")
+    fit.add_argument("--target-loss", type=_positive_float, default=None, metavar="L",
+                     help="loss for steps/tokens-to-target predictions")
+    fit.add_argument("--form", choices=("kaplan", "kaplan+irreducible", "auto"), default="kaplan",
+                     help="law form (default: kaplan)")
+    fit.add_argument("--bootstrap", type=int, default=50, metavar="K", help="bootstrap refits (default 50; 0: none)")
+    fit.add_argument("--critical-only", action="store_true",
+                     help="fit only the critical batch size (runs of one size at several batch sizes)")
+    fit.add_argument("--out", default=None, metavar="DIR", help="write fit.json and PNG plots here")
+    fit.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_tag_options(fit)
+
+    fc = sub.add_parser(
+        "forecast", help="forecast one run's loss curve to a horizon",
+        description="Fit a schedule-aware loss-curve law to one run and forecast its loss up to --horizon steps.")
+    fc.add_argument("logdir", metavar="LOGDIR", help="the run: history.json, a TensorBoard event folder or metrics.csv")
+    fc.add_argument("--horizon", type=_positive_int, required=True, metavar="STEPS", help="last step to forecast")
+    fc.add_argument("--target-loss", type=_positive_float, default=None, metavar="L", help="loss to reach")
+    fc.add_argument("--method", default="auto", help="forecast method (default: auto)")
+    fc.add_argument("--out", default=None, metavar="DIR", help="write forecast.json and forecast.png here")
+    fc.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_tag_options(fc)
+    return parser
+
+
+# ================================================================================================================
+# Commands
+# ================================================================================================================
+def _print_json(obj: Any) -> None:
+    from lightning_scaling.demo.recipe import _json_default
+
+    print(json.dumps(_strip(obj), indent=1, default=_json_default))
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if not str(k).startswith("_")}
+    return obj
+
+
+def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool) -> int:
+    from lightning_scaling.demo.recipe import run_recipe
+
+    start = time.perf_counter()
+    echo = (lambda s: print(s, file=sys.stderr)) if as_json else print
+    result = run_recipe(cfg, out, progress=progress, plots=plots, echo=echo)
+    wall = time.perf_counter() - start
+    if as_json:
+        _print_json(result.report)
+    else:
+        print()
+        print(result.table)
+        print(f"Output folder: {Path(out).resolve()}")
+        print(f"  report.json, prediction.json (written before the held-out run), runs/<run>/scaling/history.json,"
+              f" TensorBoard logs (tensorboard --logdir {out}/runs)" + (", PNG plots: " + ", ".join(
+                  Path(f).name for f in result.figures) if result.figures else ""))
+        print(f"Total wall time: {wall:.0f} s")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lightning_scaling.demo.recipe import demo_config, load_config
+
+    cfg = demo_config(quick=args.quick)
+    if args.steps is not None:
+        cfg = load_config(cfg.to_dict(), max_steps=args.steps,
+                          val_every=None if cfg.val_every is None else max(1, args.steps // 2))
+    return _cmd_recipe(cfg, args.out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from lightning_scaling.demo.recipe import load_config, plan_runs
+
+    cfg = load_config(args.config, max_steps=args.steps)
+    if args.accelerator is not None or args.devices is not None:
+        trainer = dict(cfg.trainer)
+        if args.accelerator is not None:
+            trainer["accelerator"] = args.accelerator
+        if args.devices is not None:
+            trainer["devices"] = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
+        cfg = load_config({**cfg.to_dict(), "trainer": trainer})
+    if args.dry_run:
+        for spec in plan_runs(cfg):
+            print(f"{spec.name}: {spec.role}, batch {spec.batch_size}, overrides {spec.overrides}"
+                  + (f", lr {spec.lr:g}" if spec.lr is not None else ""))
+        return EXIT_OK
+    out = args.out or f"scaling_{Path(args.config).stem}"
+    return _cmd_recipe(cfg, out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
+
+
+def _reader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if args.loss_tag is not None:
+        kw["loss_tag"] = args.loss_tag
+    if args.lr_tag is not None:
+        kw["lr_tag"] = args.lr_tag
+    for key in ("n_params", "tokens_per_sample"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
+    if args.run_batch_size is not None:
+        kw["batch_size"] = args.run_batch_size
+    return kw
+
+
+def _load_runs(paths: Sequence[str], args: argparse.Namespace) -> list[Any]:
+    from lightning_scaling.history import RunHistory
+
+    kw = _reader_kwargs(args)
+    runs = RunHistory.load_many(list(paths), **kw)
+    # history.json files ignore reader options; apply the size overrides to them too.
+    for r in runs:
+        for key in ("n_params", "batch_size", "tokens_per_sample"):
+            if kw.get(key) is not None and getattr(r, key) is None:
+                setattr(r, key, float(kw[key]))
+    return runs
+
+
+def _check_fit_runs(runs: Sequence[Any], *, min_points: int = 10) -> None:
+    for r in runs:
+        n_ok = int(r.finite_mask.sum())
+        if n_ok < min_points:
+            raise CLIError(f"run {r.name!r} has only {n_ok} finite loss points: too short to fit "
+                           f"(need >= {min_points})")
+    missing = [r.name for r in runs if r.n_params is None]
+    if missing:
+        raise CLIError(f"runs {missing} do not record their size N: log them with LossTrajectory or pass --n-params")
+    missing = [r.name for r in runs if r.batch_size is None]
+    if missing:
+        raise CLIError(f"runs {missing} do not record their batch size: pass --run-batch-size")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from lightning_scaling.demo.recipe import fit_and_predict
+    from lightning_scaling.demo.report import format_fit_table
+    from lightning_scaling.fitting import fit_critical_batch_size
+
+    runs = _load_runs(args.logdirs, args)
+    _check_fit_runs(runs)
+    sizes = sorted({r.n_params for r in runs})
+    if args.critical_only:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cb = fit_critical_batch_size(runs)
+        result: dict[str, Any] = {"critical_batch": cb.to_dict(), "_critical": cb}
+    else:
+        if len(sizes) < 2:
+            raise CLIError(f"all {len(runs)} runs have the same size N={sizes[0]:g}: a size fit needs runs of >= 2 "
+                           "sizes (use --critical-only to fit the critical batch size of a batch sweep)")
+        result = fit_and_predict(runs, predict_n=args.predict_n, batch_size=args.batch_size, steps=args.steps,
+                                 target_loss=args.target_loss,
+                                 fit_kwargs={"form": args.form, "n_bootstrap": max(0, args.bootstrap)})
+    if args.out:
+        from lightning_scaling.demo.recipe import _json_default, tail_mean
+        from lightning_scaling.demo.report import write_figures
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        histories = {r.name: r for r in runs}
+        report = {"name": "lightning-scaling fit",
+                  "runs": {r.name: {"role": "fit", "final_loss": tail_mean(r)[0]} for r in runs}, **_strip(result)}
+        (out / "fit.json").write_text(json.dumps(_strip(result), indent=1, default=_json_default))
+        result["figures"] = write_figures(report, histories, result.get("_law"), result.get("_critical"), out)
+    if args.json:
+        _print_json({"runs": [{"name": r.name, "n_params": r.n_params, "batch_size": r.batch_size,
+                               "points": len(r)} for r in runs], **result})
+    else:
+        print(format_fit_table(result, runs))
+        if args.out:
+            print(f"Wrote {Path(args.out) / 'fit.json'} and plots to {Path(args.out).resolve()}")
+    return EXIT_OK
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lightning_scaling.forecast import forecast_run
+    from lightning_scaling.history import RunHistory
+
+    kw = _reader_kwargs(args)
+    path = Path(args.logdir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    runs = RunHistory.load_many([path], **kw)
+    if len(runs) != 1:
+        raise CLIError(f"{path} holds {len(runs)} runs; point forecast at one run: "
+                       + ", ".join(r.name for r in runs[:5]) + (" ..." if len(runs) > 5 else ""))
+    run = runs[0]
+    n_ok = int(run.finite_mask.sum())
+    if n_ok < 10:
+        raise CLIError(f"run {run.name!r} has only {n_ok} finite loss points: too short to forecast (need >= 10)")
+    last = int(run.step[-1])
+    if args.horizon <= last:
+        raise CLIError(f"--horizon {args.horizon} must be beyond the run's last step {last}")
+    fc_kwargs: dict[str, Any] = {"horizon": args.horizon}
+    planned = run.planned_lr
+    if planned is not None and 0 < len(planned) < args.horizon:
+        # The recorded schedule stops at the run's max_steps; beyond it, assume the last LR is held.
+        fc_kwargs["lr_schedule"] = np.concatenate([planned, np.full(args.horizon - len(planned), planned[-1])])
+        print(f"note: the recorded LR schedule ends at step {len(planned)}; assuming its last LR "
+              f"({planned[-1]:.3g}) continues to step {args.horizon}", file=sys.stderr)
+    if args.target_loss is not None:
+        fc_kwargs["target_loss"] = args.target_loss
+    if args.method != "auto":
+        fc_kwargs["method"] = args.method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fc = forecast_run(run, **fc_kwargs)
+    summary = _forecast_summary(fc, run, args.target_loss)
+    if args.target_loss is not None:
+        summary["steps_to_target"] = float(fc.steps_to(args.target_loss))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"summary": summary, "steps": np.asarray(fc.steps).tolist(), "loss": np.asarray(fc.loss).tolist(),
+                   "lower": np.asarray(fc.lower).tolist(), "upper": np.asarray(fc.upper).tolist()}
+        (out / "forecast.json").write_text(json.dumps(payload, indent=1, default=str))
+        from lightning_scaling.callbacks.panels import forecast_figure
+
+        forecast_figure(run, fc, target_loss=args.target_loss).savefig(out / "forecast.png")
+        summary["files"] = [str(out / "forecast.json"), str(out / "forecast.png")]
+    if args.json:
+        _print_json(summary)
+    else:
+        from lightning_scaling.demo.report import _rows_to_text
+
+        rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items() if k != "files"]
+        print(f"Forecast of {run.name} ({len(run)} points, last step {last}) to step {args.horizon}")
+        print(_rows_to_text(["quantity", "value"], rows))
+        if args.out:
+            print(f"Wrote forecast.json and forecast.png to {Path(args.out).resolve()}")
+    return EXIT_OK
+
+
+def _forecast_summary(fc: Any, run: Any, target: float | None) -> dict[str, Any]:
+    import numpy as np
+
+    out: dict[str, Any] = {"run": run.name, "observed_until": int(run.step[-1])}
+    for key in ("method", "horizon", "final_loss", "final_lower", "final_upper", "confidence", "steps_to_target",
+                "tokens_to_target"):
+        if hasattr(fc, key):
+            v = getattr(fc, key)
+            if isinstance(v, (np.floating, np.integer, np.ndarray)):
+                v = np.asarray(v).item() if np.asarray(v).size == 1 else np.asarray(v).tolist()
+            out[key] = v
+    if target is not None:
+        out["target_loss"] = target
+    return out
+
+
+COMMANDS = {"demo": cmd_demo, "recipe": cmd_recipe, "fit": cmd_fit, "forecast": cmd_forecast}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-scaling`` console script.
+
+    Returns:
+        0 on success, 1 when the data cannot be read or fitted, 2 on a usage error; errors are one line on stderr.
+
+    Example::
+
+        >>> main(["--version"])  # doctest: +SKIP
+        lightning-scaling 0.1.0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, ValueError, FileNotFoundError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lightning-scaling {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_DATA
+    except KeyboardInterrupt:
+        print(f"lightning-scaling {args.command}: interrupted (finished runs are kept and reused on restart)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

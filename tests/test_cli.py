@@ -1,0 +1,159 @@
+"""The ``lightning-scaling`` command line: help, exit codes and one-line errors, fit/forecast on known curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_scaling import RunHistory
+from lightning_scaling.cli import build_parser, main
+from lightning_scaling.laws import loss_n_s_b
+
+# Known constants (Kaplan-like, in samples): synthetic runs are generated from them and fitted back.
+TRUTH = dict(n_c=1e10, alpha_n=0.08, s_c=200.0, alpha_s=0.7, b_star=2e4, alpha_b=0.3)
+STEPS = np.arange(0, 3001, 10)
+
+
+def _run(n: float, b: float, name: str) -> RunHistory:
+    loss = np.minimum(loss_n_s_b(n, np.maximum(STEPS, 1), b, **TRUTH), 10.0)
+    return RunHistory(name=name, n_params=n, batch_size=b, tokens_per_sample=128, step=STEPS, loss=loss)
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ladder")
+    runs = [_run(n, 64, f"n{n:g}_b64") for n in (1e6, 3e6, 1e7)]
+    runs += [_run(1e6, b, f"n1e6_b{b}") for b in (16, 256, 1024)]
+    for r in runs:
+        r.to_json(root / r.name / "scaling" / "history.json")
+    return root
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["recipe"], ["fit"], ["forecast"]])
+def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lightning-scaling") and "--help" in out
+    subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(subcommands) == {"demo", "recipe", "fit", "forecast"}
+
+
+def test_version_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("lightning-scaling ")
+    assert main([]) == 0 and "COMMAND" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["fit"], ["forecast", "x"], ["fit", "x", "--predict-n", "-5"], ["recipe"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "usage:" in capsys.readouterr().err
+
+
+def test_fit_bad_inputs_one_line_nonzero(tmp_path: Path, ladder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A folder with no runs.
+    (tmp_path / "empty").mkdir()
+    assert main(["fit", str(tmp_path / "empty")]) == 1
+    assert "no runs found" in _err(capsys)
+    # A path that does not exist.
+    assert main(["fit", str(tmp_path / "nope")]) == 1
+    assert "does not exist" in _err(capsys)
+    # Runs of one size only when a size fit is asked.
+    assert main(["fit", str(ladder / "n1e+06_b64"), str(ladder / "n1e6_b16")]) == 1
+    assert "same size" in _err(capsys)
+    # A run too short to fit.
+    short = _run(1e6, 64, "short").truncate(50)
+    short.to_json(tmp_path / "short" / "history.json")
+    assert main(["fit", str(tmp_path / "short"), str(ladder)]) == 1
+    assert "too short" in _err(capsys)
+    # TensorBoard logs without the requested tag.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb" / "plain")) as w:
+        for s in range(20):
+            w.add_scalar("train_loss", 3.0 - 0.01 * s, s)
+    assert main(["fit", str(tmp_path / "tb")]) == 1
+    assert "scaling/loss" in _err(capsys)
+    # The right tag, but no sizes recorded.
+    assert main(["fit", str(tmp_path / "tb"), "--loss-tag", "train_loss"]) == 1
+    assert "--n-params" in _err(capsys)
+
+
+def test_fit_recovers_known_law(ladder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    n_new, target = 1e8, 3.2
+    rc = main(["fit", str(ladder), "--predict-n", f"{n_new:g}", "--batch-size", "64", "--steps", "3000",
+               "--target-loss", str(target), "--bootstrap", "4", "--json", "--out", str(tmp_path / "fit")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["runs"]) == 6
+    pred = out["prediction"]
+    truth_final = float(loss_n_s_b(n_new, 3000, 64, **TRUTH))
+    assert pred["loss"][-1] == pytest.approx(truth_final, rel=0.02)
+    assert pred["min_loss"] == pytest.approx((TRUTH["n_c"] / n_new) ** TRUTH["alpha_n"], rel=0.02)
+    truth_steps = float(np.interp(-target, -loss_n_s_b(n_new, np.arange(1, 20001), 64, **TRUTH), np.arange(1, 20001)))
+    assert pred["steps_to_target"] == pytest.approx(truth_steps, rel=0.05)
+    assert out["critical_batch"]["alpha_b"] == pytest.approx(TRUTH["alpha_b"], rel=0.1)
+    for name in ("fit.json", "loss_curves.png", "critical_batch.png", "loss_vs_n.png"):
+        assert (tmp_path / "fit" / name).exists()
+    # The readable table names the prediction.
+    assert main(["fit", str(ladder), "--predict-n", "1e8", "--bootstrap", "0"]) == 0
+    assert "Prediction for N = 100M" in capsys.readouterr().out
+    # Critical batch only, on the sweep of one size.
+    assert main(["fit", *[str(ladder / f"n1e6_b{b}") for b in (16, 256, 1024)], str(ladder / "n1e+06_b64"),
+                 "--critical-only", "--json"]) == 0
+    cb = json.loads(capsys.readouterr().out)["critical_batch"]
+    assert cb["b_star"] == pytest.approx(TRUTH["b_star"], rel=0.1)
+
+
+def test_forecast_on_plain_tensorboard_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A plain Lightning-style TensorBoard log (tag train_loss), L(S) = 2 + (S/50)^-0.5: forecast to step 10000.
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps = np.arange(1, 3001, 5)
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for s in steps:
+            w.add_scalar("train_loss", 2.0 + (s / 50.0) ** -0.5, int(s))
+    rc = main(["forecast", str(tmp_path / "run"), "--horizon", "10000", "--loss-tag", "train_loss", "--json",
+               "--out", str(tmp_path / "fc")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["final_loss"] == pytest.approx(2.0 + 200.0**-0.5, abs=0.01)
+    assert (tmp_path / "fc" / "forecast.png").exists()
+    # Bad inputs: horizon inside the run, a folder without runs, the default tag missing.
+    assert main(["forecast", str(tmp_path / "run"), "--horizon", "100", "--loss-tag", "train_loss"]) == 1
+    assert "beyond the run's last step" in _err(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["forecast", str(tmp_path / "empty"), "--horizon", "100"]) == 1
+    assert "no runs found" in _err(capsys)
+    assert main(["forecast", str(tmp_path / "run"), "--horizon", "10000"]) == 1
+    assert "scaling/loss" in _err(capsys)
+
+
+def test_recipe_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipe", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "not found" in _err(capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {class_path: no.such.Module}\ndata: {class_path: x.Y}\nsizes: [{a: 1}, {a: 2}, {a: 3}]\n")
+    assert main(["recipe", "--config", str(bad), "--out", str(tmp_path / "o"), "--no-plots"]) == 1
+    assert "cannot import 'no.such.Module'" in _err(capsys)
+    bad.write_text("model: [1, 2]\n")
+    assert main(["recipe", "--config", str(bad)]) == 1
+    assert "misses required keys" in _err(capsys)
+    example = Path(__file__).resolve().parents[1] / "callbacks" / "recipe_example.yaml"
+    assert main(["recipe", "--config", str(example), "--dry-run"]) == 0
+    assert "holdout" in capsys.readouterr().out

@@ -1,0 +1,351 @@
+"""ScalingForecast callback and TensorBoard panels.
+
+Most tests swap ``forecast_run`` for a stub whose curve is known in closed form, so every logged number has an
+exact expected value: L(s) = 2 + 100 / (100 + s), band +-0.05, steps to L* = 100 / (L* - 2) - 100.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lightning_scaling.forecast as forecast_mod
+from lightning_scaling.callbacks.forecast import PBAR_ETA, PBAR_LOSS, ScalingForecast
+from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+from lightning_scaling.callbacks.panels import (
+    LOSS_TAG,
+    LOWER_TAG,
+    UPPER_TAG,
+    custom_scalars_layout,
+    forecast_figure,
+    forecast_run_dir,
+    render_figure,
+    write_custom_scalars,
+    write_forecast_run,
+)
+from lightning_scaling.history import RunHistory
+
+from helpers import TinyLM, token_loader, trainer_kwargs
+
+HALF_WIDTH = 0.05
+
+
+def curve(s):
+    return 2.0 + 100.0 / (100.0 + np.asarray(s, dtype=np.float64))
+
+
+@dataclass
+class StubForecast:
+    """Duck-typed Forecast with a closed-form curve."""
+
+    steps: np.ndarray
+    loss: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    observed_until: int
+    n_observed: int
+    tokens_per_step: float | None
+    method: str = "stub"
+    params: dict = field(default_factory=lambda: {"L0": 2.0, "A": 100.0})
+
+    @property
+    def final_loss(self):
+        return float(self.loss[-1])
+
+    @property
+    def final_lower(self):
+        return float(self.lower[-1])
+
+    @property
+    def final_upper(self):
+        return float(self.upper[-1])
+
+    def steps_to(self, loss, *, bound="mean"):
+        y = {"mean": self.loss, "lower": self.lower, "upper": self.upper}[bound]
+        hit = np.nonzero(y <= loss)[0]
+        return float(self.steps[hit[0]]) if hit.size else math.inf
+
+    def tokens_to(self, loss, *, bound="mean"):
+        return self.steps_to(loss, bound=bound) * (self.tokens_per_step or math.nan)
+
+    def to_dict(self):
+        return {"final_loss": self.final_loss, "params": self.params, "steps": self.steps, "loss": self.loss}
+
+
+def stub_forecast_run(history, horizon=None, lr_schedule=None, *, law=None, target_loss=None, confidence=0.9,
+                      method="auto", **kwargs):
+    if len(history) < 5:
+        raise ValueError("too little data")
+    steps = np.arange(0, int(horizon) + 1)
+    loss = curve(steps)
+    return StubForecast(steps=steps, loss=loss, lower=loss - HALF_WIDTH, upper=loss + HALF_WIDTH,
+                        observed_until=int(history.step[-1]), n_observed=len(history),
+                        tokens_per_step=history.tokens_per_step)
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    monkeypatch.setattr(forecast_mod, "forecast_run", stub_forecast_run, raising=False)
+    return stub_forecast_run
+
+
+def scalars(path, tag):
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
+
+
+def fit(tmp_path, callbacks, *, max_steps=40, logger=True, model=None, **kw):
+    tb = TensorBoardLogger(tmp_path, name="tb") if logger else False
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, callbacks=callbacks, logger=tb, **kw))
+    trainer.fit(model or TinyLM(max_steps=max_steps), token_loader(n=64, batch_size=4))
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(every_n_steps=0), dict(confidence=1.0), dict(confidence=0), dict(background="sometimes"),
+     dict(max_overhead=0), dict(target_loss=float("nan")), dict(horizon=0)],
+)
+def test_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ScalingForecast(**kwargs)
+
+
+def test_requires_loss_trajectory(tmp_path, stub):
+    with pytest.raises(MisconfigurationException, match="LossTrajectory"):
+        fit(tmp_path, [ScalingForecast(every_n_steps=5)], max_steps=5, logger=False)
+
+
+# ------------------------------------------------------------------------------------------ logging (closed form)
+def test_logs_exact_summary_panels_and_progress_bar(tmp_path, stub):
+    # Train 40 steps of a planned 100 (explicit horizon); target 2.6 is reached by the curve at step 67.
+    target, horizon, steps_done = 2.6, 100, 40
+    sf = ScalingForecast(every_n_steps=10, target_loss=target, horizon=horizon, background=False)
+    traj = LossTrajectory(tokens_per_sample=6, flush_every_n_steps=5)
+    trainer = fit(tmp_path, [traj, sf], max_steps=steps_done)
+    log_dir = trainer.logger.log_dir
+
+    # Summaries at the current global step of each refit (10, 20, 30, 40).
+    final = scalars(log_dir, "forecast/final_loss")
+    assert sorted(final) == [10, 20, 30, 40]
+    assert all(v == pytest.approx(curve(horizon), abs=1e-6) for v in final.values())
+    lower, upper = scalars(log_dir, "forecast/final_loss_lower"), scalars(log_dir, "forecast/final_loss_upper")
+    assert lower[40] == pytest.approx(curve(horizon) - HALF_WIDTH, abs=1e-6)
+    assert upper[40] == pytest.approx(curve(horizon) + HALF_WIDTH, abs=1e-6)
+    # 2 + 100/(100+s) <= 2.6 first at s = ceil(100/0.6 - 100) = 67; tokens = steps x 4 samples x 6 tokens.
+    assert set(scalars(log_dir, "forecast/steps_to_target").values()) == {67.0}
+    assert scalars(log_dir, "forecast/tokens_to_target")[40] == pytest.approx(67 * 4 * 6)
+    # ETA = remaining steps (to the target / to the end) x measured seconds per optimizer step.
+    dt = sf.step_seconds
+    assert dt > 0
+    assert scalars(log_dir, "forecast/eta_seconds")[40] == pytest.approx((67 - 40) * dt, rel=1e-4)
+    assert scalars(log_dir, "forecast/remaining_seconds")[40] == pytest.approx((100 - 40) * dt, rel=1e-4)
+    assert "forecast/critical_batch" not in sf.summary  # no GradientNoiseScale attached
+
+    # Custom-scalars layout, written once.
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = acc.Tensors("custom_scalars__config__")
+    assert len(events) == 1
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events[0].tensor_proto.string_val[0])
+    titles = {c.title: [ch.title for ch in c.chart] for c in layout.category}
+    assert set(titles) == {"Loss vs forecast", "Gradient noise scale vs batch size", "Tokens"}
+    margin = next(ch for c in layout.category for ch in c.chart if ch.title == "predicted final loss").margin
+    assert [s.value for s in margin.series] == ["forecast/final_loss"]
+    assert margin.series[0].lower == "forecast/final_loss_lower"
+    assert margin.series[0].upper == "forecast/final_loss_upper"
+
+    # Each refit's full curve in its own run under the observed-loss tag (overlays scaling/loss).
+    for at in (10, 20, 30, 40):
+        run = forecast_run_dir(log_dir, at)
+        curve_points = scalars(run, LOSS_TAG)
+        assert curve_points[0] == pytest.approx(curve(0), abs=1e-6)
+        assert curve_points[horizon] == pytest.approx(curve(horizon), abs=1e-6)
+        assert scalars(run, LOWER_TAG)[horizon] == pytest.approx(curve(horizon) - HALF_WIDTH, abs=1e-6)
+        assert scalars(run, UPPER_TAG)[horizon] == pytest.approx(curve(horizon) + HALF_WIDTH, abs=1e-6)
+    # ... and against tokens (24 tokens per step) next to LossTrajectory's by_tokens run.
+    tok_run = os.path.join(log_dir, "by_tokens", "forecast", "step_000040")
+    assert scalars(tok_run, LOSS_TAG)[40 * 24] == pytest.approx(curve(40), abs=1e-6)
+    latest = json.load(open(os.path.join(log_dir, "forecast", "latest.json")))
+    assert latest["at_step"] == 40 and latest["final_loss"] == pytest.approx(curve(horizon))
+    # The observed curve is in the main run under the same tag.
+    assert len(scalars(log_dir, LOSS_TAG)) == steps_done
+
+    # The figure is logged at each refit.
+    acc = EventAccumulator(log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("forecast/curve")] == [10, 20, 30, 40]
+
+    # Progress bar: predicted final loss and ETA in minutes, as plain numbers.
+    pbar = trainer.progress_bar_metrics
+    assert pbar[PBAR_LOSS] == pytest.approx(curve(horizon), abs=1e-6)
+    assert pbar[PBAR_ETA] == pytest.approx(sf.summary["forecast/eta_seconds"] / 60, rel=1e-5)
+    assert sf.n_refits == 4 and sf.n_failures == 0
+
+
+def test_refits_after_validation_but_not_sanity_check(tmp_path, monkeypatch):
+    calls = []
+
+    def counting(history, *args, **kwargs):
+        calls.append(int(history.step[-1]) if len(history) else -1)
+        return stub_forecast_run(history, *args, **kwargs)
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", counting, raising=False)
+    class WithVal(TinyLM):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    model = WithVal(max_steps=30)
+    sf = ScalingForecast(every_n_steps=1000, background=False, figure=False, forecast_runs=False)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[LossTrajectory(), sf], logger=tb,
+                                          val_check_interval=10, num_sanity_val_steps=2))
+    trainer.fit(model, token_loader(n=40, batch_size=4), token_loader(n=8, batch_size=4))  # 10 batches/epoch
+    # One refit per validation run (at 10, 20, 30 steps done: last observed steps 9, 19, 29), none at sanity check.
+    assert calls == [9, 19, 29]
+
+
+def test_critical_batch_from_gradient_noise_scale(tmp_path, stub):
+    class FakeGNS(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            traj = next(c for c in trainer.callbacks if isinstance(c, LossTrajectory))
+            step = trainer.global_step
+            traj.record_gns(step, b_simple=10.0 * step, grad_sq_norm=1.0, trace_sigma=10.0 * step)
+
+    sf = ScalingForecast(every_n_steps=10, background=False, figure=False, forecast_runs=False)
+    trainer = fit(tmp_path, [LossTrajectory(), FakeGNS(), sf], max_steps=20)
+    crit = scalars(trainer.logger.log_dir, "forecast/critical_batch")
+    # The latest B_simple reading when each refit ran (recorded before ScalingForecast's hook at the same step).
+    assert crit == {10: pytest.approx(100.0), 20: pytest.approx(200.0)}
+
+
+# ----------------------------------------------------------------------------------------- failures and threads
+def test_failed_fit_warns_once_and_keeps_last_good_forecast(tmp_path, monkeypatch):
+    state = {"n": 0}
+
+    def flaky(history, *args, **kwargs):
+        state["n"] += 1
+        if state["n"] == 1:
+            raise ValueError("too little data")  # expected early: silent
+        if state["n"] == 2:
+            return stub_forecast_run(history, *args, **kwargs)
+        raise RuntimeError("singular matrix")
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", flaky, raising=False)
+    sf = ScalingForecast(every_n_steps=5, background=False, figure=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [LossTrajectory(), sf], max_steps=30)
+    msgs = [str(w.message) for w in caught if "ScalingForecast" in str(w.message)]
+    assert len(msgs) == 1 and "RuntimeError" in msgs[0] and "singular matrix" in msgs[0]
+    assert sf.n_refits == 1 and sf.n_failures == 5
+    assert sf.forecast is not None and sf.forecast.observed_until == 9  # the good one, made at step 10
+    assert sf.summary["forecast/final_loss"] == pytest.approx(curve(30))
+
+
+def test_background_refits_do_not_stall_training(tmp_path, monkeypatch):
+    cost, step_time = 0.06, 0.01
+
+    def slow(history, *args, **kwargs):
+        time.sleep(cost)  # sleep releases the GIL like the numpy/scipy parts of a fit
+        return stub_forecast_run(history, *args, **kwargs)
+
+    class StepWork(pl.Callback):  # 10 ms of GIL-free "device" work per step
+        def on_train_batch_end(self, *args):
+            time.sleep(step_time)
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    sf = ScalingForecast(every_n_steps=5, background="auto", max_overhead=0.02, figure=False, forecast_runs=False)
+    t0 = time.perf_counter()
+    trainer = fit(tmp_path, [LossTrajectory(), StepWork(), sf], max_steps=60)
+    wall = time.perf_counter() - t0
+    # The first (synchronous) refit cost 60 ms > 2% of its 50 ms interval: refits moved off the training thread.
+    assert sf.background_active
+    assert sf.refit_seconds >= cost
+    assert sf.stall_seconds < cost / 5  # the training thread only snapshots the history and applies results
+    assert sf.n_refits >= 3
+    # Training was not serialised behind the refits: 60 x 10 ms of steps + one synchronous refit + slack.
+    assert wall < 60 * step_time + 2 * cost + 1.5
+    final = scalars(trainer.logger.log_dir, "forecast/final_loss")
+    assert 3 <= len(final) <= sf.n_refits  # two pick-ups can land on the same step
+    assert all(v == pytest.approx(curve(60), abs=1e-6) for v in final.values())
+
+
+def test_state_dict_round_trip(tmp_path, stub):
+    sf = ScalingForecast(every_n_steps=10, target_loss=2.5, background=False, figure=False, forecast_runs=False)
+    fit(tmp_path, [LossTrajectory(), sf], max_steps=20, logger=False)
+    state = sf.state_dict()
+    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in state["summary"].values())
+    fresh = ScalingForecast(every_n_steps=10, target_loss=2.5)
+    fresh.load_state_dict(state)
+    assert fresh.summary == sf.summary
+    assert fresh.step_seconds == pytest.approx(sf.step_seconds)
+    assert fresh.n_refits == 2
+    assert fresh.state_key == sf.state_key != ScalingForecast(every_n_steps=10).state_key
+
+
+# ------------------------------------------------------------------------------------------------------- panels
+def test_layout_written_once_per_writer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    assert write_custom_scalars(writer) is True
+    assert write_custom_scalars(writer) is False
+    writer.close()
+    layout = custom_scalars_layout()
+    assert layout["Gradient noise scale vs batch size"]["B_simple and batch/B_simple"][1] == [
+        r"gns/b_simple$", r"gns/batch_over_bsimple$"]
+    assert layout["Tokens"]["tokens seen"] == ["Multiline", [r"scaling/tokens$"]]
+
+
+def test_forecast_run_subsamples_and_keeps_endpoints(tmp_path):
+    steps = np.arange(0, 10001)
+    loss = curve(steps)
+    f = StubForecast(steps=steps, loss=loss, lower=loss - 0.1, upper=loss + 0.1, observed_until=5000,
+                     n_observed=5001, tokens_per_step=None)
+    run = write_forecast_run(tmp_path, f, at_step=5000, max_points=101)
+    pts = scalars(run, LOSS_TAG)
+    assert len(pts) == 101 and min(pts) == 0 and max(pts) == 10000
+    assert pts[10000] == pytest.approx(curve(10000), abs=1e-6)
+    assert not os.path.exists(os.path.join(tmp_path, "by_tokens"))  # no tokens per step known
+    with pytest.raises(ValueError):
+        write_forecast_run(tmp_path, f, at_step=1, max_points=1)
+
+
+def test_forecast_figure_draws_observed_forecast_band_and_target():
+    steps = np.arange(0, 1000)
+    rng = np.random.default_rng(0)
+    h = RunHistory(name="demo", step=steps[:400], loss=curve(steps[:400]) + 0.02 * rng.standard_normal(400))
+    loss = curve(steps)
+    f = StubForecast(steps=steps, loss=loss, lower=loss - 0.05, upper=loss + 0.05, observed_until=399,
+                     n_observed=400, tokens_per_step=None)
+    fig = forecast_figure(h, f, target_loss=2.1)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:2] == ["observed (raw)", "observed"] and "target 2.1" in labels
+    assert any(lbl.startswith("forecast (stub)") for lbl in labels)
+    forecast_line = next(line for line in ax.get_lines() if line.get_label().startswith("forecast"))
+    np.testing.assert_allclose(forecast_line.get_ydata(), loss)
+    assert len(ax.collections) == 1  # the band
+    lo, hi = ax.get_ylim()
+    assert lo < 2.1 and hi < curve(0)  # the early transient is clipped, the target is visible
+    assert f"{curve(999):.4f}" in ax.get_title()
+    img = render_figure(fig)
+    assert img.dtype == np.uint8 and img.shape == (420, 700, 3)
