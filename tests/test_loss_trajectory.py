@@ -38,6 +38,21 @@ def test_loss_and_tokens_under_accumulation(tmp_path):
     assert h.n_params == count_non_embedding_params(model) == 8 * 16 + 16
 
 
+def test_bf16_mixed_precision_records_the_autocast_loss(tmp_path):
+    # Under bf16 autocast the recorded loss must be the one the model computed (in fp32 at the end of the
+    # cross-entropy), undone from accumulation: same check as above, recomputed under the same autocast.
+    model = TinyLM(lr=0.0)
+    traj = LossTrajectory(tokens_per_sample=6, flush_every_n_steps=2)
+    loader = token_loader(n=48, batch_size=4)
+    fit(tmp_path, model, traj, loader, max_steps=8, accumulate_grad_batches=3, precision="bf16-mixed")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        micro = [model.training_step(b, i).float().item() for i, b in enumerate(loader)]
+    expected = [np.mean(micro[3 * (k % 4): 3 * (k % 4) + 3]) for k in range(8)]
+    assert traj.history.loss.dtype == np.float64
+    np.testing.assert_allclose(traj.history.loss, expected, rtol=1e-6)
+    np.testing.assert_array_equal(traj.history.tokens, np.arange(8) * 72.0)
+
+
 def test_partial_accumulation_window_counts_real_samples(tmp_path):
     traj = LossTrajectory(tokens_per_sample=6, flush_every_n_steps=3)
     fit(tmp_path, TinyLM(lr=0.0), traj, token_loader(n=40, batch_size=4), max_steps=8, accumulate_grad_batches=3)
