@@ -195,7 +195,7 @@ class CriticalBatchFit:
         table: per loss level: ``loss``, ``s_min``, ``e_min`` (samples), ``b_crit`` (samples) and ``n_params``
             (NaN rows are levels whose hyperbola fit failed).
         tokens_per_sample: tokens per sample when known.
-        source: how it was obtained (``"hyperbola"``, ``"gns"`` or ``"given"``).
+        source: how it was obtained (``"hyperbola"``, ``"gns"``, ``"joint"`` or ``"given"``).
 
     Example::
 
@@ -461,6 +461,33 @@ def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | No
         b_star, alpha_b = float(np.median(b)), float("inf")
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
                             source="gns")
+
+
+def _critical_from_joint(bins: Sequence[tuple[np.ndarray, np.ndarray, float, float]],
+                         tokens_per_sample: float | None) -> CriticalBatchFit | None:
+    """``B_crit(L)`` from a joint fit of ``L(N, S, B)`` to the binned curves; None below 2 batch sizes.
+
+    Runs of different sizes at different batch sizes (no sweep at one size) still constrain ``B_crit(L)``: it
+    shifts each curve in log step by ``log(1 + B_crit(L)/B)``, which changes along the curve as ``L`` falls. The
+    constraint is weak (confounded with the size term), hence the warning.
+    """
+    if len({bb for *_, bb in bins}) < 2:
+        return None
+    n = np.concatenate([np.full(bs.size, nn) for bs, _, nn, _ in bins])
+    b = np.concatenate([np.full(bs.size, bb) for bs, _, _, bb in bins])
+    s = np.concatenate([bs for bs, *_ in bins])
+    loss = np.concatenate([bl for _, bl, _, _ in bins])
+    try:
+        law = fit_loss_n_s_b(n, s, b, loss, n_starts=4)
+    except ValueError:
+        return None
+    b_star, alpha_b = float(law.params["b_star"]), float(law.params["alpha_b"])
+    if not (math.isfinite(b_star) and b_star > 0 and alpha_b > 0):
+        return None
+    warnings.warn("critical batch fitted jointly with L(N, S, B) from runs of different sizes at different batch "
+                  "sizes (no size was run at two batch sizes): weakly identified; a batch sweep at one size "
+                  "(fit_critical_batch_size) pins it down", UserWarning, stacklevel=3)
+    return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, tokens_per_sample=tokens_per_sample, source="joint")
 
 
 _NO_CRITICAL = ("none", "ignore", "off")
@@ -1032,7 +1059,9 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
 
     Steps are converted to ``S_min = S / (1 + B_crit(L)/B)`` with the critical batch from, in order:
     ``critical_batch``; a :func:`fit_critical_batch_size` on the runs when some size was run at >= 2 batch sizes;
-    the gradient-noise-scale ``B_simple`` recorded in the histories (``gns_b_simple``); else ``ValueError``.
+    the gradient-noise-scale ``B_simple`` recorded in the histories (``gns_b_simple``); a joint fit of all
+    constants of ``L(N, S, B)`` to the curves (:func:`fit_loss_n_s_b`) when the runs use >= 2 batch sizes but no
+    size was run at two (weakly identified: a warning says so); else ``ValueError``.
     Post-warmup points are median-binned in log step (``points_per_run`` per run) and fitted by minimising the
     summed Huber loss (delta 1e-3) of log loss with L-BFGS-B from the ``n_starts`` best points of a grid of starts,
     within bounds. The bootstrap resamples whole runs and refits B_crit too when it was fitted from the runs; a
@@ -1105,6 +1134,8 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     tps = _tokens_per_sample(runs, tokens_per_sample)
     _check_token_units(runs, tps)
 
+    bins = _bin_runs(runs, warmup_steps=warmup_steps, points_per_run=points_per_run)
+
     # --- critical batch source
     tables: list[_CrossingTable] = []
     if critical_batch is not None:
@@ -1124,6 +1155,8 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
         if not tables:
             gns = _critical_from_gns(runs, tps)
             if gns is None:
+                gns = _critical_from_joint(bins, tps)
+            if gns is None:
                 why = f" (the batch sweep failed: {sweep_error})" if sweep_error else ""
                 batches = sorted({float(r.batch_size) for r in runs})
                 raise ValueError(
@@ -1138,7 +1171,6 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
                               UserWarning, stacklevel=2)
             cb = gns
 
-    bins = _bin_runs(runs, warmup_steps=warmup_steps, points_per_run=points_per_run)
     pts = _collect_points(bins, cb)
     cap = max(float(np.nanmax(np.where(np.isfinite(r.loss), r.loss, np.nan))) for r in runs)
 

@@ -192,6 +192,23 @@ def test_critical_batch_from_gradient_noise_scale():
     assert law.params["alpha_n"] == pytest.approx(TRUE["alpha_n"], abs=0.01)
 
 
+def test_critical_batch_jointly_from_sizes_at_different_batch_sizes():
+    # No size was run at two batch sizes and no GNS was recorded, but the runs span batch sizes: B_crit(L) is
+    # fitted jointly with L(N, S, B) (weakly identified, so a warning) instead of refusing.
+    runs = [make_run(n, b, seed=i, steps=3000) for i, (n, b) in enumerate([(1e6, 32), (4e6, 128), (16e6, 512),
+                                                                            (32e6, 2048)])]
+    with pytest.warns(UserWarning, match="jointly"):
+        law = fit_scaling_law(runs, n_bootstrap=0)
+    assert law.info.critical_batch_source == "joint"
+    for loss in (3.0, 4.0):
+        truth = laws.critical_batch(loss, b_star=TRUE["b_star"], alpha_b=TRUE["alpha_b"])
+        assert float(law.critical_batch_size(loss)) == pytest.approx(truth, rel=0.15)
+    s = np.arange(500, 20001, 500)
+    for n, b in ((1e8, 256), (8e6, 16), (8e6, 4096)):  # a larger model, and batch sizes no run used at that size
+        truth = laws.loss_n_s_b(n, s, b, **TRUE)
+        assert np.max(np.abs(law.predict_loss(n, s, b) / truth - 1)) < 0.01
+
+
 def test_fit_scaling_law_errors(runs):
     one_batch = [make_run(n, 64, steps=500, seed=i) for i, n in enumerate([1e6, 4e6])]
     with pytest.raises(ValueError, match="critical_batch"):
