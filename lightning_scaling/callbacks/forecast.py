@@ -96,10 +96,11 @@ class ScalingForecast(Callback):
     overlays them), a figure of the curve, forecast and band (``forecast/curve``) and the latest forecast with its
     fitted parameters as ``<log_dir>/forecast/latest.json``.
 
-    **Cost.** The refit must not stall training. It is timed; with ``background="auto"`` it runs on the training
-    thread until one refit costs more than ``max_overhead`` of the training time of its interval, and from then on
-    in a background thread (one refit in flight; the history snapshot is taken on the training thread, the
-    result is picked up at the next optimizer step). ``background=True``/``False`` forces either mode. The cost of
+    **Cost.** The refit must not stall training. Every refit is timed; with ``background="auto"`` it runs on the
+    training thread only while the slowest refit so far cost at most ``max_overhead`` of the training time of the
+    interval, else in a background thread (one refit in flight; the history snapshot is taken on the training
+    thread, the result is picked up at the next optimizer step). The first refit, whose cost is unknown (a cold fit
+    costs 10-50x a warm-started one), runs in the background. ``background=True``/``False`` forces either mode. The cost of
     the latest refit is in :attr:`refit_seconds`, the time the training thread spent on it in
     :attr:`stall_seconds`.
 
@@ -222,6 +223,7 @@ class ScalingForecast(Callback):
         self._seen_step: int | None = None
         self._t_last: float | None = None
         self._interval_seconds = 0.0
+        self._worst_refit_seconds: float | None = None  # slowest refit so far (background="auto" decides by it)
         self._pbar_pending = False
 
     @property
@@ -377,6 +379,18 @@ class ScalingForecast(Callback):
             horizon=self.resolved_horizon,
             init=self.forecast if self.warm_start else None,
         )
+        interval, self._interval_seconds = self._interval_seconds, 0.0  # training time since the last refit
+        if self.background == "auto":
+            # Off the training thread unless every refit measured so far was cheap for this interval: the first
+            # (cold) one costs 10-50x a warm refit, so it is never run inline just to measure it.
+            worst = self._worst_refit_seconds
+            background = worst is None or worst > self.max_overhead * interval
+            if background and not self.background_active and worst is not None:
+                rank_zero_info(
+                    f"ScalingForecast: a refit took {worst * 1e3:.1f} ms, more than {100 * self.max_overhead:g}% of "
+                    f"the {interval:.2f} s of training since the last one; refitting in a background thread."
+                )
+            self.background_active = background
         if self.background_active:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ScalingForecast")
@@ -385,19 +399,9 @@ class ScalingForecast(Callback):
             return
         result = self._compute(history, **job_args)
         self._apply(trainer, result)
-        cost = time.perf_counter() - t0
-        self._record_stall(cost)
-        interval = self._interval_seconds
-        self._interval_seconds = 0.0
+        self._record_stall(time.perf_counter() - t0)
         if self._t_last is not None:
             self._t_last = time.perf_counter()  # the refit is not training time
-        if self.background == "auto" and interval > 0 and cost > self.max_overhead * interval:
-            self.background_active = True
-            rank_zero_info(
-                f"ScalingForecast: a refit took {cost * 1e3:.1f} ms, {100 * cost / interval:.1f}% of the "
-                f"{interval:.2f} s of training since the last one (> {100 * self.max_overhead:g}%); "
-                "refitting in a background thread from now on."
-            )
 
     def _record_stall(self, seconds: float) -> None:
         self.stall_seconds = seconds
@@ -469,6 +473,8 @@ class ScalingForecast(Callback):
 
     def _apply(self, trainer: pl.Trainer, result: _Result) -> None:
         self.refit_seconds = result.total_seconds
+        if result.total_seconds is not None:
+            self._worst_refit_seconds = max(self._worst_refit_seconds or 0.0, result.total_seconds)
         if result.forecast is None:
             self.n_failures += 1
             err = result.error
