@@ -484,8 +484,8 @@ def _critical_from_joint(bins: Sequence[tuple[np.ndarray, np.ndarray, float, flo
     b_star, alpha_b = float(law.params["b_star"]), float(law.params["alpha_b"])
     if not (math.isfinite(b_star) and b_star > 0 and alpha_b > 0):
         return None
-    warnings.warn("critical batch fitted jointly with L(N, S, B) from runs of different sizes at different batch "
-                  "sizes (no size was run at two batch sizes): weakly identified; a batch sweep at one size "
+    warnings.warn("critical batch fitted jointly with L(N, S, B) from the curves at their different batch sizes "
+                  "(no usable batch sweep at one size): weakly identified; a batch sweep at one size "
                   "(fit_critical_batch_size) pins it down", UserWarning, stacklevel=3)
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, tokens_per_sample=tokens_per_sample, source="joint")
 
@@ -1153,10 +1153,8 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
             except ValueError as err:  # an unusable sweep: fall back to the GNS record if there is one
                 sweep_error, tables = err, []
         if not tables:
-            gns = _critical_from_gns(runs, tps)
-            if gns is None:
-                gns = _critical_from_joint(bins, tps)
-            if gns is None:
+            fallback = _critical_from_gns(runs, tps) or _critical_from_joint(bins, tps)
+            if fallback is None:
                 why = f" (the batch sweep failed: {sweep_error})" if sweep_error else ""
                 batches = sorted({float(r.batch_size) for r in runs})
                 raise ValueError(
@@ -1167,9 +1165,10 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
                     "batch sizes, a (b_star, alpha_b) pair or a constant in samples; or include such a sweep in "
                     "runs, or record the gradient noise scale (GradientNoiseScale callback -> gns_b_simple)")
             if sweep_error is not None:
-                warnings.warn(f"batch-size sweep unusable ({sweep_error}); using the recorded gradient noise scale",
-                              UserWarning, stacklevel=2)
-            cb = gns
+                using = ("the recorded gradient noise scale" if fallback.source == "gns"
+                         else "a joint fit of L(N, S, B)")
+                warnings.warn(f"batch-size sweep unusable ({sweep_error}); using {using}", UserWarning, stacklevel=2)
+            cb = fallback
 
     pts = _collect_points(bins, cb)
     cap = max(float(np.nanmax(np.where(np.isfinite(r.loss), r.loss, np.nan))) for r in runs)

@@ -207,6 +207,13 @@ def test_critical_batch_jointly_from_sizes_at_different_batch_sizes():
     for n, b in ((1e8, 256), (8e6, 16), (8e6, 4096)):  # a larger model, and batch sizes no run used at that size
         truth = laws.loss_n_s_b(n, s, b, **TRUE)
         assert np.max(np.abs(law.predict_loss(n, s, b) / truth - 1)) < 0.01
+    # A sweep at one size that is unusable (the larger batch is worse per step: no hyperbola) falls back to the
+    # joint fit too, and says so.
+    worse = RunHistory(name="worse", n_params=1e6, batch_size=64, tokens_per_sample=TPS, step=runs[0].step,
+                       loss=runs[0].loss * 1.05, lr=runs[0].lr)
+    with pytest.warns(UserWarning, match="sweep unusable.*joint fit"):
+        law = fit_scaling_law([*runs, worse], n_bootstrap=0)
+    assert law.info.critical_batch_source == "joint"
 
 
 def test_fit_scaling_law_errors(runs):

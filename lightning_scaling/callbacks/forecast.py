@@ -100,8 +100,8 @@ class ScalingForecast(Callback):
     training thread only while the slowest refit so far cost at most ``max_overhead`` of the training time of the
     interval, else in a background thread (one refit in flight; the history snapshot is taken on the training
     thread, the result is picked up at the next optimizer step). The first refit, whose cost is unknown (a cold fit
-    costs 10-50x a warm-started one), runs in the background. ``background=True``/``False`` forces either mode. The cost of
-    the latest refit is in :attr:`refit_seconds`, the time the training thread spent on it in
+    costs 10-50x a warm-started one), runs in the background. ``background=True``/``False`` forces either mode.
+    The cost of the latest refit is in :attr:`refit_seconds`, the time the training thread spent on it in
     :attr:`stall_seconds`.
 
     **Failures.** A failed fit never raises into the training loop: the last good forecast is kept and the
