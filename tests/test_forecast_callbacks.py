@@ -309,13 +309,15 @@ def test_cold_refit_never_stalls_training_in_auto_mode(tmp_path, monkeypatch):
 
 
 def test_cheap_refits_run_inline_in_auto_mode(tmp_path, stub):
-    class StepWork(pl.Callback):  # 20 ms per step: a refit of well under 2 ms is cheap for a 5-step interval
+    class StepWork(pl.Callback):  # 20 ms per step: a 5-step interval is 100 ms, so 25 ms of refit is "cheap"
         def on_train_batch_end(self, *args):
             time.sleep(0.02)
 
-    sf = ScalingForecast(every_n_steps=5, background="auto", figure=False, forecast_runs=False)
+    # The stub refit takes well under a millisecond; even the first one, timed in the background thread while it
+    # competes for the GIL with training, stays far below the 25 ms budget.
+    sf = ScalingForecast(every_n_steps=5, background="auto", max_overhead=0.25, figure=False, forecast_runs=False)
     fit(tmp_path, [LossTrajectory(), StepWork(), sf], max_steps=40)
-    assert sf.refit_seconds < 0.002 and sf.n_refits >= 5
+    assert sf.refit_seconds < 0.025 and sf.n_refits >= 5
     assert not sf.background_active  # only the first refit, of unknown cost, ran in the background
 
 
