@@ -260,6 +260,16 @@ def test_failed_fit_warns_once_and_keeps_last_good_forecast(tmp_path, monkeypatc
     assert sf.summary["forecast/final_loss"] == pytest.approx(curve(30))
 
 
+class StepWork(pl.Callback):
+    """``seconds`` of GIL-free "device" work after every training step (sleep releases the GIL)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args):
+        time.sleep(self.seconds)
+
+
 def test_background_refits_do_not_stall_training(tmp_path, monkeypatch):
     cost, step_time = 0.06, 0.01
 
@@ -267,14 +277,10 @@ def test_background_refits_do_not_stall_training(tmp_path, monkeypatch):
         time.sleep(cost)  # sleep releases the GIL like the numpy/scipy parts of a fit
         return stub_forecast_run(history, *args, **kwargs)
 
-    class StepWork(pl.Callback):  # 10 ms of GIL-free "device" work per step
-        def on_train_batch_end(self, *args):
-            time.sleep(step_time)
-
     monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
     sf = ScalingForecast(every_n_steps=5, background="auto", max_overhead=0.02, figure=False, forecast_runs=False)
     t0 = time.perf_counter()
-    trainer = fit(tmp_path, [LossTrajectory(), StepWork(), sf], max_steps=60)
+    trainer = fit(tmp_path, [LossTrajectory(), StepWork(step_time), sf], max_steps=60)
     wall = time.perf_counter() - t0
     # Every refit costs 60 ms > 2% of its 50 ms interval: all run off the training thread, the first one too.
     assert sf.background_active
@@ -297,26 +303,19 @@ def test_cold_refit_never_stalls_training_in_auto_mode(tmp_path, monkeypatch):
             time.sleep(cold_cost)
         return stub_forecast_run(history, *args, **kwargs)
 
-    class StepWork(pl.Callback):  # 10 ms of GIL-free "device" work per step: 0.8 s of training
-        def on_train_batch_end(self, *args):
-            time.sleep(0.01)
-
     monkeypatch.setattr(forecast_mod, "forecast_run", cold_slow, raising=False)
     sf = ScalingForecast(every_n_steps=5, background="auto", figure=False, forecast_runs=False)
-    fit(tmp_path, [LossTrajectory(), StepWork(), sf], max_steps=80)
+    fit(tmp_path, [LossTrajectory(), StepWork(0.01), sf], max_steps=80)  # 0.8 s of training
     assert sf.n_refits >= 3
     assert sf.max_stall_seconds < cold_cost / 3  # the cold first refit ran off the training thread
 
 
 def test_cheap_refits_run_inline_in_auto_mode(tmp_path, stub):
-    class StepWork(pl.Callback):  # 20 ms per step: a 5-step interval is 100 ms, so 25 ms of refit is "cheap"
-        def on_train_batch_end(self, *args):
-            time.sleep(0.02)
-
-    # The stub refit takes well under a millisecond; even the first one, timed in the background thread while it
-    # competes for the GIL with training, stays far below the 25 ms budget.
+    # 20 ms per step: a 5-step interval is 100 ms, so 25 ms of refit is "cheap". The stub refit takes well under a
+    # millisecond; even the first one, timed in the background thread while it competes for the GIL with
+    # training, stays far below the 25 ms budget.
     sf = ScalingForecast(every_n_steps=5, background="auto", max_overhead=0.25, figure=False, forecast_runs=False)
-    fit(tmp_path, [LossTrajectory(), StepWork(), sf], max_steps=40)
+    fit(tmp_path, [LossTrajectory(), StepWork(0.02), sf], max_steps=40)
     assert sf.refit_seconds < 0.025 and sf.n_refits >= 5
     assert not sf.background_active  # only the first refit, of unknown cost, ran in the background
 

@@ -332,7 +332,6 @@ class ScalingForecast(Callback):
             "ema_weight": self._ema_weight,
             "n_refits": self.n_refits,
             "n_failures": self.n_failures,
-            "background_active": self.background_active,
             "refit_seconds": self.refit_seconds,
             "last_observed": self._last_observed,
         }
@@ -344,8 +343,6 @@ class ScalingForecast(Callback):
         self._ema_weight = float(state_dict.get("ema_weight", 0.0))
         self.n_refits = int(state_dict.get("n_refits", 0))
         self.n_failures = int(state_dict.get("n_failures", 0))
-        if self.background == "auto":
-            self.background_active = bool(state_dict.get("background_active", False))
         self.refit_seconds = state_dict.get("refit_seconds")
         self._last_observed = state_dict.get("last_observed")
 
