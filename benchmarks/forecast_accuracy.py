@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,9 @@ import numpy as np
 
 from lightning_scaling import RunHistory
 from lightning_scaling.forecast import fit_schedule_law, forecast_run, multi_power_law
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite_data import mpl_curve  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "mpl"
 TRAIN = ("cosine_24000", "constant_24000", "wsdcon_9")
@@ -44,38 +48,10 @@ PUBLISHED = {  # L0, A, alpha, B, C, beta, gamma (Luo et al. 2025)
     400: (2.37474466, 0.65421216, 0.42878731, 523.42464371, 2.02462735, 0.59350493, 0.63472457),
 }
 NAMES = ("L0", "A", "alpha", "B", "C", "beta", "gamma")
-PEAK, FLOOR, WARMUP = 3e-4, 3e-5, 2160
-
-
-def schedule(name: str, n: int) -> np.ndarray:
-    """Per-step LR of the paper's runs (``lr[i]`` used by update ``i``), length ``n``."""
-    i = np.arange(n, dtype=np.float64)
-    lr = np.full(n, PEAK)
-    lr[:WARMUP] = PEAK * i[:WARMUP] / WARMUP
-    kind, _, rest = name.partition("_")
-    if kind == "cosine":
-        T = int(rest)
-        j = i[WARMUP:]
-        lr[WARMUP:] = FLOOR + 0.5 * (PEAK - FLOOR) * (1 + np.cos(np.pi * np.minimum(j - WARMUP, T - WARMUP)
-                                                                / (T - WARMUP)))
-    elif kind == "wsdcon":
-        lr[8000:16000] = int(rest) * 1e-5
-    elif kind == "wsdld":
-        j = i[20000:24000]
-        lr[20000:24000] = PEAK + (FLOOR - PEAK) * (j - 20000) / 4000
-    elif kind == "wsd":
-        j = i[20000:24000]
-        lr[20000:24000] = PEAK * (FLOOR / PEAK) ** ((j - 20000) / 4000)
-    return lr
-
-
 def load(size: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps in lightning-scaling convention, loss, per-step LR) of one curve."""
-    a = np.loadtxt(DATA / f"csv_{size}" / f"{name}.csv", delimiter=",", skiprows=1)
-    if a[-1, 0] == 24000:
-        a = a[a[:, 0] < 24000]
-    steps = a[:, 0].astype(np.int64) + 1  # logged after update t -> t + 1 updates applied
-    return steps, a[:, 2], schedule(name, int(steps[-1]))
+    """(steps in lightning-scaling convention, loss, per-step LR) of one curve (loader: ``suite_data``)."""
+    h = mpl_curve(size, name, data=DATA)
+    return h.step, h.loss, h.planned_lr
 
 
 def section_forward(sizes) -> dict:

@@ -5,7 +5,8 @@ Sub-commands:
 * ``demo``: the built-in scaling study (tiny byte-level GPTs on the Python standard library, CPU, < 5 minutes);
 * ``recipe --config FILE``: the same procedure for your own LightningModule/DataModule;
 * ``fit LOGDIR...``: fit B_crit(L) and L(N, S, B) to existing runs and predict a larger model;
-* ``forecast LOGDIR --horizon STEPS``: forecast one run's loss curve.
+* ``forecast LOGDIR --horizon STEPS``: forecast one run's loss curve;
+* ``backtest LOGDIR...``: replay the forecast and the cross-size fit on finished runs: how far to trust them.
 
 Bad input ends with one line on stderr and exit code 2 (usage) or 1 (data that cannot be fitted), never a traceback.
 
@@ -144,7 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--out", default=None, metavar="DIR", help="write forecast.json and forecast.png here")
     fc.add_argument("--json", action="store_true", help="print JSON instead of the table")
     _add_tag_options(fc)
+
+    bt = sub.add_parser(
+        "backtest", help="how accurate the forecast and the cross-size fit would have been on your finished runs",
+        description="Replay the forecast from 10-70%% prefixes of each finished run (with the run's whole LR "
+                    "schedule) and hold the largest model size out of the scaling-law fit; print the errors and "
+                    "band coverage beside a power-law / plain Kaplan baseline measured on the same runs.")
+    bt.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="folders or files holding finished runs")
+    bt.add_argument("--prefixes", type=_fraction, nargs="+", default=None, metavar="F",
+                    help="fractions of each run replayed (default: 0.1 0.2 0.3 0.5 0.7)")
+    bt.add_argument("--no-cross-size", action="store_true", help="skip the held-out-size check")
+    bt.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    _add_tag_options(bt)
     return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text!r}")
+    return value
 
 
 # ================================================================================================================
@@ -371,7 +394,30 @@ def _forecast_summary(fc: Any, run: Any, target: float | None) -> dict[str, Any]
     return out
 
 
-COMMANDS = {"demo": cmd_demo, "recipe": cmd_recipe, "fit": cmd_fit, "forecast": cmd_forecast}
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from lightning_scaling.backtest import PREFIXES, backtest
+
+    runs = _load_runs(args.logdirs, args)
+    if not runs:
+        raise CLIError(f"no runs found under {', '.join(args.logdirs)}")
+    short = [r.name for r in runs if int(r.finite_mask.sum()) < 20]
+    if len(short) == len(runs):
+        raise CLIError(f"every run is too short to replay (< 20 finite loss points): {', '.join(short[:5])}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = backtest([r for r in runs if r.name not in short], args.prefixes or PREFIXES,
+                       cross_size=not args.no_cross_size)
+    res.notes += [f"{name}: fewer than 20 finite loss points, not replayed" for name in short]
+    if args.json:
+        _print_json(res.to_dict())
+    else:
+        print(f"Backtest of {len(runs)} finished run(s)")
+        print(res.format())
+    return EXIT_OK
+
+
+COMMANDS = {"demo": cmd_demo, "recipe": cmd_recipe, "fit": cmd_fit, "forecast": cmd_forecast,
+            "backtest": cmd_backtest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

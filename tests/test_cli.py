@@ -39,7 +39,7 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["recipe"], ["fit"], ["forecast"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["recipe"], ["fit"], ["forecast"], ["backtest"]])
 def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
@@ -47,7 +47,7 @@ def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert out.startswith("usage: lightning-scaling") and "--help" in out
     subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(subcommands) == {"demo", "recipe", "fit", "forecast"}
+    assert set(subcommands) == {"demo", "recipe", "fit", "forecast", "backtest"}
 
 
 def test_version_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,30 +28,45 @@ def kaplan_n_params(n_layer: int, d_model: int) -> int:
 
 
 class LRSchedule:
-    """Linear warmup, then cosine decay to ``min_ratio`` at ``max_steps`` (or constant): a LambdaLR factor.
+    """Linear warmup, then a LambdaLR factor: cosine to ``min_ratio``, constant, or WSD.
 
-    A callable object (not a lambda) so it pickles with checkpoints and deep-copies for LR-schedule simulation.
+    ``"wsd"`` (warmup-stable-decay) holds the peak, then decays linearly to ``min_ratio`` over the last
+    ``cooldown_fraction`` of ``max_steps``. A callable object (not a lambda) so it pickles with checkpoints and
+    deep-copies for LR-schedule simulation.
 
     Example::
 
         >>> f = LRSchedule(warmup_steps=10, max_steps=100, kind="cosine", min_ratio=0.1)
         >>> round(f(0), 3), round(f(10), 3), round(f(100), 3)
         (0.1, 1.0, 0.1)
+        >>> w = LRSchedule(warmup_steps=10, max_steps=100, kind="wsd", min_ratio=0.0, cooldown_fraction=0.2)
+        >>> round(w(79), 3), round(w(90), 3), round(w(100), 3)
+        (1.0, 0.5, 0.0)
     """
 
-    def __init__(self, *, warmup_steps: int, max_steps: int, kind: str = "cosine", min_ratio: float = 0.1) -> None:
-        if kind not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {kind!r}")
+    KINDS = ("cosine", "constant", "wsd")
+
+    def __init__(self, *, warmup_steps: int, max_steps: int, kind: str = "cosine", min_ratio: float = 0.1,
+                 cooldown_fraction: float = 0.2) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"schedule must be one of {self.KINDS}, got {kind!r}")
+        if not 0.0 < cooldown_fraction <= 1.0:
+            raise ValueError(f"cooldown_fraction must be in (0, 1], got {cooldown_fraction}")
         self.warmup_steps = int(warmup_steps)
         self.max_steps = int(max_steps)
         self.kind = kind
         self.min_ratio = float(min_ratio)
+        self.cooldown_fraction = float(cooldown_fraction)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return 1.0
+        if self.kind == "wsd":
+            start = self.max_steps * (1.0 - self.cooldown_fraction)
+            progress = min(max((step - start) / max(self.max_steps - start, 1.0), 0.0), 1.0)
+            return 1.0 + (self.min_ratio - 1.0) * progress
         span = max(self.max_steps - self.warmup_steps, 1)
         progress = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -101,8 +116,9 @@ class GPT(pl.LightningModule):
         lr: Peak learning rate.
         warmup_steps: Linear warmup steps.
         max_steps: Steps over which the cosine schedule decays (match ``Trainer(max_steps=...)``).
-        schedule: ``"cosine"`` or ``"constant"`` (after warmup).
-        min_lr_ratio: Final LR as a fraction of ``lr`` for the cosine schedule.
+        schedule: ``"cosine"``, ``"constant"`` or ``"wsd"`` (after warmup; see :class:`LRSchedule`).
+        min_lr_ratio: Final LR as a fraction of ``lr`` for the cosine and WSD schedules.
+        cooldown_fraction: Fraction of ``max_steps`` over which the WSD schedule decays linearly.
         weight_decay: AdamW weight decay on matrices (not on LayerNorms, biases or embeddings).
         betas: AdamW betas.
         tie_embeddings: Share the input embedding with the output head.
@@ -129,6 +145,7 @@ class GPT(pl.LightningModule):
         max_steps: int = 1000,
         schedule: str = "cosine",
         min_lr_ratio: float = 0.1,
+        cooldown_fraction: float = 0.2,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         tie_embeddings: bool = True,
@@ -142,8 +159,8 @@ class GPT(pl.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if warmup_steps < 0 or max_steps < 1:
             raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1, got {warmup_steps}, {max_steps}")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        if schedule not in LRSchedule.KINDS:
+            raise ValueError(f"schedule must be one of {LRSchedule.KINDS}, got {schedule!r}")
         self.save_hyperparameters()
         self.n_layer, self.d_model, self.block_size = int(n_layer), int(d_model), int(block_size)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -213,6 +230,6 @@ class GPT(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             LRSchedule(warmup_steps=hp.warmup_steps, max_steps=hp.max_steps, kind=hp.schedule,
-                       min_ratio=hp.min_lr_ratio),
+                       min_ratio=hp.min_lr_ratio, cooldown_fraction=hp.get("cooldown_fraction", 0.2)),
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
