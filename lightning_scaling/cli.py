@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     recipe.add_argument("--no-progress", action="store_true", help="no progress bars")
     recipe.add_argument("--json", action="store_true", help="print report.json instead of the table")
-    recipe.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    recipe.add_argument("--dry-run", action="store_true",
+                        help="print the planned runs, build every run's model and datamodule, check the "
+                             "settings (one line each) and exit (1 if a check fails)")
 
     fit = sub.add_parser(
         "fit", help="fit B_crit(L) and L(N, S, B) to existing runs; predict a larger model",
@@ -193,7 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from lightning_scaling.demo.recipe import load_config, plan_runs
+    from lightning_scaling.demo.recipe import check_config, load_config, plan_runs
 
     cfg = load_config(args.config, max_steps=args.steps)
     if args.accelerator is not None or args.devices is not None:
@@ -207,7 +209,10 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         for spec in plan_runs(cfg):
             print(f"{spec.name}: {spec.role}, batch {spec.batch_size}, overrides {spec.overrides}"
                   + (f", lr {spec.lr:g}" if spec.lr is not None else ""))
-        return EXIT_OK
+        checks = check_config(cfg)  # builds every run's model and datamodule, trains nothing
+        for check in checks:
+            print(check.line())
+        return EXIT_OK if all(c.ok for c in checks) else EXIT_DATA
     out = args.out or f"scaling_{Path(args.config).stem}"
     return _cmd_recipe(cfg, out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
 

@@ -45,6 +45,8 @@ __all__ = [
     "demo_config",
     "load_config",
     "plan_runs",
+    "check_config",
+    "validate_config",
     "run_recipe",
     "fit_and_predict",
     "compare_prediction",
@@ -346,6 +348,30 @@ def _world_size(trainer_args: Mapping[str, Any]) -> int:
     return nodes  # "auto"/-1: unknown here; the per-device batch is checked by LossTrajectory's measured batch
 
 
+def _model_args(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+    """Class and ``init_args`` of one run's model (what :func:`build_run` instantiates)."""
+    model_args = {**cfg.model.get("init_args", {}), **spec.overrides}
+    if cfg.max_steps_arg:  # check_config() rejects a max_steps_arg the model lacks (never silently dropped)
+        model_args[cfg.max_steps_arg] = cfg.max_steps
+    if spec.lr is not None and cfg.lr_arg:
+        model_args[cfg.lr_arg] = spec.lr
+    return _import(cfg.model["class_path"]), model_args
+
+
+def _data_args(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+    """Class and ``init_args`` of one run's datamodule (the per-device batch under ``batch_size_arg``)."""
+    data_args = {**cfg.data.get("init_args", {}), cfg.batch_size_arg: _per_device_batch(cfg, spec.batch_size)}
+    return _import(cfg.data["class_path"]), data_args
+
+
+def _per_device_batch(cfg: RecipeConfig, batch_size: int) -> int:
+    split = _world_size(cfg.trainer) * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    per_device, rem = divmod(batch_size, split)
+    if rem or per_device < 1:
+        raise ValueError(f"batch size {batch_size} does not divide over devices x accumulate_grad_batches = {split}")
+    return per_device
+
+
 def build_run(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, Any]:
     """Instantiate the LightningModule and LightningDataModule of one run.
 
@@ -359,21 +385,200 @@ def build_run(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, Any]:
     Raises:
         ValueError: an import fails or the batch size does not divide over devices and accumulation.
     """
-    model_cls, data_cls = _import(cfg.model["class_path"]), _import(cfg.data["class_path"])
-    model_args = {**cfg.model.get("init_args", {}), **spec.overrides}
-    if cfg.max_steps_arg and _accepts(model_cls, cfg.max_steps_arg):
-        model_args[cfg.max_steps_arg] = cfg.max_steps
-    if spec.lr is not None and cfg.lr_arg:
-        model_args[cfg.lr_arg] = spec.lr
-    split = _world_size(cfg.trainer) * int(cfg.trainer.get("accumulate_grad_batches", 1))
-    per_device, rem = divmod(spec.batch_size, split)
-    if rem or per_device < 1:
-        raise ValueError(f"batch size {spec.batch_size} does not divide over devices x accumulate_grad_batches")
-    data_args = {**cfg.data.get("init_args", {}), cfg.batch_size_arg: per_device}
+    (model_cls, model_args), (data_cls, data_args) = _model_args(cfg, spec), _data_args(cfg, spec)
     try:
         return model_cls(**model_args), data_cls(**data_args)
     except TypeError as err:
         raise ValueError(f"cannot build run {spec.name}: {err}") from None
+
+
+# ================================================================================================================
+# Config checks (``--dry-run`` and the start of every real run)
+# ================================================================================================================
+@dataclass(frozen=True)
+class Check:
+    """One line of :func:`check_config`: what was checked, whether it holds, and what was measured."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
+
+
+def check_config(cfg: RecipeConfig) -> list[Check]:
+    """Build every run's model and datamodule (no training) and check the settings that would make results wrong.
+
+    Checked: ``batch_size_arg``/``max_steps_arg``/``lr_arg`` are init arguments of the classes; the model size N
+    (measured on the built models) strictly increases along ``sizes``; ``sweep_size`` indexes a fitted size with
+    >= 3 batch sizes; every batch size splits evenly over devices and is accepted by the datamodule; one batch of
+    each datamodule's train loader has the per-device batch and ``tokens_per_sample`` tokens per sample. Models
+    are built on the meta device where they allow it (no memory for weights).
+
+    Returns:
+        One :class:`Check` per rule (``check.line()`` prints it).
+
+    Example::
+
+        >>> checks = check_config(demo_config(quick=True))  # doctest: +SKIP
+        >>> all(c.ok for c in checks)  # doctest: +SKIP
+        True
+    """
+    specs = plan_runs(cfg)
+    try:
+        model_cls, data_cls = _import(cfg.model["class_path"]), _import(cfg.data["class_path"])
+    except ValueError as err:
+        return [Check("import", False, str(err))]
+    checks = [_check_sweep(cfg, specs), *_check_args(cfg, model_cls, data_cls)]
+    if not all(c.ok for c in checks):
+        return checks  # building with a wrong argument name would only repeat the failure
+    return checks + [_check_sizes(cfg, specs), *_check_data(cfg, specs)]
+
+
+def validate_config(cfg: RecipeConfig, say: Callable[[str], None] | None = None) -> None:
+    """Run :func:`check_config`; print the failed lines and raise before anything trains.
+
+    Raises:
+        ValueError: ``"<k> config check(s) failed: <first failed line>"``.
+    """
+    failed = [c for c in check_config(cfg) if not c.ok]
+    for c in failed:
+        (say or (lambda s: None))(c.line())
+    if failed:
+        raise ValueError(f"{len(failed)} config check(s) failed (see --dry-run): {failed[0].line()}")
+
+
+def _check_sweep(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> Check:
+    batches = sorted({s.batch_size for s in specs if s.size_index == cfg.sweep_size})
+    where = f"sizes[sweep_size={cfg.sweep_size}] = {size_name(cfg.sweep_size, cfg.sizes[cfg.sweep_size])}"
+    if len(batches) < 3:
+        return Check("batch sweep", False, f"{where} runs at batch sizes {batches}; B_crit(L) needs >= 3 "
+                                           "(set batch_sizes, e.g. [batch_size / 4, batch_size * 4])")
+    return Check("batch sweep", True, f"{where} at batch sizes {batches}")
+
+
+def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]:
+    out = [Check("batch_size_arg", _accepts(data_cls, cfg.batch_size_arg),
+                 f"{data_cls.__name__}({cfg.batch_size_arg}=...) takes the per-device batch"
+                 if _accepts(data_cls, cfg.batch_size_arg) else
+                 f"{data_cls.__name__} has no init argument {cfg.batch_size_arg!r}: set batch_size_arg to the "
+                 "name of its batch-size argument")]
+    if cfg.max_steps_arg is None:
+        out.append(Check("max_steps_arg", True, "null: the model's own LR schedule length is used"))
+    else:
+        ok = _accepts(model_cls, cfg.max_steps_arg)
+        out.append(Check("max_steps_arg", ok, f"{model_cls.__name__}({cfg.max_steps_arg}={cfg.max_steps})" if ok else
+                         f"{model_cls.__name__} has no init argument {cfg.max_steps_arg!r}, so its LR schedule "
+                         "would ignore max_steps: name the right argument or set max_steps_arg: null"))
+    if cfg.lr_scaling == "none" or cfg.lr_arg is None:
+        out.append(Check("lr_arg", True, "unused (lr_scaling: none)"))
+    else:
+        ok = _accepts(model_cls, cfg.lr_arg)
+        out.append(Check("lr_arg", ok, f"{model_cls.__name__}({cfg.lr_arg}=...) scaled {cfg.lr_scaling}" if ok else
+                         f"{model_cls.__name__} has no init argument {cfg.lr_arg!r} for lr_scaling={cfg.lr_scaling}"))
+    return out
+
+
+def _measure_n(model: Any) -> float:
+    """Non-embedding N of a built model: its ``n_params`` attribute, else a parameter count."""
+    from lightning_scaling.callbacks.loss_trajectory import count_non_embedding_params
+
+    n = getattr(model, "n_params", None)
+    if not (isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0):
+        n = count_non_embedding_params(model)
+    return float(n)
+
+
+def _build_model_cheaply(model_cls: Any, model_args: Mapping[str, Any]) -> Any:
+    import torch
+
+    try:  # the meta device allocates no memory for weights: a 1B-parameter check costs nothing
+        with torch.device("meta"):
+            return model_cls(**model_args)
+    except Exception:  # a model that computes on real tensors in __init__: build it for real
+        return model_cls(**model_args)
+
+
+def _check_sizes(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> Check:
+    n_by_size: dict[int, float] = {}
+    for spec in specs:  # every run's model (sizes x learning rates), N measured per size
+        model_cls, model_args = _model_args(cfg, spec)
+        try:
+            n_by_size[spec.size_index] = _measure_n(_build_model_cheaply(model_cls, model_args))
+        except Exception as err:
+            return Check("sizes", False, f"cannot build the model of run {spec.name}: {type(err).__name__}: {err}")
+    ns = [n_by_size[i] for i in sorted(n_by_size)]
+    shown = ", ".join(f"{size_name(i, cfg.sizes[i])}={n:,.0f}" for i, n in zip(sorted(n_by_size), ns))
+    if any(b <= a for a, b in zip(ns, ns[1:])):
+        return Check("sizes", False, f"N must strictly increase along 'sizes' (smallest first; the last is "
+                                     f"held out): measured {shown}")
+    return Check("sizes", True, f"N strictly increasing: {shown}")
+
+
+def _check_data(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> list[Check]:
+    checks: list[Check] = []
+    tokens: Check | None = None
+    for batch in sorted({s.batch_size for s in specs}):
+        spec = next(s for s in specs if s.batch_size == batch)
+        try:
+            data_cls, data_args = _data_args(cfg, spec)
+        except ValueError as err:
+            checks.append(Check(f"batch {batch}", False, str(err)))
+            continue
+        check, tps_check = _check_one_datamodule(cfg, data_cls, data_args, batch)
+        checks.append(check)
+        tokens = tokens or tps_check
+    return checks + ([tokens] if tokens is not None else [])
+
+
+def _check_one_datamodule(cfg: RecipeConfig, data_cls: Any, data_args: Mapping[str, Any],
+                          batch: int) -> tuple[Check, Check | None]:
+    per_device = data_args[cfg.batch_size_arg]
+    label = f"{data_cls.__name__}({cfg.batch_size_arg}={per_device})"
+    try:
+        data = data_cls(**data_args)
+        # Resolved before setup(), exactly as the training run resolves it for LossTrajectory.
+        tps = cfg.tokens_per_sample if cfg.tokens_per_sample is not None else getattr(data, "tokens_per_sample", None)
+        data.prepare_data()
+        data.setup("fit")
+        first = _first_tensor(next(iter(data.train_dataloader())))
+    except Exception as err:
+        return Check(f"batch {batch}", False, f"{label} failed: {type(err).__name__}: {err}"), None
+    if first is None:
+        return Check(f"batch {batch}", False, f"{label}: the train loader's batch holds no tensor"), None
+    shape = tuple(first.shape)
+    if not shape or shape[0] != per_device:
+        return Check(f"batch {batch}", False, f"{label} yields batches of shape {shape}, expected {per_device} "
+                                              f"samples: is batch_size_arg={cfg.batch_size_arg!r} right?"), None
+    return Check(f"batch {batch}", True, f"{label}: one batch of shape {shape}"), _check_tokens(cfg, data_cls, tps,
+                                                                                                   shape)
+
+
+def _check_tokens(cfg: RecipeConfig, data_cls: Any, tps: Any, shape: tuple[int, ...]) -> Check:
+    source = "config" if cfg.tokens_per_sample is not None else f"{data_cls.__name__}.tokens_per_sample"
+    if not (isinstance(tps, (int, float)) and not isinstance(tps, bool) and tps > 0):
+        return Check("tokens_per_sample", False, f"null in the config and {data_cls.__name__} has no positive "
+                     f"tokens_per_sample attribute (got {tps!r}): tokens would be NaN; set tokens_per_sample")
+    # A sample of a (B, T, ...) batch holds T tokens (sequence models) or all its elements; a (B,) batch 1.
+    allowed = {1} if len(shape) == 1 else {shape[1], math.prod(shape[1:])}
+    if tps not in allowed:
+        return Check("tokens_per_sample", False, f"{tps:g} (from {source}) does not match a batch of shape {shape} "
+                                                 f"(expected one of {sorted(allowed)})")
+    return Check("tokens_per_sample", True, f"{tps:g} (from {source}) matches batch shape {shape}")
+
+
+def _first_tensor(batch: Any) -> Any:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _done_record(cfg: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
@@ -744,6 +949,7 @@ def run_recipe(cfg: RecipeConfig, out_dir: str | os.PathLike[str], *, progress: 
     from lightning_scaling.demo.report import format_table, write_figures
 
     say = echo or (lambda s: None)
+    validate_config(cfg, say)  # a config that would make the result meaningless fails before any training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
@@ -866,14 +1072,9 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
 
 
 def _probe_size(cfg: RecipeConfig, spec: RunSpec) -> float:
-    """Non-embedding N of a planned run, without training it (the model's ``n_params`` or a parameter count)."""
-    from lightning_scaling.callbacks.loss_trajectory import count_non_embedding_params
-
-    model, _ = build_run(cfg, spec)
-    n = getattr(model, "n_params", None)
-    if not (isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0):
-        n = count_non_embedding_params(model)
-    return float(n)
+    """Non-embedding N of a planned run, without training it (built on the meta device where possible)."""
+    model_cls, model_args = _model_args(cfg, spec)
+    return _measure_n(_build_model_cheaply(model_cls, model_args))
 
 
 def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None) -> dict[str, Any] | None:
