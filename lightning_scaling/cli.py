@@ -165,11 +165,15 @@ def _strip(obj: Any) -> Any:
 
 
 def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool) -> int:
-    from lightning_scaling.demo.recipe import run_recipe
+    from lightning_scaling.demo.recipe import RunInterrupted, run_recipe
 
     start = time.perf_counter()
     echo = (lambda s: print(s, file=sys.stderr)) if as_json else print
-    result = run_recipe(cfg, out, progress=progress, plots=plots, echo=echo)
+    try:
+        result = run_recipe(cfg, out, progress=progress, plots=plots, echo=echo)
+    except RunInterrupted as stop:  # one line: which run, which step, where it resumes
+        print(f"lightning-scaling recipe: {stop}", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - start
     if as_json:
         _print_json(result.report)

@@ -119,3 +119,70 @@ def test_a_real_run_checks_before_training(tmp_path: Path) -> None:
 def test_sweep_size_is_an_index_into_sizes() -> None:
     with pytest.raises(ValueError, match=r"'sweep_size' must index a fitted size \(0..1\), got 2"):
         load_config(tiny(sweep_size=2))
+
+
+# ------------------------------------------------------------------------------------------ 2. checkpoint, resume
+class Stop:
+    """Callback factory: raise ``exc`` after ``at`` optimizer steps of the first run it is attached to."""
+
+    def __init__(self, at: int, exc: type[BaseException]) -> None:
+        self.at, self.exc, self.used = at, exc, False
+
+    def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from lightning.pytorch.callbacks import Callback
+
+        from lightning_scaling.demo import recipe
+
+        outer, original = self, recipe._callbacks
+
+        class _Raise(Callback):
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                if trainer.global_step == outer.at:
+                    raise outer.exc("stopped by the test")
+
+        def callbacks(*args: Any, **kwargs: Any) -> list[Any]:
+            extra = [] if outer.used else [_Raise()]
+            outer.used = True
+            return original(*args, **kwargs) + extra
+
+        monkeypatch.setattr(recipe, "_callbacks", callbacks)
+
+
+def assert_complete(history: RunHistory, max_steps: int) -> None:
+    assert history.step.tolist() == list(range(max_steps))  # one record per step, none lost or repeated
+    assert (history.samples[1:] > history.samples[:-1]).all()
+
+
+def test_ctrl_c_says_where_and_the_run_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_cfg(tmp_path / "cfg.json", tiny(checkpoint_every=10))
+    out = tmp_path / "out"
+    Stop(25, KeyboardInterrupt).patch(monkeypatch)
+    assert main(["recipe", "--config", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("lightning-scaling recipe: run d8_b2 interrupted at step 25; rerun the same command to resume "
+                       "it from its checkpoint at step 25 (finished runs are kept)")
+    cfg = load_config(path)
+    spec = plan_runs(cfg)[0]
+    history = train_run(cfg, spec, out, progress=False)
+    assert history.meta["resumed_from_step"] == 25
+    assert_complete(history, cfg.max_steps)
+    done = json.loads((out / "runs" / spec.name / "scaling" / "done.json").read_text())
+    assert done["resumed_from_step"] == 25
+
+
+def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(tiny(checkpoint_every=10))
+    spec = plan_runs(cfg)[0]
+    Stop(25, RuntimeError).patch(monkeypatch)  # no graceful save: like kill -9, only the periodic checkpoints
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        train_run(cfg, spec, tmp_path, progress=False)
+    assert (tmp_path / "runs" / spec.name / "checkpoints" / "last.ckpt").is_file()
+    history = train_run(cfg, spec, tmp_path, progress=False)
+    assert history.meta["resumed_from_step"] == 20
+    assert_complete(history, cfg.max_steps)
+    # Other settings: the checkpoint is not reused, the run starts over.
+    changed = load_config({**cfg.to_dict(), "seed": 1})
+    (tmp_path / "runs" / spec.name / "scaling" / "done.json").unlink()
+    assert train_run(changed, plan_runs(changed)[0], tmp_path, progress=False).meta["resumed_from_step"] is None

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -48,6 +49,8 @@ __all__ = [
     "check_config",
     "validate_config",
     "run_recipe",
+    "train_run",
+    "RunInterrupted",
     "fit_and_predict",
     "compare_prediction",
 ]
@@ -86,6 +89,8 @@ class RecipeConfig:
             model, which the held-out model should reach sooner).
         holdout: hold the largest size out of the fit and predict it.
         val_every: validation interval in steps (``None``: Lightning's default).
+        checkpoint_every: steps between the ``last.ckpt`` saves of each run (``None``: a tenth of ``max_steps``);
+            an interrupted or killed run resumes from its last checkpoint.
         torch_threads: ``torch.set_num_threads`` during the recipe (``None``: unchanged). One thread is the
             robust choice for tiny CPU models: several threads per op cost more in synchronisation than they save,
             and collapse when other processes share the cores.
@@ -112,6 +117,7 @@ class RecipeConfig:
     target_loss: float | None = None
     holdout: bool = True
     val_every: int | None = None
+    checkpoint_every: int | None = None
     torch_threads: int | None = None
     seed: int = 0
     name: str = "recipe"
@@ -147,6 +153,9 @@ class RecipeConfig:
             raise ValueError(f"config 'tokens_per_sample' must be positive, got {self.tokens_per_sample!r}")
         if self.target_loss is not None and not self.target_loss > 0:
             raise ValueError(f"config 'target_loss' must be positive, got {self.target_loss!r}")
+        if self.checkpoint_every is not None and not (isinstance(self.checkpoint_every, int)
+                                                      and self.checkpoint_every >= 1):
+            raise ValueError(f"config 'checkpoint_every' must be a positive int or null, got {self.checkpoint_every!r}")
         if self.torch_threads is not None and not (isinstance(self.torch_threads, int) and self.torch_threads >= 1):
             raise ValueError(f"config 'torch_threads' must be a positive int or null, got {self.torch_threads!r}")
         if not isinstance(self.trainer, Mapping):
@@ -623,12 +632,78 @@ def _callbacks(cfg: RecipeConfig, model: Any, data: Any, spec: RunSpec,
     return cbs
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says which run stopped at which step and that it resumes from its checkpoint."""
+
+    def __init__(self, run: str, step: int, checkpoint_step: int | None) -> None:
+        self.run, self.step, self.checkpoint_step = run, step, checkpoint_step
+        resume = ("rerun the same command to resume it from its checkpoint at step "
+                  f"{checkpoint_step}" if checkpoint_step is not None else "it restarts from step 0 on rerun")
+        super().__init__(f"run {run} interrupted at step {step}; {resume} (finished runs are kept)")
+
+
+class _InterruptCheckpoint:
+    """Saves ``last.ckpt`` when Ctrl-C stops a single-process run, so the resumed run loses no step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.step: int | None = None
+        self.saved_step: int | None = None
+
+    def callback(self) -> Any:
+        from lightning.pytorch.callbacks import Callback
+
+        outer = self
+
+        class _Hook(Callback):
+            def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+                if not isinstance(exception, KeyboardInterrupt):
+                    return
+                outer.step = int(trainer.global_step)
+                if trainer.world_size == 1:  # under DDP a save is a collective the other ranks may never join
+                    try:
+                        trainer.save_checkpoint(outer.path)
+                        outer.saved_step = outer.step
+                    except Exception:
+                        pass  # the periodic checkpoint stays the resume point
+        return _Hook()
+
+
+def _checkpoint_every(cfg: RecipeConfig) -> int:
+    # A tenth of the run by default: a preempted run loses at most 10% of its steps, and the save costs little.
+    return cfg.checkpoint_every if cfg.checkpoint_every is not None else max(1, cfg.max_steps // 10)
+
+
+def _resume_point(run_dir: Path, cfg: RecipeConfig, spec: RunSpec) -> Path | None:
+    """``last.ckpt`` of a partial run with the same settings, or ``None`` (the folder is then cleared)."""
+    ckpt, settings = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "settings.json"
+    try:
+        same = json.loads(settings.read_text()) == json.loads(json.dumps(_done_record(cfg, spec), default=str))
+    except (OSError, ValueError):
+        return None
+    return ckpt if same and ckpt.is_file() else None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:
+        return None
+
+
 def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool = True,
               forecast_extra: Mapping[str, Any] | None = None) -> RunHistory:
     """Train one run (or load it if already finished with the same settings) and return its history.
 
+    The run saves ``<run>/checkpoints/last.ckpt`` every ``checkpoint_every`` steps (and on Ctrl-C); a partial run
+    with the same settings resumes from it, its :class:`LossTrajectory` history restored from the checkpoint.
     ``forecast_extra`` adds ``ScalingForecast`` arguments (the recipe gives the held-out run the fitted law as a
     prior and the target loss).
+
+    Raises:
+        RunInterrupted: Ctrl-C stopped the run (a ``KeyboardInterrupt``; its message says where it resumes).
 
     Example::
 
@@ -636,46 +711,71 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
         >>> history = train_run(cfg, plan_runs(cfg)[0], Path("demo_out"))  # doctest: +SKIP
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     run_dir = out_dir / "runs" / spec.name
     finished = _load_finished(run_dir, cfg, spec)
     if finished is not None:
         return finished
-    if run_dir.exists():
-        if _is_rank_zero():
-            shutil.rmtree(run_dir)  # an interrupted or outdated run starts over: one history per folder
+    resume = _resume_point(run_dir, cfg, spec)
+    if resume is None and run_dir.exists() and _is_rank_zero():
+        shutil.rmtree(run_dir)  # an outdated or checkpoint-less partial run starts over: one history per folder
+    if _is_rank_zero():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "settings.json").write_text(json.dumps(_done_record(cfg, spec), default=str))
     pl.seed_everything(cfg.seed, verbose=False)
     model, data = build_run(cfg, spec)
     callbacks = _callbacks(cfg, model, data, spec, forecast_extra)
-    trainer_args: dict[str, Any] = {
+    on_interrupt = _InterruptCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer = pl.Trainer(**_trainer_args(cfg, spec, out_dir, progress, [*callbacks, on_interrupt.callback()]))
+    resumed_from = _checkpoint_step(resume) if resume is not None else None
+    started, start = time.time(), time.perf_counter()
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+        if on_interrupt.step is None:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C from here on
+        saved = on_interrupt.saved_step
+        periodic = _checkpoint_step(on_interrupt.path) if saved is None and on_interrupt.path.exists() else None
+        raise RunInterrupted(spec.name, on_interrupt.step, saved if saved is not None else periodic) from None
+    wall = time.perf_counter() - start
+    history = callbacks[0].history
+    if history.batch_size is not None and abs(history.batch_size - spec.batch_size) > 1e-9:
+        raise ValueError(f"run {spec.name}: measured batch size {history.batch_size} != planned {spec.batch_size}; "
+                         f"check batch_size_arg={cfg.batch_size_arg!r}")
+    history.meta.update(size=spec.size, role=spec.role, wall_s=wall, started_at=started, finished_at=time.time(),
+                        resumed_from_step=resumed_from)
+    if trainer.is_global_zero:
+        history.to_json(run_dir / "scaling" / "history.json")
+        settings = json.loads(json.dumps(_done_record(cfg, spec), default=str))
+        record = {"settings": settings, "wall_s": wall, "resumed_from_step": resumed_from}
+        (run_dir / "scaling" / DONE_FILENAME).write_text(json.dumps(record, indent=1))
+    return history
+
+
+def _trainer_args(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, progress: bool,
+                  callbacks: Sequence[Any]) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # save_top_k=0 + save_last: one rolling last.ckpt per run, nothing ranked by a metric.
+    ckpt = ModelCheckpoint(dirpath=out_dir / "runs" / spec.name / "checkpoints", save_top_k=0, save_last=True,
+                           every_n_train_steps=_checkpoint_every(cfg), save_on_train_epoch_end=False)
+    args: dict[str, Any] = {
         "max_steps": cfg.max_steps,
         "logger": TensorBoardLogger(save_dir=str(out_dir / "runs"), name=spec.name, version="",
                                     default_hp_metric=False),
-        "enable_checkpointing": False,
+        "enable_checkpointing": True,
         "enable_model_summary": False,
         "enable_progress_bar": progress,
         "num_sanity_val_steps": 0,
         "log_every_n_steps": max(1, min(50, cfg.max_steps // 20)),
     }
     if cfg.val_every is not None:
-        trainer_args.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
-    trainer_args.update(cfg.trainer)
-    trainer_args["callbacks"] = callbacks + list(trainer_args.get("callbacks", []))
-    trainer = pl.Trainer(**trainer_args)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    wall = time.perf_counter() - start
-    history = callbacks[0].history
-    if history.batch_size is not None and abs(history.batch_size - spec.batch_size) > 1e-9:
-        raise ValueError(f"run {spec.name}: measured batch size {history.batch_size} != planned {spec.batch_size}; "
-                         f"check batch_size_arg={cfg.batch_size_arg!r}")
-    history.meta.update(size=spec.size, role=spec.role, wall_s=wall)
-    if trainer.is_global_zero:
-        history.to_json(run_dir / "scaling" / "history.json")
-        settings = json.loads(json.dumps(_done_record(cfg, spec), default=str))
-        (run_dir / "scaling" / DONE_FILENAME).write_text(json.dumps({"settings": settings, "wall_s": wall}, indent=1))
-    return history
+        args.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
+    args.update(cfg.trainer)
+    args["callbacks"] = [*callbacks, ckpt, *args.get("callbacks", [])]
+    return args
 
 
 # ================================================================================================================
