@@ -17,8 +17,10 @@ from lightning_scaling.cli import main
 from lightning_scaling.demo.data import StdlibTextDataModule
 from lightning_scaling.demo.model import GPT
 from lightning_scaling.demo.recipe import (
+    RunLock,
     check_config,
     load_config,
+    parse_shard,
     plan_runs,
     run_recipe,
     train_run,
@@ -186,3 +188,147 @@ def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path: Path,
     changed = load_config({**cfg.to_dict(), "seed": 1})
     (tmp_path / "runs" / spec.name / "scaling" / "done.json").unlink()
     assert train_run(changed, plan_runs(changed)[0], tmp_path, progress=False).meta["resumed_from_step"] is None
+
+
+# --------------------------------------------------------------------------------------- 3. locks, shards, Ray
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "run.lock"
+    lock = RunLock(path)
+    assert lock.acquire() and not RunLock(path).acquire()
+    assert lock.holder() == {"pid": os.getpid(), "host": socket.gethostname(), "time": pytest.approx(time.time(),
+                                                                                                     abs=60)}
+    lock.release()
+    assert not path.exists() and RunLock(path).holder() is None
+    path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))  # died on this host
+    taker = RunLock(path)
+    assert taker.acquire() and taker.holder()["pid"] == os.getpid()
+    taker.release()
+    path.write_text(json.dumps({"pid": 1, "host": "another-node"}))  # alive elsewhere: its heartbeat is fresh
+    assert not RunLock(path).acquire()
+    old = time.time() - 700
+    os.utime(path, (old, old))  # no heartbeat for 700 s > stale_after_s
+    assert RunLock(path).acquire()
+    with pytest.raises(ValueError, match="stale_after_s > heartbeat_s > 0"):
+        RunLock(path, stale_after_s=1.0, heartbeat_s=2.0)
+
+
+def test_the_holder_keeps_its_lock_fresh(tmp_path: Path) -> None:
+    lock = RunLock(tmp_path / "run.lock", stale_after_s=0.5, heartbeat_s=0.02)
+    assert lock.acquire()
+    os.utime(lock.path, (0, 0))
+    for _ in range(500):  # the heartbeat thread touches the file within a few of its 0.02 s periods
+        if lock.path.stat().st_mtime > 0:
+            break
+        time.sleep(0.01)
+    assert lock.path.stat().st_mtime > 0 and not lock.is_stale(lock.holder())
+    lock.release()
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0/2", (0, 2)), ("3/4", (3, 4))])
+def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
+    assert parse_shard(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2"])
+def test_parse_shard_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="shard must be I/N with 0 <= I < N"):
+        parse_shard(text)
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name.startswith("events.out.tfevents")]
+
+
+@pytest.fixture(scope="module")
+def sharded_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[str], list[str]]:
+    """The tiny study trained as two shards, the shard without the held-out run first."""
+    out = tmp_path_factory.mktemp("sharded")
+    cfg = load_config(tiny())
+    first = run_recipe(cfg, out, progress=False, plots=False, echo=None, shard=(1, 2))
+    second = run_recipe(cfg, out, progress=False, plots=False, echo=None, shard=(0, 2))
+    return out, second.report, first.report["trained_here"], second.report["trained_here"]
+
+
+def test_two_shards_train_each_run_once(sharded_study: tuple[Path, dict[str, Any], list[str], list[str]]) -> None:
+    out, report, first, second = sharded_study
+    names = [s.name for s in plan_runs(load_config(tiny()))]
+    assert first == [names[1], names[3]]  # run k -> shard k % 2
+    assert second == [names[0], names[2], names[4]]  # the shard with the held-out run fits and reports
+    for name in names:
+        assert len(event_files(out / "runs" / name)) == 1 and not (out / "runs" / f"{name}.lock").exists()
+    assert report["comparison"]["final_loss"]["actual"] > 0 and (out / "report.json").is_file()
+
+
+def test_reports_print_on_rank_zero_only(sharded_study: tuple[Path, dict[str, Any], list[str], list[str]],
+                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = sharded_study[0]
+    argv = ["recipe", "--config", str(write_cfg(tmp_path / "cfg.json", tiny())), "--out", str(out), "--no-plots",
+            "--no-progress"]
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier: loaded") == 5 and "Output folder" in printed
+
+
+def test_the_shard_with_the_holdout_takes_over_unstarted_runs(tmp_path: Path) -> None:
+    cfg = load_config(tiny())
+    names = [s.name for s in plan_runs(cfg)]
+    result = run_recipe(cfg, tmp_path, progress=False, plots=False, echo=None, shard=(0, 2))
+    # Its own runs, then the unstarted (unlocked) runs of shard 1, then the held-out run.
+    assert result.report["trained_here"] == [names[0], names[2], names[1], names[3], names[4]]
+    later = run_recipe(cfg, tmp_path, progress=False, plots=False, echo=None, shard=(1, 2))
+    assert later.report["trained_here"] == [] and set(later.report["runs"]) == {names[1], names[3]}
+
+
+def test_two_processes_on_one_folder_train_each_run_once(tmp_path: Path) -> None:
+    cfg_path = write_cfg(tmp_path / "cfg.json", tiny())
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    other = subprocess.Popen([sys.executable, "-m", "lightning_scaling.cli", "recipe", "--config", str(cfg_path),
+                              "--out", str(out), "--no-plots", "--no-progress", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(1200):  # start once the other process holds its first run
+            if other.poll() is not None or list((out / "runs").glob("*.lock")):
+                break
+            time.sleep(0.1)
+        here = run_recipe(load_config(cfg_path), out, progress=False, plots=False, echo=None).report
+        stdout, stderr = other.communicate(timeout=600)
+    finally:
+        other.kill()
+    assert other.returncode == 0, stderr[-2000:]
+    there = json.loads(stdout)["trained_here"]
+    names = [s.name for s in plan_runs(load_config(cfg_path))]
+    assert not set(here["trained_here"]) & set(there) and set(here["trained_here"]) | set(there) == set(names)
+    assert there, "the other process trained nothing: it did not run concurrently"
+    for name in names:
+        assert len(event_files(out / "runs" / name)) == 1
+
+
+def test_ray_backend_trains_two_runs_concurrently(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from lightning_scaling.demo.ray_backend import train_runs_ray
+
+    cfg = load_config(tiny(resources={"num_cpus": 1}))
+    specs = plan_runs(cfg)[:2]
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        assert train_runs_ray(cfg, specs, tmp_path) == {specs[0].name: True, specs[1].name: True}
+    finally:
+        ray.shutdown()
+    metas = [RunHistory.from_json(tmp_path / "runs" / s.name / "scaling" / "history.json").meta for s in specs]
+    assert max(m["started_at"] for m in metas) < min(m["finished_at"] for m in metas)  # trained at the same time
+    for spec, meta in zip(specs, metas):
+        assert (tmp_path / "runs" / spec.name / "scaling" / "done.json").is_file() and meta["role"] == spec.role
+        assert len(event_files(tmp_path / "runs" / spec.name)) == 1

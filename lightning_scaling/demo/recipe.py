@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -50,7 +51,11 @@ __all__ = [
     "validate_config",
     "run_recipe",
     "train_run",
+    "try_train_run",
     "RunInterrupted",
+    "RunLock",
+    "parse_shard",
+    "shard_runs",
     "fit_and_predict",
     "compare_prediction",
 ]
@@ -91,6 +96,8 @@ class RecipeConfig:
         val_every: validation interval in steps (``None``: Lightning's default).
         checkpoint_every: steps between the ``last.ckpt`` saves of each run (``None``: a tenth of ``max_steps``);
             an interrupted or killed run resumes from its last checkpoint.
+        resources: Ray resources of each run's task with ``--backend ray`` (``None``: ``{num_cpus: 1,
+            num_gpus: 0}``); any ``ray.remote`` resource option (``num_gpus: 1``, ``memory``, ``resources``).
         torch_threads: ``torch.set_num_threads`` during the recipe (``None``: unchanged). One thread is the
             robust choice for tiny CPU models: several threads per op cost more in synchronisation than they save,
             and collapse when other processes share the cores.
@@ -118,6 +125,7 @@ class RecipeConfig:
     holdout: bool = True
     val_every: int | None = None
     checkpoint_every: int | None = None
+    resources: dict[str, Any] | None = None
     torch_threads: int | None = None
     seed: int = 0
     name: str = "recipe"
@@ -156,6 +164,9 @@ class RecipeConfig:
         if self.checkpoint_every is not None and not (isinstance(self.checkpoint_every, int)
                                                       and self.checkpoint_every >= 1):
             raise ValueError(f"config 'checkpoint_every' must be a positive int or null, got {self.checkpoint_every!r}")
+        if self.resources is not None and not isinstance(self.resources, Mapping):
+            raise ValueError(f"config 'resources' must be a mapping like {{num_cpus: 1, num_gpus: 0}}, "
+                             f"got {self.resources!r}")
         if self.torch_threads is not None and not (isinstance(self.torch_threads, int) and self.torch_threads >= 1):
             raise ValueError(f"config 'torch_threads' must be a positive int or null, got {self.torch_threads!r}")
         if not isinstance(self.trainer, Mapping):
@@ -1005,6 +1016,241 @@ class RecipeResult:
     figures: list[str] = field(default_factory=list)
 
 
+# ================================================================================================================
+# Several processes on one folder: run locks, shards, backends
+# ================================================================================================================
+class RunLock:
+    """An exclusive lock on one run folder, shared through the filesystem (``<out>/runs/<run>.lock``).
+
+    The lock file is created atomically (``O_CREAT | O_EXCL``) and records the holder's pid and host; while held,
+    a daemon thread touches it every ``heartbeat_s``. A lock is stale (and is taken over) when its holder is a dead
+    process on this host, or when its heartbeat is older than ``stale_after_s`` (a holder on another node that
+    died). Works on any shared filesystem with atomic exclusive create (local disks, NFSv3+, Lustre, GPFS).
+
+    Args:
+        path: the lock file.
+        stale_after_s: heartbeat age after which a lock held from another host counts as abandoned.
+        heartbeat_s: seconds between the holder's touches of the lock file.
+
+    Example::
+
+        >>> import tempfile
+        >>> lock = RunLock(Path(tempfile.mkdtemp()) / "run.lock")
+        >>> lock.acquire(), RunLock(lock.path).acquire()
+        (True, False)
+        >>> lock.release()
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, stale_after_s: float = 600.0,
+                 heartbeat_s: float = 30.0) -> None:
+        if not (stale_after_s > heartbeat_s > 0):
+            raise ValueError(f"need stale_after_s > heartbeat_s > 0, got {stale_after_s}, {heartbeat_s}")
+        self.path = Path(path)
+        self.stale_after_s, self.heartbeat_s = float(stale_after_s), float(heartbeat_s)
+        self._stop: Any = None
+        self._me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def holder(self) -> dict[str, Any] | None:
+        """The holder's record (``pid``, ``host``, ``time``), or ``None`` when the run is not locked."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written right now: held
+
+    def is_stale(self, info: Mapping[str, Any]) -> bool:
+        """Whether the lock recorded as ``info`` was abandoned by its holder."""
+        if info.get("host") == self._me["host"] and isinstance(info.get("pid"), int):
+            return not _pid_alive(info["pid"])
+        try:
+            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+        except FileNotFoundError:
+            return True
+
+    def acquire(self) -> bool:
+        """Take the lock; ``False`` when another live process holds it (a stale lock is taken over)."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self.holder()
+                if info is None:
+                    continue  # released between our two calls
+                if not (info and self.is_stale(info)):
+                    return False
+                self._remove_if(info)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self._me, "time": time.time()}, f)
+            self._start_heartbeat()
+            return True
+        return False
+
+    def release(self) -> None:
+        """Drop the lock (only if this process holds it)."""
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        self._remove_if(self._me)
+
+    def _remove_if(self, info: Mapping[str, Any]) -> None:
+        # Remove only the lock we looked at: two processes taking over one stale lock must not delete each other's.
+        current = self.holder()
+        if current is not None and all(current.get(k) == info.get(k) for k in ("pid", "host")):
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        threading.Thread(target=beat, daemon=True, name=f"lock-{self.path.name}").start()
+        self._stop = stop
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (``--shard``; a SLURM array passes ``$SLURM_ARRAY_TASK_ID``).
+
+    Example::
+
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    index, sep, count = text.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
+def shard_runs(specs: Sequence[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
+    """The runs of one shard: run ``k`` of the plan belongs to shard ``k % N`` (deterministic, balanced).
+
+    Example::
+
+        >>> [s.name for s in shard_runs(plan_runs(demo_config(quick=True)), (1, 2))]
+        ['d8_b8', 'd16_b8', 'd32_b8']
+    """
+    if shard is None:
+        return list(specs)
+    index, count = shard
+    return [s for k, s in enumerate(specs) if k % count == index]
+
+
+def _locking(cfg: RecipeConfig) -> bool:
+    # Under DDP every rank runs the recipe and must train the same runs in the same order; a rank skipping a run
+    # another process locked would hang the collectives, so multi-device recipes rely on --shard instead.
+    return _world_size(cfg.trainer) == 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
+
+
+def try_train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool = False,
+                  forecast_extra: Mapping[str, Any] | None = None) -> RunHistory | None:
+    """Train (or load) one run under its :class:`RunLock`; ``None`` when another process holds the lock."""
+    finished = _load_finished(out_dir / "runs" / spec.name, cfg, spec)
+    if finished is not None or not _locking(cfg):
+        return finished or train_run(cfg, spec, out_dir, progress=progress, forecast_extra=forecast_extra)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir / "runs" / f"{spec.name}.lock")
+    if not lock.acquire():
+        return None
+    try:  # train_run re-reads done.json: the previous holder may have finished it since the check above
+        return train_run(cfg, spec, out_dir, progress=progress, forecast_extra=forecast_extra)
+    finally:
+        lock.release()
+
+
+class _Runner:
+    """Trains runs of the plan with a backend, skipping or waiting for the runs other processes hold."""
+
+    def __init__(self, cfg: RecipeConfig, out: Path, say: Callable[[str], None], progress: bool,
+                 backend: str = "local", poll_s: float = 5.0) -> None:
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        self.cfg, self.out, self.say, self.progress, self.backend = cfg, out, say, progress, backend
+        self.poll_s = poll_s
+        self.histories: dict[str, RunHistory] = {}
+        self.trained: list[str] = []
+        self.n_total = len(plan_runs(cfg))
+        self.t0, self.started = time.perf_counter(), time.time()
+
+    def train(self, specs: Sequence[RunSpec], *, wait: bool, extra: Mapping[str, Any] | None = None) -> None:
+        """Train or load ``specs``; runs locked by another process are skipped, or with ``wait`` waited for."""
+        pending = [s for s in specs if s.name not in self.histories]
+        while pending:
+            self._train_once(pending, extra)
+            pending = [s for s in pending if s.name not in self.histories]
+            if not pending:
+                return
+            holders = {s.name: RunLock(self.out / "runs" / f"{s.name}.lock").holder() or {} for s in pending}
+            self.say(f"{', '.join(holders)}: locked by another process ("
+                     + ", ".join(f"pid {h.get('pid')} on {h.get('host')}" for h in holders.values())
+                     + (f"); waiting for it (polling every {self.poll_s:g} s)" if wait else "); left to it"))
+            if not wait:
+                return
+            self._wait(pending)
+
+    def _train_once(self, specs: Sequence[RunSpec], extra: Mapping[str, Any] | None) -> None:
+        if self.backend == "ray":
+            from lightning_scaling.demo.ray_backend import train_runs_ray
+
+            for spec in specs:
+                self._announce(spec, " (submitted to Ray)")
+            done = train_runs_ray(self.cfg, specs, self.out, forecast_extra=extra)
+            for spec in specs:
+                history = _load_finished(self.out / "runs" / spec.name, self.cfg, spec) if done[spec.name] else None
+                self._record(spec, history, trained=True)
+            return
+        for spec in specs:
+            reused = _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is not None
+            self._announce(spec, " (finished earlier: loaded)" if reused else "")
+            history = try_train_run(self.cfg, spec, self.out, progress=self.progress and not reused,
+                                    forecast_extra=extra)
+            self._record(spec, history, trained=not reused)
+
+    def _announce(self, spec: RunSpec, note: str) -> None:
+        k = next(i for i, s in enumerate(plan_runs(self.cfg), 1) if s.name == spec.name)
+        self.say(f"[{k}/{self.n_total}] {spec.name}: {spec.role}, batch {spec.batch_size}, {self.cfg.max_steps} "
+                 f"steps{note}  [{time.perf_counter() - self.t0:.0f} s elapsed]")
+        sys.stdout.flush()
+
+    def _record(self, spec: RunSpec, history: RunHistory | None, *, trained: bool) -> None:
+        if history is not None:
+            self.histories[spec.name] = history
+            if trained and (history.meta.get("started_at") or 0.0) >= self.started:  # not another process's
+                self.trained.append(spec.name)
+
+    def _wait(self, pending: Sequence[RunSpec]) -> None:
+        # Until one of them is finished or its lock is gone (holder done, or died: then we take it over).
+        while True:
+            for spec in pending:
+                lock = RunLock(self.out / "runs" / f"{spec.name}.lock")
+                info = lock.holder()
+                if _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is not None or info is None \
+                        or (info and lock.is_stale(info)):
+                    return
+            time.sleep(self.poll_s)
+
+
 class _Quiet:
     """Silence Lightning's per-run banners (GPU/TPU availability, tips) but keep the progress bars."""
 
@@ -1028,34 +1274,45 @@ class _Quiet:
 
 
 def run_recipe(cfg: RecipeConfig, out_dir: str | os.PathLike[str], *, progress: bool = True, plots: bool = True,
-               echo: Callable[[str], None] | None = print) -> RecipeResult:
+               echo: Callable[[str], None] | None = print, backend: str = "local",
+               shard: tuple[int, int] | None = None) -> RecipeResult:
     """Run the whole recipe: train the sweep and the ladder, fit, predict the held-out size, train it, compare.
+
+    Several processes may share ``out_dir`` (each run is trained once, under its :class:`RunLock`): a process
+    skips the runs another one holds and waits for them before the fit. With ``shard=(I, N)`` a process trains
+    only its share of the runs (:func:`shard_runs`); the shard that owns the last run (the held-out one) also
+    takes over unstarted runs of the others, waits for the running ones, fits, predicts and writes the report.
 
     Args:
         cfg: the :class:`RecipeConfig`.
-        out_dir: output folder (created; finished runs in it are reused).
+        out_dir: output folder (created; finished runs in it are reused, partial ones resumed).
         progress: show Lightning's progress bar per run and an overall counter line.
         plots: write the PNG figures.
-        echo: where status lines go (``None``: silent).
+        echo: where status lines go (``None``: silent); only rank 0 prints under DDP.
+        backend: ``"local"`` (runs one after another in this process) or ``"ray"`` (each run a Ray task with
+            ``cfg.resources``; see :mod:`lightning_scaling.demo.ray_backend`).
+        shard: ``(I, N)``: train only shard ``I`` of ``N``.
 
     Returns:
-        A :class:`RecipeResult`.
+        A :class:`RecipeResult` (for a shard without the held-out run: its runs and a one-paragraph table).
+
+    Raises:
+        ValueError: a check of :func:`check_config` fails (before any training) or a fit fails.
+        RunInterrupted: Ctrl-C stopped a run.
 
     Example::
 
         >>> result = run_recipe(demo_config(quick=True), "demo_out", progress=False)  # doctest: +SKIP
         >>> print(result.table)  # doctest: +SKIP
     """
-    from lightning_scaling.demo.report import format_table, write_figures
-
-    say = echo or (lambda s: None)
+    say = echo if echo is not None and _is_rank_zero() else (lambda s: None)
     validate_config(cfg, say)  # a config that would make the result meaningless fails before any training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    if _is_rank_zero():
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     specs = plan_runs(cfg)
-    t0 = time.perf_counter()
-    histories: dict[str, RunHistory] = {}
+    runner = _Runner(cfg, out, say, progress, backend)
     report: dict[str, Any] = {"name": cfg.name, "config": cfg.to_dict(), "runs": {}, "timings": {}}
     import torch
 
@@ -1064,55 +1321,78 @@ def run_recipe(cfg: RecipeConfig, out_dir: str | os.PathLike[str], *, progress: 
         torch.set_num_threads(cfg.torch_threads)
     try:
         with _Quiet():
-            _run_all(cfg, specs, out, histories, report, say, progress, t0)
+            final = _run_all(cfg, specs, out, report, say, runner, shard)
     finally:
         torch.set_num_threads(threads)
+    if not final:
+        return _shard_result(cfg, specs, out, report, runner, shard)
+    return _finish_report(out, report, runner, plots)
+
+
+def _finish_report(out: Path, report: dict[str, Any], runner: _Runner, plots: bool) -> RecipeResult:
+    from lightning_scaling.demo.report import format_table, write_figures
+
     fitted = report.pop("_fitted")
     table = format_table(report)
     figures = []
     if plots and _is_rank_zero():
         t_plot = time.perf_counter()
         with _Quiet():
-            figures = write_figures(report, histories, fitted.get("_law"), fitted.get("_critical"), out)
+            figures = write_figures(report, runner.histories, fitted.get("_law"), fitted.get("_critical"), out)
         report["timings"]["plots_s"] = time.perf_counter() - t_plot
-    report["timings"]["total_s"] = time.perf_counter() - t0
+    report["timings"]["total_s"] = time.perf_counter() - runner.t0
     report["figures"] = figures
+    report["trained_here"] = runner.trained
     if _is_rank_zero():
-        (out / REPORT_FILENAME).write_text(json.dumps(report, indent=1, default=_json_default))
-    return RecipeResult(out_dir=out, report=report, histories=histories, table=table, figures=figures)
+        _write_atomic(out / REPORT_FILENAME, json.dumps(report, indent=1, default=_json_default))
+    return RecipeResult(out_dir=out, report=report, histories=runner.histories, table=table, figures=figures)
 
 
-def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, histories: dict[str, RunHistory],
-             report: dict[str, Any], say: Callable[[str], None], progress: bool, t0: float) -> None:
-    fitted: dict[str, Any] | None = None
-    n_total = len(specs)
-    for k, spec in enumerate(specs, 1):
-        if spec.role == "holdout" and fitted is None:
-            fitted = _fit_before_holdout(cfg, specs, histories, out, say)
-            report.update({k2: v for k2, v in fitted.items() if not k2.startswith("_")})
-            report["timings"]["fit_s"] = fitted.pop("_fit_s")
-        reused = _load_finished(out / "runs" / spec.name, cfg, spec) is not None
-        say(f"[{k}/{n_total}] {spec.name}: {spec.role}, batch {spec.batch_size}, {cfg.max_steps} steps"
-            + (" (finished earlier: loaded)" if reused else "") + f"  [{time.perf_counter() - t0:.0f} s elapsed]")
-        sys.stdout.flush()
-        extra = None
-        if spec.role == "holdout" and fitted is not None:
-            extra = {"law": fitted.get("_law")}
-            if (fitted.get("prediction") or {}).get("target_loss") is not None:
-                extra["target_loss"] = fitted["prediction"]["target_loss"]
-        h = train_run(cfg, spec, out, progress=progress and not reused, forecast_extra=extra)
-        histories[spec.name] = h
-        report["runs"][spec.name] = {
-            "size": spec.size, "role": spec.role, "n_params": h.n_params, "batch_size": h.batch_size,
-            "tokens_per_sample": h.tokens_per_sample, "steps": int(h.step[-1]) + 1 if len(h) else 0,
-            "final_loss": tail_mean(h)[0] if len(h) else None, "live_b_simple": _live_b_simple(h),
-            "wall_s": h.meta.get("wall_s"), "path": str(out / "runs" / spec.name),
-        }
-    if fitted is None:  # no holdout: fit everything at the end
-        fitted = _fit_before_holdout(cfg, specs, histories, out, say)
-        report.update({k2: v for k2, v in fitted.items() if not k2.startswith("_")})
-        report["timings"]["fit_s"] = fitted.pop("_fit_s")
+def _shard_result(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dict[str, Any], runner: _Runner,
+                  shard: tuple[int, int] | None) -> RecipeResult:
+    index, count = shard or (0, 1)
+    mine = [s.name for s in shard_runs(specs, shard)]
+    report.update(shard=f"{index}/{count}", shard_runs=mine, trained_here=runner.trained)
+    for spec in specs:
+        if spec.name in runner.histories:
+            report["runs"][spec.name] = _run_row(spec, runner.histories[spec.name], out)
+    table = (f"shard {index}/{count}: runs {', '.join(mine)}; trained here: {', '.join(runner.trained) or 'none'}.\n"
+             f"The fit, the prediction and the report come from the shard with the held-out run {specs[-1].name} "
+             f"(shard {(len(specs) - 1) % count}/{count}), or from rerunning without --shard once all runs are "
+             "finished.")
+    return RecipeResult(out_dir=out, report=report, histories=runner.histories, table=table)
+
+
+def _run_row(spec: RunSpec, h: RunHistory, out: Path) -> dict[str, Any]:
+    return {
+        "size": spec.size, "role": spec.role, "n_params": h.n_params, "batch_size": h.batch_size,
+        "tokens_per_sample": h.tokens_per_sample, "steps": int(h.step[-1]) + 1 if len(h) else 0,
+        "final_loss": tail_mean(h)[0] if len(h) else None, "live_b_simple": _live_b_simple(h),
+        "wall_s": h.meta.get("wall_s"), "path": str(out / "runs" / spec.name),
+    }
+
+
+def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dict[str, Any],
+             say: Callable[[str], None], runner: _Runner, shard: tuple[int, int] | None) -> bool:
+    """Train, fit, predict, train the held-out run, compare; ``False`` for a shard that stops after its runs."""
+    mine = shard_runs(specs, shard)
+    fit_specs = [s for s in specs if s.role != "holdout"]
+    runner.train([s for s in fit_specs if s in mine], wait=False)
+    if specs[-1] not in mine:
+        return False
+    runner.train(fit_specs, wait=True)  # other shards' or processes' runs: loaded, taken over or waited for
+    histories = runner.histories
+    fitted = _fit_before_holdout(cfg, specs, histories, out, say)
+    report.update({k: v for k, v in fitted.items() if not k.startswith("_")})
+    report["timings"]["fit_s"] = fitted.pop("_fit_s")
     holdout = next((s for s in specs if s.role == "holdout"), None)
+    if holdout is not None:
+        extra: dict[str, Any] = {"law": fitted.get("_law")}
+        if (fitted.get("prediction") or {}).get("target_loss") is not None:
+            extra["target_loss"] = fitted["prediction"]["target_loss"]
+        runner.train([holdout], wait=True, extra=extra)
+    for spec in specs:
+        report["runs"][spec.name] = _run_row(spec, histories[spec.name], out)
     if holdout is not None and "prediction" in fitted:
         report["comparison"] = compare_prediction(fitted["prediction"], histories[holdout.name],
                                                   critical=fitted.get("_critical"), law=fitted.get("_law"))
@@ -1120,6 +1400,14 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, histories: 
                                                                    law=fitted.get("_law"))
     report["timings"]["train_s"] = sum((r.get("wall_s") or 0.0) for r in report["runs"].values())
     report["_fitted"] = fitted
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Two processes finishing one study may both write the report: a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _is_rank_zero() -> bool:
@@ -1163,11 +1451,12 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
     fitted["_fit_s"] = time.perf_counter() - t
     path = out / PREDICTION_FILENAME
     holdout_done = holdout is not None and _load_finished(out / "runs" / holdout.name, cfg, holdout) is not None
-    if "prediction" in fitted and not (holdout_done and path.exists()) and _is_rank_zero():
+    held = holdout is not None and _locking(cfg) and RunLock(out / "runs" / f"{holdout.name}.lock").holder()
+    if "prediction" in fitted and not (holdout_done and path.exists()) and not held and _is_rank_zero():
         # A resumed study keeps the file written before the held-out run was trained (same fit, same runs).
         record = {"written_before_training": holdout.name if holdout else None, "time": time.time(),
                   **{k: v for k, v in fitted.items() if not k.startswith("_")}}
-        path.write_text(json.dumps(record, indent=1, default=_json_default))
+        _write_atomic(path, json.dumps(record, indent=1, default=_json_default))
     return fitted
 
 
