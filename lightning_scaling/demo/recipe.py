@@ -1059,6 +1059,12 @@ class RunLock:
         except (OSError, ValueError):
             return {}  # being written right now: held
 
+    def held_elsewhere(self) -> bool:
+        """Whether another live process holds the lock now."""
+        info = self.holder()
+        return info is not None and not (info and self.is_stale(info)) and \
+            (info.get("pid"), info.get("host")) != (self._me["pid"], self._me["host"])
+
     def is_stale(self, info: Mapping[str, Any]) -> bool:
         """Whether the lock recorded as ``info`` was abandoned by its holder."""
         if info.get("host") == self._me["host"] and isinstance(info.get("pid"), int):
@@ -1167,8 +1173,10 @@ def try_train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: 
                   forecast_extra: Mapping[str, Any] | None = None) -> RunHistory | None:
     """Train (or load) one run under its :class:`RunLock`; ``None`` when another process holds the lock."""
     finished = _load_finished(out_dir / "runs" / spec.name, cfg, spec)
-    if finished is not None or not _locking(cfg):
-        return finished or train_run(cfg, spec, out_dir, progress=progress, forecast_extra=forecast_extra)
+    if finished is not None:
+        return finished
+    if not _locking(cfg):
+        return train_run(cfg, spec, out_dir, progress=progress, forecast_extra=forecast_extra)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir / "runs" / f"{spec.name}.lock")
     if not lock.acquire():
@@ -1193,9 +1201,16 @@ class _Runner:
         self.n_total = len(plan_runs(cfg))
         self.t0, self.started = time.perf_counter(), time.time()
 
-    def train(self, specs: Sequence[RunSpec], *, wait: bool, extra: Mapping[str, Any] | None = None) -> None:
-        """Train or load ``specs``; runs locked by another process are skipped, or with ``wait`` waited for."""
+    def train(self, specs: Sequence[RunSpec], *, wait: bool, extra: Mapping[str, Any] | None = None,
+              take_over: bool = True) -> None:
+        """Train or load ``specs``; runs locked by another process are skipped, or with ``wait`` waited for.
+
+        ``take_over=False`` (other shards' runs when locks are off under DDP) only waits for them to finish.
+        """
         pending = [s for s in specs if s.name not in self.histories]
+        if not take_over and not _locking(self.cfg):
+            self._wait_finished(pending)
+            pending = []
         while pending:
             self._train_once(pending, extra)
             pending = [s for s in pending if s.name not in self.histories]
@@ -1239,6 +1254,16 @@ class _Runner:
             if trained and (history.meta.get("started_at") or 0.0) >= self.started:  # not another process's
                 self.trained.append(spec.name)
 
+    def _wait_finished(self, specs: Sequence[RunSpec]) -> None:
+        for spec in specs:
+            if _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is None:
+                self.say(f"{spec.name}: another shard's run; waiting for it to finish (polling every "
+                         f"{self.poll_s:g} s)")
+            while (history := _load_finished(self.out / "runs" / spec.name, self.cfg, spec)) is None:
+                time.sleep(self.poll_s)
+            self._announce(spec, " (finished by another shard: loaded)")
+            self._record(spec, history, trained=False)
+
     def _wait(self, pending: Sequence[RunSpec]) -> None:
         # Until one of them is finished or its lock is gone (holder done, or died: then we take it over).
         while True:
@@ -1265,6 +1290,8 @@ class _Quiet:
                         ".*TreeSpec.*", ".*litlogger.*", ".*predicted.*", ".*GradientNoiseScale.*",
                         ".*ScalingForecast.*", ".*critical batch from the gradient noise.*"):
             warnings.filterwarnings("ignore", message=pattern)
+        if not _is_rank_zero():  # under DDP every rank fits the same runs: rank 0's warnings are enough
+            warnings.simplefilter("ignore")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1380,7 +1407,8 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     runner.train([s for s in fit_specs if s in mine], wait=False)
     if specs[-1] not in mine:
         return False
-    runner.train(fit_specs, wait=True)  # other shards' or processes' runs: loaded, taken over or waited for
+    # Other shards' or processes' runs: loaded, taken over when unstarted, or waited for.
+    runner.train(fit_specs, wait=True, take_over=shard is None)
     histories = runner.histories
     fitted = _fit_before_holdout(cfg, specs, histories, out, say)
     report.update({k: v for k, v in fitted.items() if not k.startswith("_")})
@@ -1451,7 +1479,8 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
     fitted["_fit_s"] = time.perf_counter() - t
     path = out / PREDICTION_FILENAME
     holdout_done = holdout is not None and _load_finished(out / "runs" / holdout.name, cfg, holdout) is not None
-    held = holdout is not None and _locking(cfg) and RunLock(out / "runs" / f"{holdout.name}.lock").holder()
+    # Another process training the held-out run wrote the file before it started: keep that one.
+    held = holdout is not None and _locking(cfg) and RunLock(out / "runs" / f"{holdout.name}.lock").held_elsewhere()
     if "prediction" in fitted and not (holdout_done and path.exists()) and not held and _is_rank_zero():
         # A resumed study keeps the file written before the held-out run was trained (same fit, same runs).
         record = {"written_before_training": holdout.name if holdout else None, "time": time.time(),
