@@ -213,7 +213,14 @@ def test_run_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path: Path) ->
     assert not RunLock(path).acquire()
     old = time.time() - 700
     os.utime(path, (old, old))  # no heartbeat for 700 s > stale_after_s
-    assert RunLock(path).acquire()
+    taker = RunLock(path)
+    assert taker.acquire()
+    taker.release()
+    path.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live pid on this host...
+    assert not RunLock(path).acquire()
+    os.utime(path, (old, old))  # ...that never touches the lock: a recycled pid, not a holder
+    assert taker.acquire()
+    taker.release()
     with pytest.raises(ValueError, match="stale_after_s > heartbeat_s > 0"):
         RunLock(path, stale_after_s=1.0, heartbeat_s=2.0)
 

@@ -1,4 +1,6 @@
-"""Ray backend of the scaling recipe (``lightning-scaling recipe --backend ray``; ``pip install lightning-scaling[ray]``).
+"""Ray backend of the scaling recipe: ``lightning-scaling recipe --backend ray``.
+
+Install it with ``pip install 'lightning-scaling[ray]'``.
 
 Each run of a stage is one Ray task with the resources of the config's ``resources`` (default
 ``{num_cpus: 1, num_gpus: 0}``), so a Ray cluster trains as many runs at once as it has resources. The tasks write
@@ -53,7 +55,12 @@ def train_runs_ray(cfg: Any, specs: Sequence[Any], out_dir: Path, *,
     task = ray.remote(**resources)(_train_one)
     refs = [task.remote(cfg.to_dict(), spec.to_dict(), str(Path(out_dir).resolve()), forecast_extra)
             for spec in specs]
-    return {spec.name: bool(done) for spec, done in zip(specs, ray.get(refs))}
+    try:
+        return {spec.name: bool(done) for spec, done in zip(specs, ray.get(refs))}
+    except KeyboardInterrupt:
+        for ref in refs:  # Ctrl-C reaches each running task as KeyboardInterrupt: it checkpoints and stops
+            ray.cancel(ref)
+        raise
 
 
 def _train_one(cfg_dict: dict[str, Any], spec_dict: dict[str, Any], out_dir: str,

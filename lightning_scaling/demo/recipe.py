@@ -1025,7 +1025,8 @@ class RunLock:
     The lock file is created atomically (``O_CREAT | O_EXCL``) and records the holder's pid and host; while held,
     a daemon thread touches it every ``heartbeat_s``. A lock is stale (and is taken over) when its holder is a dead
     process on this host, or when its heartbeat is older than ``stale_after_s`` (a holder on another node that
-    died). Works on any shared filesystem with atomic exclusive create (local disks, NFSv3+, Lustre, GPFS).
+    died, or a recycled pid). Works on any shared filesystem with atomic exclusive create (local disks, NFSv3+,
+    Lustre, GPFS).
 
     Args:
         path: the lock file.
@@ -1067,9 +1068,9 @@ class RunLock:
 
     def is_stale(self, info: Mapping[str, Any]) -> bool:
         """Whether the lock recorded as ``info`` was abandoned by its holder."""
-        if info.get("host") == self._me["host"] and isinstance(info.get("pid"), int):
-            return not _pid_alive(info["pid"])
-        try:
+        if info.get("host") == self._me["host"] and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+            return True
+        try:  # also on this host: a recycled pid looks alive, but its new owner does not touch our lock
             return time.time() - self.path.stat().st_mtime > self.stale_after_s
         except FileNotFoundError:
             return True
