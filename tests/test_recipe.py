@@ -173,6 +173,17 @@ def test_ctrl_c_says_where_and_the_run_resumes_from_its_checkpoint(tmp_path: Pat
     assert done["resumed_from_step"] == 25
 
 
+@pytest.mark.parametrize(("start", "step", "saved", "expected"), [
+    (None, 25, None, 20), (None, 5, None, None), (20, 23, None, 20), (None, 25, 25, 25)])
+def test_the_interrupt_message_names_the_checkpoint_it_resumes_from(start: int | None, step: int,
+                                                                    saved: int | None, expected: int | None) -> None:
+    from lightning_scaling.demo.recipe import _RunProgress
+
+    run = _RunProgress(Path("last.ckpt"), every=10)
+    run.start, run.step, run.saved_step = start, step, saved  # DDP Ctrl-C: no save, the periodic one stays
+    assert run.checkpoint_step() == expected
+
+
 def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(tiny(checkpoint_every=10))

@@ -653,13 +653,24 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"run {run} interrupted at step {step}; {resume} (finished runs are kept)")
 
 
-class _InterruptCheckpoint:
-    """Saves ``last.ckpt`` when Ctrl-C stops a single-process run, so the resumed run loses no step."""
+class _RunProgress:
+    """Where a run started (its resume step) and stopped, and a ``last.ckpt`` save on Ctrl-C.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    The save on Ctrl-C (single-process runs) makes the resumed run lose no step.
+    """
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = path, every
+        self.start: int | None = None
         self.step: int | None = None
         self.saved_step: int | None = None
+
+    def checkpoint_step(self) -> int | None:
+        """The step the run will resume from after an interrupt."""
+        if self.saved_step is not None:
+            return self.saved_step
+        periodic = (self.step or 0) // self.every * self.every  # ModelCheckpoint saves at multiples of `every`
+        return max(periodic, self.start or 0) or None
 
     def callback(self) -> Any:
         from lightning.pytorch.callbacks import Callback
@@ -667,6 +678,9 @@ class _InterruptCheckpoint:
         outer = self
 
         class _Hook(Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                outer.start = int(trainer.global_step)  # after the checkpoint was restored
+
             def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
                 if not isinstance(exception, KeyboardInterrupt):
                     return
@@ -693,15 +707,6 @@ def _resume_point(run_dir: Path, cfg: RecipeConfig, spec: RunSpec) -> Path | Non
     except (OSError, ValueError):
         return None
     return ckpt if same and ckpt.is_file() else None
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    import torch
-
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
-    except Exception:
-        return None
 
 
 def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool = True,
@@ -736,20 +741,18 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
     pl.seed_everything(cfg.seed, verbose=False)
     model, data = build_run(cfg, spec)
     callbacks = _callbacks(cfg, model, data, spec, forecast_extra)
-    on_interrupt = _InterruptCheckpoint(run_dir / "checkpoints" / "last.ckpt")
-    trainer = pl.Trainer(**_trainer_args(cfg, spec, out_dir, progress, [*callbacks, on_interrupt.callback()]))
-    resumed_from = _checkpoint_step(resume) if resume is not None else None
+    run = _RunProgress(run_dir / "checkpoints" / "last.ckpt", _checkpoint_every(cfg))
+    trainer = pl.Trainer(**_trainer_args(cfg, spec, out_dir, progress, [*callbacks, run.callback()]))
     started, start = time.time(), time.perf_counter()
     try:
         trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
-        if on_interrupt.step is None:
+        if run.step is None:
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C from here on
-        saved = on_interrupt.saved_step
-        periodic = _checkpoint_step(on_interrupt.path) if saved is None and on_interrupt.path.exists() else None
-        raise RunInterrupted(spec.name, on_interrupt.step, saved if saved is not None else periodic) from None
+        raise RunInterrupted(spec.name, run.step, run.checkpoint_step()) from None
     wall = time.perf_counter() - start
+    resumed_from = run.start if resume is not None else None
     history = callbacks[0].history
     if history.batch_size is not None and abs(history.batch_size - spec.batch_size) > 1e-9:
         raise ValueError(f"run {spec.name}: measured batch size {history.batch_size} != planned {spec.batch_size}; "
