@@ -334,6 +334,18 @@ def test_two_processes_on_one_folder_train_each_run_once(tmp_path: Path) -> None
         assert len(event_files(out / "runs" / name)) == 1
 
 
+def test_bad_shard_or_missing_ray_fail_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["recipe", "--config", str(write_cfg(tmp_path / "cfg.json", tiny())), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--shard", "2/2"]) == 1
+    assert capsys.readouterr().err.strip() == "lightning-scaling recipe: error: shard must be I/N with 0 <= I < N, " \
+                                              "got '2/2'"
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main([*argv, "--backend", "ray"]) == 1
+    assert "--backend ray needs Ray: pip install 'lightning-scaling[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_ray_backend_trains_two_runs_concurrently(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     from lightning_scaling.demo.ray_backend import train_runs_ray

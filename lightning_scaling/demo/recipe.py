@@ -424,6 +424,7 @@ class Check:
     message: str
 
     def line(self) -> str:
+        """``"ok   name: message"`` or ``"FAIL name: message"``."""
         return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
 
 
@@ -460,7 +461,11 @@ def validate_config(cfg: RecipeConfig, say: Callable[[str], None] | None = None)
     """Run :func:`check_config`; print the failed lines and raise before anything trains.
 
     Raises:
-        ValueError: ``"<k> config check(s) failed: <first failed line>"``.
+        ValueError: ``"<k> config check(s) failed (see --dry-run): <first failed line>"``.
+
+    Example::
+
+        >>> validate_config(demo_config(quick=True))  # doctest: +SKIP
     """
     failed = [c for c in check_config(cfg) if not c.ok]
     for c in failed:
@@ -479,11 +484,10 @@ def _check_sweep(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> Check:
 
 
 def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]:
-    out = [Check("batch_size_arg", _accepts(data_cls, cfg.batch_size_arg),
-                 f"{data_cls.__name__}({cfg.batch_size_arg}=...) takes the per-device batch"
-                 if _accepts(data_cls, cfg.batch_size_arg) else
-                 f"{data_cls.__name__} has no init argument {cfg.batch_size_arg!r}: set batch_size_arg to the "
-                 "name of its batch-size argument")]
+    ok = _accepts(data_cls, cfg.batch_size_arg)
+    out = [Check("batch_size_arg", ok, f"{data_cls.__name__}({cfg.batch_size_arg}=...) takes the per-device batch"
+                 if ok else f"{data_cls.__name__} has no init argument {cfg.batch_size_arg!r}: set batch_size_arg "
+                 "to the name of its batch-size argument")]
     if cfg.max_steps_arg is None:
         out.append(Check("max_steps_arg", True, "null: the model's own LR schedule length is used"))
     else:
@@ -1175,7 +1179,15 @@ def _locking(cfg: RecipeConfig) -> bool:
 
 def try_train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool = False,
                   forecast_extra: Mapping[str, Any] | None = None) -> RunHistory | None:
-    """Train (or load) one run under its :class:`RunLock`; ``None`` when another process holds the lock."""
+    """Train (or load) one run under its :class:`RunLock`; ``None`` when another process holds the lock.
+
+    Without locks (a multi-device trainer, see :func:`_locking`) this is :func:`train_run`.
+
+    Example::
+
+        >>> cfg = demo_config(quick=True)
+        >>> history = try_train_run(cfg, plan_runs(cfg)[0], Path("demo_out"))  # doctest: +SKIP
+    """
     finished = _load_finished(out_dir / "runs" / spec.name, cfg, spec)
     if finished is not None:
         return finished
@@ -1198,6 +1210,11 @@ class _Runner:
                  backend: str = "local", poll_s: float = 5.0) -> None:
         if backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        if backend == "ray":
+            try:  # fail before the first run, not after the local stages
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError("--backend ray needs Ray: pip install 'lightning-scaling[ray]'") from None
         self.cfg, self.out, self.say, self.progress, self.backend = cfg, out, say, progress, backend
         self.poll_s = poll_s
         self.histories: dict[str, RunHistory] = {}
