@@ -110,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     recipe.add_argument("--no-progress", action="store_true", help="no progress bars")
     recipe.add_argument("--json", action="store_true", help="print report.json instead of the table")
-    recipe.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    recipe.add_argument("--shard", default=None, metavar="I/N",
+                        help="train only shard I of N of the runs (run k goes to shard k %% N; for SLURM arrays: "
+                             "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); the shard with the held-out "
+                             "run waits for the others, fits and reports")
+    recipe.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: runs one after another in this process (default); ray: each run a Ray task "
+                             "with the config's resources (pip install 'lightning-scaling[ray]')")
+    recipe.add_argument("--dry-run", action="store_true",
+                        help="print the planned runs, build every run's model and datamodule, check the "
+                             "settings (one line each) and exit (1 if a check fails)")
 
     fit = sub.add_parser(
         "fit", help="fit B_crit(L) and L(N, S, B) to existing runs; predict a larger model",
@@ -185,15 +194,23 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool) -> int:
-    from lightning_scaling.demo.recipe import run_recipe
+def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool, **run_args: Any) -> int:
+    from lightning_scaling.demo.recipe import RunInterrupted, _is_rank_zero, run_recipe
 
     start = time.perf_counter()
     echo = (lambda s: print(s, file=sys.stderr)) if as_json else print
-    result = run_recipe(cfg, out, progress=progress, plots=plots, echo=echo)
+    try:
+        result = run_recipe(cfg, out, progress=progress, plots=plots, echo=echo, **run_args)
+    except RunInterrupted as stop:  # one line: which run, which step, where it resumes
+        print(f"lightning-scaling recipe: {stop}", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - start
+    if not _is_rank_zero():  # under DDP every rank runs the recipe; one report is enough
+        return EXIT_OK
     if as_json:
         _print_json(result.report)
+    elif "shard" in result.report:
+        print(result.table)
     else:
         print()
         print(result.table)
@@ -216,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from lightning_scaling.demo.recipe import load_config, plan_runs
+    from lightning_scaling.demo.recipe import check_config, load_config, parse_shard, plan_runs
 
     cfg = load_config(args.config, max_steps=args.steps)
     if args.accelerator is not None or args.devices is not None:
@@ -230,9 +247,14 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         for spec in plan_runs(cfg):
             print(f"{spec.name}: {spec.role}, batch {spec.batch_size}, overrides {spec.overrides}"
                   + (f", lr {spec.lr:g}" if spec.lr is not None else ""))
-        return EXIT_OK
+        checks = check_config(cfg)  # builds every run's model and datamodule, trains nothing
+        for check in checks:
+            print(check.line())
+        return EXIT_OK if all(c.ok for c in checks) else EXIT_DATA
     out = args.out or f"scaling_{Path(args.config).stem}"
-    return _cmd_recipe(cfg, out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    return _cmd_recipe(cfg, out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json,
+                       backend=args.backend, shard=shard)
 
 
 def _reader_kwargs(args: argparse.Namespace) -> dict[str, Any]:

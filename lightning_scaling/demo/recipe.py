@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 import warnings
@@ -45,7 +47,15 @@ __all__ = [
     "demo_config",
     "load_config",
     "plan_runs",
+    "check_config",
+    "validate_config",
     "run_recipe",
+    "train_run",
+    "try_train_run",
+    "RunInterrupted",
+    "RunLock",
+    "parse_shard",
+    "shard_runs",
     "fit_and_predict",
     "compare_prediction",
 ]
@@ -84,6 +94,10 @@ class RecipeConfig:
             model, which the held-out model should reach sooner).
         holdout: hold the largest size out of the fit and predict it.
         val_every: validation interval in steps (``None``: Lightning's default).
+        checkpoint_every: steps between the ``last.ckpt`` saves of each run (``None``: a tenth of ``max_steps``);
+            an interrupted or killed run resumes from its last checkpoint.
+        resources: Ray resources of each run's task with ``--backend ray`` (``None``: ``{num_cpus: 1,
+            num_gpus: 0}``); any ``ray.remote`` resource option (``num_gpus: 1``, ``memory``, ``resources``).
         torch_threads: ``torch.set_num_threads`` during the recipe (``None``: unchanged). One thread is the
             robust choice for tiny CPU models: several threads per op cost more in synchronisation than they save,
             and collapse when other processes share the cores.
@@ -110,6 +124,8 @@ class RecipeConfig:
     target_loss: float | None = None
     holdout: bool = True
     val_every: int | None = None
+    checkpoint_every: int | None = None
+    resources: dict[str, Any] | None = None
     torch_threads: int | None = None
     seed: int = 0
     name: str = "recipe"
@@ -145,6 +161,12 @@ class RecipeConfig:
             raise ValueError(f"config 'tokens_per_sample' must be positive, got {self.tokens_per_sample!r}")
         if self.target_loss is not None and not self.target_loss > 0:
             raise ValueError(f"config 'target_loss' must be positive, got {self.target_loss!r}")
+        if self.checkpoint_every is not None and not (isinstance(self.checkpoint_every, int)
+                                                      and self.checkpoint_every >= 1):
+            raise ValueError(f"config 'checkpoint_every' must be a positive int or null, got {self.checkpoint_every!r}")
+        if self.resources is not None and not isinstance(self.resources, Mapping):
+            raise ValueError(f"config 'resources' must be a mapping like {{num_cpus: 1, num_gpus: 0}}, "
+                             f"got {self.resources!r}")
         if self.torch_threads is not None and not (isinstance(self.torch_threads, int) and self.torch_threads >= 1):
             raise ValueError(f"config 'torch_threads' must be a positive int or null, got {self.torch_threads!r}")
         if not isinstance(self.trainer, Mapping):
@@ -346,6 +368,30 @@ def _world_size(trainer_args: Mapping[str, Any]) -> int:
     return nodes  # "auto"/-1: unknown here; the per-device batch is checked by LossTrajectory's measured batch
 
 
+def _model_args(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+    """Class and ``init_args`` of one run's model (what :func:`build_run` instantiates)."""
+    model_args = {**cfg.model.get("init_args", {}), **spec.overrides}
+    if cfg.max_steps_arg:  # check_config() rejects a max_steps_arg the model lacks (never silently dropped)
+        model_args[cfg.max_steps_arg] = cfg.max_steps
+    if spec.lr is not None and cfg.lr_arg:
+        model_args[cfg.lr_arg] = spec.lr
+    return _import(cfg.model["class_path"]), model_args
+
+
+def _data_args(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+    """Class and ``init_args`` of one run's datamodule (the per-device batch under ``batch_size_arg``)."""
+    data_args = {**cfg.data.get("init_args", {}), cfg.batch_size_arg: _per_device_batch(cfg, spec.batch_size)}
+    return _import(cfg.data["class_path"]), data_args
+
+
+def _per_device_batch(cfg: RecipeConfig, batch_size: int) -> int:
+    split = _world_size(cfg.trainer) * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    per_device, rem = divmod(batch_size, split)
+    if rem or per_device < 1:
+        raise ValueError(f"batch size {batch_size} does not divide over devices x accumulate_grad_batches = {split}")
+    return per_device
+
+
 def build_run(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, Any]:
     """Instantiate the LightningModule and LightningDataModule of one run.
 
@@ -359,21 +405,204 @@ def build_run(cfg: RecipeConfig, spec: RunSpec) -> tuple[Any, Any]:
     Raises:
         ValueError: an import fails or the batch size does not divide over devices and accumulation.
     """
-    model_cls, data_cls = _import(cfg.model["class_path"]), _import(cfg.data["class_path"])
-    model_args = {**cfg.model.get("init_args", {}), **spec.overrides}
-    if cfg.max_steps_arg and _accepts(model_cls, cfg.max_steps_arg):
-        model_args[cfg.max_steps_arg] = cfg.max_steps
-    if spec.lr is not None and cfg.lr_arg:
-        model_args[cfg.lr_arg] = spec.lr
-    split = _world_size(cfg.trainer) * int(cfg.trainer.get("accumulate_grad_batches", 1))
-    per_device, rem = divmod(spec.batch_size, split)
-    if rem or per_device < 1:
-        raise ValueError(f"batch size {spec.batch_size} does not divide over devices x accumulate_grad_batches")
-    data_args = {**cfg.data.get("init_args", {}), cfg.batch_size_arg: per_device}
+    (model_cls, model_args), (data_cls, data_args) = _model_args(cfg, spec), _data_args(cfg, spec)
     try:
         return model_cls(**model_args), data_cls(**data_args)
     except TypeError as err:
         raise ValueError(f"cannot build run {spec.name}: {err}") from None
+
+
+# ================================================================================================================
+# Config checks (``--dry-run`` and the start of every real run)
+# ================================================================================================================
+@dataclass(frozen=True)
+class Check:
+    """One line of :func:`check_config`: what was checked, whether it holds, and what was measured."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def line(self) -> str:
+        """``"ok   name: message"`` or ``"FAIL name: message"``."""
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
+
+
+def check_config(cfg: RecipeConfig) -> list[Check]:
+    """Build every run's model and datamodule (no training) and check the settings that would make results wrong.
+
+    Checked: ``batch_size_arg``/``max_steps_arg``/``lr_arg`` are init arguments of the classes; the model size N
+    (measured on the built models) strictly increases along ``sizes``; ``sweep_size`` indexes a fitted size with
+    >= 3 batch sizes; every batch size splits evenly over devices and is accepted by the datamodule; one batch of
+    each datamodule's train loader has the per-device batch and ``tokens_per_sample`` tokens per sample. Models
+    are built on the meta device where they allow it (no memory for weights).
+
+    Returns:
+        One :class:`Check` per rule (``check.line()`` prints it).
+
+    Example::
+
+        >>> checks = check_config(demo_config(quick=True))  # doctest: +SKIP
+        >>> all(c.ok for c in checks)  # doctest: +SKIP
+        True
+    """
+    specs = plan_runs(cfg)
+    try:
+        model_cls, data_cls = _import(cfg.model["class_path"]), _import(cfg.data["class_path"])
+    except ValueError as err:
+        return [Check("import", False, str(err))]
+    checks = [_check_sweep(cfg, specs), *_check_args(cfg, model_cls, data_cls)]
+    if not all(c.ok for c in checks):
+        return checks  # building with a wrong argument name would only repeat the failure
+    return checks + [_check_sizes(cfg, specs), *_check_data(cfg, specs)]
+
+
+def validate_config(cfg: RecipeConfig, say: Callable[[str], None] | None = None) -> None:
+    """Run :func:`check_config`; print the failed lines and raise before anything trains.
+
+    Raises:
+        ValueError: ``"<k> config check(s) failed (see --dry-run): <first failed line>"``.
+
+    Example::
+
+        >>> validate_config(demo_config(quick=True))  # doctest: +SKIP
+    """
+    failed = [c for c in check_config(cfg) if not c.ok]
+    for c in failed:
+        (say or (lambda s: None))(c.line())
+    if failed:
+        raise ValueError(f"{len(failed)} config check(s) failed (see --dry-run): {failed[0].line()}")
+
+
+def _check_sweep(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> Check:
+    batches = sorted({s.batch_size for s in specs if s.size_index == cfg.sweep_size})
+    where = f"sizes[sweep_size={cfg.sweep_size}] = {size_name(cfg.sweep_size, cfg.sizes[cfg.sweep_size])}"
+    if len(batches) < 3:
+        return Check("batch sweep", False, f"{where} runs at batch sizes {batches}; B_crit(L) needs >= 3 "
+                                           "(set batch_sizes, e.g. [batch_size / 4, batch_size * 4])")
+    return Check("batch sweep", True, f"{where} at batch sizes {batches}")
+
+
+def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]:
+    ok = _accepts(data_cls, cfg.batch_size_arg)
+    out = [Check("batch_size_arg", ok, f"{data_cls.__name__}({cfg.batch_size_arg}=...) takes the per-device batch"
+                 if ok else f"{data_cls.__name__} has no init argument {cfg.batch_size_arg!r}: set batch_size_arg "
+                 "to the name of its batch-size argument")]
+    if cfg.max_steps_arg is None:
+        out.append(Check("max_steps_arg", True, "null: the model's own LR schedule length is used"))
+    else:
+        ok = _accepts(model_cls, cfg.max_steps_arg)
+        out.append(Check("max_steps_arg", ok, f"{model_cls.__name__}({cfg.max_steps_arg}={cfg.max_steps})" if ok else
+                         f"{model_cls.__name__} has no init argument {cfg.max_steps_arg!r}, so its LR schedule "
+                         "would ignore max_steps: name the right argument or set max_steps_arg: null"))
+    if cfg.lr_scaling == "none" or cfg.lr_arg is None:
+        out.append(Check("lr_arg", True, "unused (lr_scaling: none)"))
+    else:
+        ok = _accepts(model_cls, cfg.lr_arg)
+        out.append(Check("lr_arg", ok, f"{model_cls.__name__}({cfg.lr_arg}=...) scaled {cfg.lr_scaling}" if ok else
+                         f"{model_cls.__name__} has no init argument {cfg.lr_arg!r} for lr_scaling={cfg.lr_scaling}"))
+    return out
+
+
+def _measure_n(model: Any) -> float:
+    """Non-embedding N of a built model: its ``n_params`` attribute, else a parameter count."""
+    from lightning_scaling.callbacks.loss_trajectory import count_non_embedding_params
+
+    n = getattr(model, "n_params", None)
+    if not (isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0):
+        n = count_non_embedding_params(model)
+    return float(n)
+
+
+def _build_model_cheaply(model_cls: Any, model_args: Mapping[str, Any]) -> Any:
+    import torch
+
+    try:  # the meta device allocates no memory for weights: a 1B-parameter check costs nothing
+        with torch.device("meta"):
+            return model_cls(**model_args)
+    except Exception:  # a model that computes on real tensors in __init__: build it for real
+        return model_cls(**model_args)
+
+
+def _check_sizes(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> Check:
+    n_by_size: dict[int, float] = {}
+    for spec in specs:  # every run's model (sizes x learning rates), N measured per size
+        model_cls, model_args = _model_args(cfg, spec)
+        try:
+            n_by_size[spec.size_index] = _measure_n(_build_model_cheaply(model_cls, model_args))
+        except Exception as err:
+            return Check("sizes", False, f"cannot build the model of run {spec.name}: {type(err).__name__}: {err}")
+    ns = [n_by_size[i] for i in sorted(n_by_size)]
+    shown = ", ".join(f"{size_name(i, cfg.sizes[i])}={n:,.0f}" for i, n in zip(sorted(n_by_size), ns))
+    if any(b <= a for a, b in zip(ns, ns[1:])):
+        return Check("sizes", False, f"N must strictly increase along 'sizes' (smallest first; the last is "
+                                     f"held out): measured {shown}")
+    return Check("sizes", True, f"N strictly increasing: {shown}")
+
+
+def _check_data(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> list[Check]:
+    checks: list[Check] = []
+    tokens: Check | None = None
+    for batch in sorted({s.batch_size for s in specs}):
+        spec = next(s for s in specs if s.batch_size == batch)
+        try:
+            data_cls, data_args = _data_args(cfg, spec)
+        except ValueError as err:
+            checks.append(Check(f"batch {batch}", False, str(err)))
+            continue
+        check, tps_check = _check_one_datamodule(cfg, data_cls, data_args, batch)
+        checks.append(check)
+        tokens = tokens or tps_check
+    return checks + ([tokens] if tokens is not None else [])
+
+
+def _check_one_datamodule(cfg: RecipeConfig, data_cls: Any, data_args: Mapping[str, Any],
+                          batch: int) -> tuple[Check, Check | None]:
+    per_device = data_args[cfg.batch_size_arg]
+    label = f"{data_cls.__name__}({cfg.batch_size_arg}={per_device})"
+    try:
+        data = data_cls(**data_args)
+        # Resolved before setup(), exactly as the training run resolves it for LossTrajectory.
+        tps = cfg.tokens_per_sample if cfg.tokens_per_sample is not None else getattr(data, "tokens_per_sample", None)
+        data.prepare_data()
+        data.setup("fit")
+        first = _first_tensor(next(iter(data.train_dataloader())))
+    except Exception as err:
+        return Check(f"batch {batch}", False, f"{label} failed: {type(err).__name__}: {err}"), None
+    if first is None:
+        return Check(f"batch {batch}", False, f"{label}: the train loader's batch holds no tensor"), None
+    shape = tuple(first.shape)
+    if not shape or shape[0] != per_device:
+        return Check(f"batch {batch}", False, f"{label} yields batches of shape {shape}, expected {per_device} "
+                                              f"samples: is batch_size_arg={cfg.batch_size_arg!r} right?"), None
+    return Check(f"batch {batch}", True, f"{label}: one batch of shape {shape}"), _check_tokens(cfg, data_cls, tps,
+                                                                                                   shape)
+
+
+def _check_tokens(cfg: RecipeConfig, data_cls: Any, tps: Any, shape: tuple[int, ...]) -> Check:
+    source = "config" if cfg.tokens_per_sample is not None else f"{data_cls.__name__}.tokens_per_sample"
+    if not (isinstance(tps, (int, float)) and not isinstance(tps, bool) and tps > 0):
+        return Check("tokens_per_sample", False, f"null in the config and {data_cls.__name__} has no positive "
+                     f"tokens_per_sample attribute (got {tps!r}): tokens would be NaN; set tokens_per_sample")
+    # A sample of a (B, T, ...) batch holds T tokens (sequence models) or all its elements; a (B,) batch 1.
+    allowed = {1} if len(shape) == 1 else {shape[1], math.prod(shape[1:])}
+    if tps not in allowed:
+        return Check("tokens_per_sample", False, f"{tps:g} (from {source}) does not match a batch of shape {shape} "
+                                                 f"(expected one of {sorted(allowed)})")
+    return Check("tokens_per_sample", True, f"{tps:g} (from {source}) matches batch shape {shape}")
+
+
+def _first_tensor(batch: Any) -> Any:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _done_record(cfg: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
@@ -418,12 +647,83 @@ def _callbacks(cfg: RecipeConfig, model: Any, data: Any, spec: RunSpec,
     return cbs
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says which run stopped at which step and that it resumes from its checkpoint."""
+
+    def __init__(self, run: str, step: int, checkpoint_step: int | None) -> None:
+        self.run, self.step, self.checkpoint_step = run, step, checkpoint_step
+        resume = ("rerun the same command to resume it from its checkpoint at step "
+                  f"{checkpoint_step}" if checkpoint_step is not None else "it restarts from step 0 on rerun")
+        super().__init__(f"run {run} interrupted at step {step}; {resume} (finished runs are kept)")
+
+
+class _RunProgress:
+    """Where a run started (its resume step) and stopped, and a ``last.ckpt`` save on Ctrl-C.
+
+    The save on Ctrl-C (single-process runs) makes the resumed run lose no step.
+    """
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = path, every
+        self.start: int | None = None
+        self.step: int | None = None
+        self.saved_step: int | None = None
+
+    def checkpoint_step(self) -> int | None:
+        """The step the run will resume from after an interrupt."""
+        if self.saved_step is not None:
+            return self.saved_step
+        periodic = (self.step or 0) // self.every * self.every  # ModelCheckpoint saves at multiples of `every`
+        return max(periodic, self.start or 0) or None
+
+    def callback(self) -> Any:
+        from lightning.pytorch.callbacks import Callback
+
+        outer = self
+
+        class _Hook(Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                outer.start = int(trainer.global_step)  # after the checkpoint was restored
+
+            def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+                if not isinstance(exception, KeyboardInterrupt):
+                    return
+                outer.step = int(trainer.global_step)
+                if trainer.world_size == 1:  # under DDP a save is a collective the other ranks may never join
+                    try:
+                        trainer.save_checkpoint(outer.path)
+                        outer.saved_step = outer.step
+                    except Exception:
+                        pass  # the periodic checkpoint stays the resume point
+        return _Hook()
+
+
+def _checkpoint_every(cfg: RecipeConfig) -> int:
+    # A tenth of the run by default: a preempted run loses at most 10% of its steps, and the save costs little.
+    return cfg.checkpoint_every if cfg.checkpoint_every is not None else max(1, cfg.max_steps // 10)
+
+
+def _resume_point(run_dir: Path, cfg: RecipeConfig, spec: RunSpec) -> Path | None:
+    """``last.ckpt`` of a partial run with the same settings, or ``None`` (the folder is then cleared)."""
+    ckpt, settings = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "settings.json"
+    try:
+        same = json.loads(settings.read_text()) == json.loads(json.dumps(_done_record(cfg, spec), default=str))
+    except (OSError, ValueError):
+        return None
+    return ckpt if same and ckpt.is_file() else None
+
+
 def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool = True,
               forecast_extra: Mapping[str, Any] | None = None) -> RunHistory:
     """Train one run (or load it if already finished with the same settings) and return its history.
 
+    The run saves ``<run>/checkpoints/last.ckpt`` every ``checkpoint_every`` steps (and on Ctrl-C); a partial run
+    with the same settings resumes from it, its :class:`LossTrajectory` history restored from the checkpoint.
     ``forecast_extra`` adds ``ScalingForecast`` arguments (the recipe gives the held-out run the fitted law as a
     prior and the target loss).
+
+    Raises:
+        RunInterrupted: Ctrl-C stopped the run (a ``KeyboardInterrupt``; its message says where it resumes).
 
     Example::
 
@@ -431,46 +731,69 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
         >>> history = train_run(cfg, plan_runs(cfg)[0], Path("demo_out"))  # doctest: +SKIP
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     run_dir = out_dir / "runs" / spec.name
     finished = _load_finished(run_dir, cfg, spec)
     if finished is not None:
         return finished
-    if run_dir.exists():
-        if _is_rank_zero():
-            shutil.rmtree(run_dir)  # an interrupted or outdated run starts over: one history per folder
+    resume = _resume_point(run_dir, cfg, spec)
+    if resume is None and run_dir.exists() and _is_rank_zero():
+        shutil.rmtree(run_dir)  # an outdated or checkpoint-less partial run starts over: one history per folder
+    if _is_rank_zero():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "settings.json").write_text(json.dumps(_done_record(cfg, spec), default=str))
     pl.seed_everything(cfg.seed, verbose=False)
     model, data = build_run(cfg, spec)
     callbacks = _callbacks(cfg, model, data, spec, forecast_extra)
-    trainer_args: dict[str, Any] = {
+    run = _RunProgress(run_dir / "checkpoints" / "last.ckpt", _checkpoint_every(cfg))
+    trainer = pl.Trainer(**_trainer_args(cfg, spec, out_dir, progress, [*callbacks, run.callback()]))
+    started, start = time.time(), time.perf_counter()
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+        if run.step is None:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C from here on
+        raise RunInterrupted(spec.name, run.step, run.checkpoint_step()) from None
+    wall = time.perf_counter() - start
+    resumed_from = run.start if resume is not None else None
+    history = callbacks[0].history
+    if history.batch_size is not None and abs(history.batch_size - spec.batch_size) > 1e-9:
+        raise ValueError(f"run {spec.name}: measured batch size {history.batch_size} != planned {spec.batch_size}; "
+                         f"check batch_size_arg={cfg.batch_size_arg!r}")
+    history.meta.update(size=spec.size, role=spec.role, wall_s=wall, started_at=started, finished_at=time.time(),
+                        resumed_from_step=resumed_from)
+    if trainer.is_global_zero:
+        history.to_json(run_dir / "scaling" / "history.json")
+        settings = json.loads(json.dumps(_done_record(cfg, spec), default=str))
+        record = {"settings": settings, "wall_s": wall, "resumed_from_step": resumed_from}
+        (run_dir / "scaling" / DONE_FILENAME).write_text(json.dumps(record, indent=1))
+    return history
+
+
+def _trainer_args(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, progress: bool,
+                  callbacks: Sequence[Any]) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # save_top_k=0 + save_last: one rolling last.ckpt per run, nothing ranked by a metric.
+    ckpt = ModelCheckpoint(dirpath=out_dir / "runs" / spec.name / "checkpoints", save_top_k=0, save_last=True,
+                           every_n_train_steps=_checkpoint_every(cfg), save_on_train_epoch_end=False)
+    args: dict[str, Any] = {
         "max_steps": cfg.max_steps,
         "logger": TensorBoardLogger(save_dir=str(out_dir / "runs"), name=spec.name, version="",
                                     default_hp_metric=False),
-        "enable_checkpointing": False,
+        "enable_checkpointing": True,
         "enable_model_summary": False,
         "enable_progress_bar": progress,
         "num_sanity_val_steps": 0,
         "log_every_n_steps": max(1, min(50, cfg.max_steps // 20)),
     }
     if cfg.val_every is not None:
-        trainer_args.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
-    trainer_args.update(cfg.trainer)
-    trainer_args["callbacks"] = callbacks + list(trainer_args.get("callbacks", []))
-    trainer = pl.Trainer(**trainer_args)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    wall = time.perf_counter() - start
-    history = callbacks[0].history
-    if history.batch_size is not None and abs(history.batch_size - spec.batch_size) > 1e-9:
-        raise ValueError(f"run {spec.name}: measured batch size {history.batch_size} != planned {spec.batch_size}; "
-                         f"check batch_size_arg={cfg.batch_size_arg!r}")
-    history.meta.update(size=spec.size, role=spec.role, wall_s=wall)
-    if trainer.is_global_zero:
-        history.to_json(run_dir / "scaling" / "history.json")
-        settings = json.loads(json.dumps(_done_record(cfg, spec), default=str))
-        (run_dir / "scaling" / DONE_FILENAME).write_text(json.dumps({"settings": settings, "wall_s": wall}, indent=1))
-    return history
+        args.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
+    args.update(cfg.trainer)
+    args["callbacks"] = [*callbacks, ckpt, *args.get("callbacks", [])]
+    return args
 
 
 # ================================================================================================================
@@ -700,6 +1023,280 @@ class RecipeResult:
     figures: list[str] = field(default_factory=list)
 
 
+# ================================================================================================================
+# Several processes on one folder: run locks, shards, backends
+# ================================================================================================================
+class RunLock:
+    """An exclusive lock on one run folder, shared through the filesystem (``<out>/runs/<run>.lock``).
+
+    The lock file is created atomically (``O_CREAT | O_EXCL``) and records the holder's pid and host; while held,
+    a daemon thread touches it every ``heartbeat_s``. A lock is stale (and is taken over) when its holder is a dead
+    process on this host, or when its heartbeat is older than ``stale_after_s`` (a holder on another node that
+    died, or a recycled pid). Works on any shared filesystem with atomic exclusive create (local disks, NFSv3+,
+    Lustre, GPFS).
+
+    Args:
+        path: the lock file.
+        stale_after_s: heartbeat age after which a lock held from another host counts as abandoned.
+        heartbeat_s: seconds between the holder's touches of the lock file.
+
+    Example::
+
+        >>> import tempfile
+        >>> lock = RunLock(Path(tempfile.mkdtemp()) / "run.lock")
+        >>> lock.acquire(), RunLock(lock.path).acquire()
+        (True, False)
+        >>> lock.release()
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, stale_after_s: float = 600.0,
+                 heartbeat_s: float = 30.0) -> None:
+        if not (stale_after_s > heartbeat_s > 0):
+            raise ValueError(f"need stale_after_s > heartbeat_s > 0, got {stale_after_s}, {heartbeat_s}")
+        self.path = Path(path)
+        self.stale_after_s, self.heartbeat_s = float(stale_after_s), float(heartbeat_s)
+        self._stop: Any = None
+        self._me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def holder(self) -> dict[str, Any] | None:
+        """The holder's record (``pid``, ``host``, ``time``), or ``None`` when the run is not locked."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written right now: held
+
+    def held_elsewhere(self) -> bool:
+        """Whether another live process holds the lock now."""
+        info = self.holder()
+        return info is not None and not (info and self.is_stale(info)) and \
+            (info.get("pid"), info.get("host")) != (self._me["pid"], self._me["host"])
+
+    def is_stale(self, info: Mapping[str, Any]) -> bool:
+        """Whether the lock recorded as ``info`` was abandoned by its holder."""
+        if info.get("host") == self._me["host"] and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+            return True
+        try:  # also on this host: a recycled pid looks alive, but its new owner does not touch our lock
+            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+        except FileNotFoundError:
+            return True
+
+    def acquire(self) -> bool:
+        """Take the lock; ``False`` when another live process holds it (a stale lock is taken over)."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self.holder()
+                if info is None:
+                    continue  # released between our two calls
+                if not (info and self.is_stale(info)):
+                    return False
+                self._remove_if(info)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self._me, "time": time.time()}, f)
+            self._start_heartbeat()
+            return True
+        return False
+
+    def release(self) -> None:
+        """Drop the lock (only if this process holds it)."""
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        self._remove_if(self._me)
+
+    def _remove_if(self, info: Mapping[str, Any]) -> None:
+        # Remove only the lock we looked at: two processes taking over one stale lock must not delete each other's.
+        current = self.holder()
+        if current is not None and all(current.get(k) == info.get(k) for k in ("pid", "host")):
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        threading.Thread(target=beat, daemon=True, name=f"lock-{self.path.name}").start()
+        self._stop = stop
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (``--shard``; a SLURM array passes ``$SLURM_ARRAY_TASK_ID``).
+
+    Example::
+
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    index, sep, count = text.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
+def shard_runs(specs: Sequence[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
+    """The runs of one shard: run ``k`` of the plan belongs to shard ``k % N`` (deterministic, balanced).
+
+    Example::
+
+        >>> [s.name for s in shard_runs(plan_runs(demo_config(quick=True)), (1, 2))]
+        ['d8_b8', 'd16_b8', 'd32_b8']
+    """
+    if shard is None:
+        return list(specs)
+    index, count = shard
+    return [s for k, s in enumerate(specs) if k % count == index]
+
+
+def _locking(cfg: RecipeConfig) -> bool:
+    # Under DDP every rank runs the recipe and must train the same runs in the same order; a rank skipping a run
+    # another process locked would hang the collectives, so multi-device recipes rely on --shard instead.
+    return _world_size(cfg.trainer) == 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
+
+
+def try_train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool = False,
+                  forecast_extra: Mapping[str, Any] | None = None) -> RunHistory | None:
+    """Train (or load) one run under its :class:`RunLock`; ``None`` when another process holds the lock.
+
+    Without locks (a multi-device trainer, see :func:`_locking`) this is :func:`train_run`.
+
+    Example::
+
+        >>> cfg = demo_config(quick=True)
+        >>> history = try_train_run(cfg, plan_runs(cfg)[0], Path("demo_out"))  # doctest: +SKIP
+    """
+    finished = _load_finished(out_dir / "runs" / spec.name, cfg, spec)
+    if finished is not None:
+        return finished
+    if not _locking(cfg):
+        return train_run(cfg, spec, out_dir, progress=progress, forecast_extra=forecast_extra)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir / "runs" / f"{spec.name}.lock")
+    if not lock.acquire():
+        return None
+    try:  # train_run re-reads done.json: the previous holder may have finished it since the check above
+        return train_run(cfg, spec, out_dir, progress=progress, forecast_extra=forecast_extra)
+    finally:
+        lock.release()
+
+
+class _Runner:
+    """Trains runs of the plan with a backend, skipping or waiting for the runs other processes hold."""
+
+    def __init__(self, cfg: RecipeConfig, out: Path, say: Callable[[str], None], progress: bool,
+                 backend: str = "local", poll_s: float = 5.0) -> None:
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        if backend == "ray":
+            try:  # fail before the first run, not after the local stages
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError("--backend ray needs Ray: pip install 'lightning-scaling[ray]'") from None
+        self.cfg, self.out, self.say, self.progress, self.backend = cfg, out, say, progress, backend
+        self.poll_s = poll_s
+        self.histories: dict[str, RunHistory] = {}
+        self.trained: list[str] = []
+        self.n_total = len(plan_runs(cfg))
+        self.t0, self.started = time.perf_counter(), time.time()
+
+    def train(self, specs: Sequence[RunSpec], *, wait: bool, extra: Mapping[str, Any] | None = None,
+              take_over: bool = True) -> None:
+        """Train or load ``specs``; runs locked by another process are skipped, or with ``wait`` waited for.
+
+        ``take_over=False`` (other shards' runs when locks are off under DDP) only waits for them to finish.
+        """
+        pending = [s for s in specs if s.name not in self.histories]
+        if not take_over and not _locking(self.cfg):
+            self._wait_finished(pending)
+            pending = []
+        while pending:
+            self._train_once(pending, extra)
+            pending = [s for s in pending if s.name not in self.histories]
+            if not pending:
+                return
+            holders = {s.name: RunLock(self.out / "runs" / f"{s.name}.lock").holder() or {} for s in pending}
+            self.say(f"{', '.join(holders)}: locked by another process ("
+                     + ", ".join(f"pid {h.get('pid')} on {h.get('host')}" for h in holders.values())
+                     + (f"); waiting for it (polling every {self.poll_s:g} s)" if wait else "); left to it"))
+            if not wait:
+                return
+            self._wait(pending)
+
+    def _train_once(self, specs: Sequence[RunSpec], extra: Mapping[str, Any] | None) -> None:
+        if self.backend == "ray":
+            from lightning_scaling.demo.ray_backend import train_runs_ray
+
+            for spec in specs:
+                self._announce(spec, " (submitted to Ray)")
+            done = train_runs_ray(self.cfg, specs, self.out, forecast_extra=extra)
+            for spec in specs:
+                history = _load_finished(self.out / "runs" / spec.name, self.cfg, spec) if done[spec.name] else None
+                self._record(spec, history, trained=True)
+            return
+        for spec in specs:
+            reused = _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is not None
+            self._announce(spec, " (finished earlier: loaded)" if reused else "")
+            history = try_train_run(self.cfg, spec, self.out, progress=self.progress and not reused,
+                                    forecast_extra=extra)
+            self._record(spec, history, trained=not reused)
+
+    def _announce(self, spec: RunSpec, note: str) -> None:
+        k = next(i for i, s in enumerate(plan_runs(self.cfg), 1) if s.name == spec.name)
+        self.say(f"[{k}/{self.n_total}] {spec.name}: {spec.role}, batch {spec.batch_size}, {self.cfg.max_steps} "
+                 f"steps{note}  [{time.perf_counter() - self.t0:.0f} s elapsed]")
+        sys.stdout.flush()
+
+    def _record(self, spec: RunSpec, history: RunHistory | None, *, trained: bool) -> None:
+        if history is not None:
+            self.histories[spec.name] = history
+            if trained and (history.meta.get("started_at") or 0.0) >= self.started:  # not another process's
+                self.trained.append(spec.name)
+
+    def _wait_finished(self, specs: Sequence[RunSpec]) -> None:
+        for spec in specs:
+            if _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is None:
+                self.say(f"{spec.name}: another shard's run; waiting for it to finish (polling every "
+                         f"{self.poll_s:g} s)")
+            while (history := _load_finished(self.out / "runs" / spec.name, self.cfg, spec)) is None:
+                time.sleep(self.poll_s)
+            self._announce(spec, " (finished by another shard: loaded)")
+            self._record(spec, history, trained=False)
+
+    def _wait(self, pending: Sequence[RunSpec]) -> None:
+        # Until one of them is finished or its lock is gone (holder done, or died: then we take it over).
+        while True:
+            for spec in pending:
+                lock = RunLock(self.out / "runs" / f"{spec.name}.lock")
+                info = lock.holder()
+                if _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is not None or info is None \
+                        or (info and lock.is_stale(info)):
+                    return
+            time.sleep(self.poll_s)
+
+
 class _Quiet:
     """Silence Lightning's per-run banners (GPU/TPU availability, tips) but keep the progress bars."""
 
@@ -714,6 +1311,8 @@ class _Quiet:
                         ".*TreeSpec.*", ".*litlogger.*", ".*predicted.*", ".*GradientNoiseScale.*",
                         ".*ScalingForecast.*", ".*critical batch from the gradient noise.*"):
             warnings.filterwarnings("ignore", message=pattern)
+        if not _is_rank_zero():  # under DDP every rank fits the same runs: rank 0's warnings are enough
+            warnings.simplefilter("ignore")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -723,33 +1322,45 @@ class _Quiet:
 
 
 def run_recipe(cfg: RecipeConfig, out_dir: str | os.PathLike[str], *, progress: bool = True, plots: bool = True,
-               echo: Callable[[str], None] | None = print) -> RecipeResult:
+               echo: Callable[[str], None] | None = print, backend: str = "local",
+               shard: tuple[int, int] | None = None) -> RecipeResult:
     """Run the whole recipe: train the sweep and the ladder, fit, predict the held-out size, train it, compare.
+
+    Several processes may share ``out_dir`` (each run is trained once, under its :class:`RunLock`): a process
+    skips the runs another one holds and waits for them before the fit. With ``shard=(I, N)`` a process trains
+    only its share of the runs (:func:`shard_runs`); the shard that owns the last run (the held-out one) also
+    takes over unstarted runs of the others, waits for the running ones, fits, predicts and writes the report.
 
     Args:
         cfg: the :class:`RecipeConfig`.
-        out_dir: output folder (created; finished runs in it are reused).
+        out_dir: output folder (created; finished runs in it are reused, partial ones resumed).
         progress: show Lightning's progress bar per run and an overall counter line.
         plots: write the PNG figures.
-        echo: where status lines go (``None``: silent).
+        echo: where status lines go (``None``: silent); only rank 0 prints under DDP.
+        backend: ``"local"`` (runs one after another in this process) or ``"ray"`` (each run a Ray task with
+            ``cfg.resources``; see :mod:`lightning_scaling.demo.ray_backend`).
+        shard: ``(I, N)``: train only shard ``I`` of ``N``.
 
     Returns:
-        A :class:`RecipeResult`.
+        A :class:`RecipeResult` (for a shard without the held-out run: its runs and a one-paragraph table).
+
+    Raises:
+        ValueError: a check of :func:`check_config` fails (before any training) or a fit fails.
+        RunInterrupted: Ctrl-C stopped a run.
 
     Example::
 
         >>> result = run_recipe(demo_config(quick=True), "demo_out", progress=False)  # doctest: +SKIP
         >>> print(result.table)  # doctest: +SKIP
     """
-    from lightning_scaling.demo.report import format_table, write_figures
-
-    say = echo or (lambda s: None)
+    say = echo if echo is not None and _is_rank_zero() else (lambda s: None)
+    validate_config(cfg, say)  # a config that would make the result meaningless fails before any training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    if _is_rank_zero():
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
     specs = plan_runs(cfg)
-    t0 = time.perf_counter()
-    histories: dict[str, RunHistory] = {}
+    runner = _Runner(cfg, out, say, progress, backend)
     report: dict[str, Any] = {"name": cfg.name, "config": cfg.to_dict(), "runs": {}, "timings": {}}
     import torch
 
@@ -758,55 +1369,79 @@ def run_recipe(cfg: RecipeConfig, out_dir: str | os.PathLike[str], *, progress: 
         torch.set_num_threads(cfg.torch_threads)
     try:
         with _Quiet():
-            _run_all(cfg, specs, out, histories, report, say, progress, t0)
+            final = _run_all(cfg, specs, out, report, say, runner, shard)
     finally:
         torch.set_num_threads(threads)
+    if not final:
+        return _shard_result(cfg, specs, out, report, runner, shard)
+    return _finish_report(out, report, runner, plots)
+
+
+def _finish_report(out: Path, report: dict[str, Any], runner: _Runner, plots: bool) -> RecipeResult:
+    from lightning_scaling.demo.report import format_table, write_figures
+
     fitted = report.pop("_fitted")
     table = format_table(report)
     figures = []
     if plots and _is_rank_zero():
         t_plot = time.perf_counter()
         with _Quiet():
-            figures = write_figures(report, histories, fitted.get("_law"), fitted.get("_critical"), out)
+            figures = write_figures(report, runner.histories, fitted.get("_law"), fitted.get("_critical"), out)
         report["timings"]["plots_s"] = time.perf_counter() - t_plot
-    report["timings"]["total_s"] = time.perf_counter() - t0
+    report["timings"]["total_s"] = time.perf_counter() - runner.t0
     report["figures"] = figures
+    report["trained_here"] = runner.trained
     if _is_rank_zero():
-        (out / REPORT_FILENAME).write_text(json.dumps(report, indent=1, default=_json_default))
-    return RecipeResult(out_dir=out, report=report, histories=histories, table=table, figures=figures)
+        _write_atomic(out / REPORT_FILENAME, json.dumps(report, indent=1, default=_json_default))
+    return RecipeResult(out_dir=out, report=report, histories=runner.histories, table=table, figures=figures)
 
 
-def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, histories: dict[str, RunHistory],
-             report: dict[str, Any], say: Callable[[str], None], progress: bool, t0: float) -> None:
-    fitted: dict[str, Any] | None = None
-    n_total = len(specs)
-    for k, spec in enumerate(specs, 1):
-        if spec.role == "holdout" and fitted is None:
-            fitted = _fit_before_holdout(cfg, specs, histories, out, say)
-            report.update({k2: v for k2, v in fitted.items() if not k2.startswith("_")})
-            report["timings"]["fit_s"] = fitted.pop("_fit_s")
-        reused = _load_finished(out / "runs" / spec.name, cfg, spec) is not None
-        say(f"[{k}/{n_total}] {spec.name}: {spec.role}, batch {spec.batch_size}, {cfg.max_steps} steps"
-            + (" (finished earlier: loaded)" if reused else "") + f"  [{time.perf_counter() - t0:.0f} s elapsed]")
-        sys.stdout.flush()
-        extra = None
-        if spec.role == "holdout" and fitted is not None:
-            extra = {"law": fitted.get("_law")}
-            if (fitted.get("prediction") or {}).get("target_loss") is not None:
-                extra["target_loss"] = fitted["prediction"]["target_loss"]
-        h = train_run(cfg, spec, out, progress=progress and not reused, forecast_extra=extra)
-        histories[spec.name] = h
-        report["runs"][spec.name] = {
-            "size": spec.size, "role": spec.role, "n_params": h.n_params, "batch_size": h.batch_size,
-            "tokens_per_sample": h.tokens_per_sample, "steps": int(h.step[-1]) + 1 if len(h) else 0,
-            "final_loss": tail_mean(h)[0] if len(h) else None, "live_b_simple": _live_b_simple(h),
-            "wall_s": h.meta.get("wall_s"), "path": str(out / "runs" / spec.name),
-        }
-    if fitted is None:  # no holdout: fit everything at the end
-        fitted = _fit_before_holdout(cfg, specs, histories, out, say)
-        report.update({k2: v for k2, v in fitted.items() if not k2.startswith("_")})
-        report["timings"]["fit_s"] = fitted.pop("_fit_s")
+def _shard_result(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dict[str, Any], runner: _Runner,
+                  shard: tuple[int, int] | None) -> RecipeResult:
+    index, count = shard or (0, 1)
+    mine = [s.name for s in shard_runs(specs, shard)]
+    report.update(shard=f"{index}/{count}", shard_runs=mine, trained_here=runner.trained)
+    for spec in specs:
+        if spec.name in runner.histories:
+            report["runs"][spec.name] = _run_row(spec, runner.histories[spec.name], out)
+    table = (f"shard {index}/{count}: runs {', '.join(mine)}; trained here: {', '.join(runner.trained) or 'none'}.\n"
+             f"The fit, the prediction and the report come from the shard with the held-out run {specs[-1].name} "
+             f"(shard {(len(specs) - 1) % count}/{count}), or from rerunning without --shard once all runs are "
+             "finished.")
+    return RecipeResult(out_dir=out, report=report, histories=runner.histories, table=table)
+
+
+def _run_row(spec: RunSpec, h: RunHistory, out: Path) -> dict[str, Any]:
+    return {
+        "size": spec.size, "role": spec.role, "n_params": h.n_params, "batch_size": h.batch_size,
+        "tokens_per_sample": h.tokens_per_sample, "steps": int(h.step[-1]) + 1 if len(h) else 0,
+        "final_loss": tail_mean(h)[0] if len(h) else None, "live_b_simple": _live_b_simple(h),
+        "wall_s": h.meta.get("wall_s"), "path": str(out / "runs" / spec.name),
+    }
+
+
+def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dict[str, Any],
+             say: Callable[[str], None], runner: _Runner, shard: tuple[int, int] | None) -> bool:
+    """Train, fit, predict, train the held-out run, compare; ``False`` for a shard that stops after its runs."""
+    mine = shard_runs(specs, shard)
+    fit_specs = [s for s in specs if s.role != "holdout"]
+    runner.train([s for s in fit_specs if s in mine], wait=False)
+    if specs[-1] not in mine:
+        return False
+    # Other shards' or processes' runs: loaded, taken over when unstarted, or waited for.
+    runner.train(fit_specs, wait=True, take_over=shard is None)
+    histories = runner.histories
+    fitted = _fit_before_holdout(cfg, specs, histories, out, say)
+    report.update({k: v for k, v in fitted.items() if not k.startswith("_")})
+    report["timings"]["fit_s"] = fitted.pop("_fit_s")
     holdout = next((s for s in specs if s.role == "holdout"), None)
+    if holdout is not None:
+        extra: dict[str, Any] = {"law": fitted.get("_law")}
+        if (fitted.get("prediction") or {}).get("target_loss") is not None:
+            extra["target_loss"] = fitted["prediction"]["target_loss"]
+        runner.train([holdout], wait=True, extra=extra)
+    for spec in specs:
+        report["runs"][spec.name] = _run_row(spec, histories[spec.name], out)
     if holdout is not None and "prediction" in fitted:
         report["comparison"] = compare_prediction(fitted["prediction"], histories[holdout.name],
                                                   critical=fitted.get("_critical"), law=fitted.get("_law"))
@@ -814,6 +1449,14 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, histories: 
                                                                    law=fitted.get("_law"))
     report["timings"]["train_s"] = sum((r.get("wall_s") or 0.0) for r in report["runs"].values())
     report["_fitted"] = fitted
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Two processes finishing one study may both write the report: a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _is_rank_zero() -> bool:
@@ -857,23 +1500,20 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
     fitted["_fit_s"] = time.perf_counter() - t
     path = out / PREDICTION_FILENAME
     holdout_done = holdout is not None and _load_finished(out / "runs" / holdout.name, cfg, holdout) is not None
-    if "prediction" in fitted and not (holdout_done and path.exists()) and _is_rank_zero():
+    # Another process training the held-out run wrote the file before it started: keep that one.
+    held = holdout is not None and _locking(cfg) and RunLock(out / "runs" / f"{holdout.name}.lock").held_elsewhere()
+    if "prediction" in fitted and not (holdout_done and path.exists()) and not held and _is_rank_zero():
         # A resumed study keeps the file written before the held-out run was trained (same fit, same runs).
         record = {"written_before_training": holdout.name if holdout else None, "time": time.time(),
                   **{k: v for k, v in fitted.items() if not k.startswith("_")}}
-        path.write_text(json.dumps(record, indent=1, default=_json_default))
+        _write_atomic(path, json.dumps(record, indent=1, default=_json_default))
     return fitted
 
 
 def _probe_size(cfg: RecipeConfig, spec: RunSpec) -> float:
-    """Non-embedding N of a planned run, without training it (the model's ``n_params`` or a parameter count)."""
-    from lightning_scaling.callbacks.loss_trajectory import count_non_embedding_params
-
-    model, _ = build_run(cfg, spec)
-    n = getattr(model, "n_params", None)
-    if not (isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0):
-        n = count_non_embedding_params(model)
-    return float(n)
+    """Non-embedding N of a planned run, without training it (built on the meta device where possible)."""
+    model_cls, model_args = _model_args(cfg, spec)
+    return _measure_n(_build_model_cheaply(model_cls, model_args))
 
 
 def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None) -> dict[str, Any] | None:
