@@ -310,6 +310,17 @@ class _CrossingTable:
     steps: np.ndarray
 
 
+def _as_levels(levels: ArrayLike) -> np.ndarray:
+    """User-given loss levels as a descending float array (the order ``_first_crossing`` rows follow)."""
+    try:
+        lv = np.asarray(levels, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"`levels` must be a sequence of positive losses, got {levels!r}") from None
+    if lv.size < 2 or not np.all(np.isfinite(lv)) or np.any(lv <= 0):
+        raise ValueError(f"`levels` must hold >= 2 positive finite losses, got {lv.tolist()}")
+    return np.sort(lv)[::-1]
+
+
 def _crossing_table(runs: Sequence[RunHistory], *, levels: ArrayLike | None, n_levels: int,
                     warmup_steps: int | str | None) -> _CrossingTable:
     curves = []
@@ -326,6 +337,8 @@ def _crossing_table(runs: Sequence[RunHistory], *, levels: ArrayLike | None, n_l
             raise ValueError("the runs cover no loss range after warmup; train longer or pass levels=")
         span = math.log(top) - math.log(bottom)
         lv = np.exp(np.linspace(math.log(bottom) + 0.05 * span, math.log(top) - 0.3 * span, n_levels))[::-1]
+    else:
+        lv = _as_levels(levels)
     steps = np.vstack([_first_crossing(g, c, lv) for g, c in curves])
     n = runs[0].n_params
     return _CrossingTable(n_params=float(n) if n is not None else float("nan"),
