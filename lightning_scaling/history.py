@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RunHistory", "HISTORY_FILENAME", "DEFAULT_TAGS"]
+__all__ = ["RunHistory", "LoadReport", "merge_runs", "HISTORY_FILENAME", "DEFAULT_TAGS"]
 
 #: File name that :class:`~lightning_scaling.callbacks.LossTrajectory` writes under ``<log_dir>/scaling/``.
 HISTORY_FILENAME = "history.json"
@@ -563,39 +563,212 @@ class RunHistory:
         raise ValueError(f"{path}: not a history.json, .csv or TensorBoard event file")
 
     @classmethod
-    def load_many(cls, paths: str | os.PathLike | Iterable[str | os.PathLike], **kwargs: Any) -> list[RunHistory]:
-        """Find and load every run under the given files or folders (searched recursively).
+    def load_many(cls, paths: str | os.PathLike | Iterable[str | os.PathLike], *, report: bool = False,
+                  **kwargs: Any) -> list[RunHistory] | tuple[list[RunHistory], LoadReport]:
+        """Find and load every run under the given files or folders (searched recursively); one training is one run.
 
-        A folder that holds ``scaling/history.json`` (or ``history.json``) is one run, read from that file, and
-        its TensorBoard/CSV logs are not read again; other folders with event files or a ``metrics.csv`` are
-        runs of their own. Sub-folders named ``by_tokens`` or ``forecast`` (this project's auxiliary runs) are
-        skipped.
+        A folder that holds ``scaling/history.json`` (or ``history.json``) is read from that file, and its own
+        TensorBoard/CSV logs are not read again; other folders with event files or a ``metrics.csv`` are read from
+        those; runs nested in another run's folder are found too. Sub-folders named ``by_tokens``, ``forecast`` or
+        ``checkpoints`` (this project's auxiliary TensorBoard runs and Lightning's checkpoints) are not searched;
+        they are listed in the report.
+
+        Pieces of one training are merged into one run (:func:`merge_runs`): a killed and resumed run (several
+        version folders, or several history files of one run name) and one training logged by several loggers
+        (TensorBoard and CSV). Pieces belong together when their sizes agree and their losses agree at their
+        first common steps, or when a piece that starts after step 0 (a resume) continues a piece in a sibling
+        folder. Every merge is reported with a :class:`~lightning_scaling.warnings.DataWarning` and in
+        ``meta["merged_from"]``/``meta["duplicate_steps"]`` of the merged run.
+
+        Args:
+            paths: Files or folders.
+            report: Also return a :class:`LoadReport` (what was read, skipped and merged).
+            **kwargs: Reader options for :meth:`load` (tags, sizes).
+
+        Returns:
+            The runs, or ``(runs, report)`` with ``report=True``.
 
         Raises:
+            FileNotFoundError: a path does not exist.
             ValueError: no run found, or a found run could not be read (the message names the folder).
+
+        Example::
+
+            >>> import tempfile
+            >>> root = Path(tempfile.mkdtemp())
+            >>> whole = RunHistory(name="r", step=range(10), loss=[3.0 - 0.1 * i for i in range(10)])
+            >>> _ = whole.truncate(6).to_json(root / "version_0" / "history.json")  # killed at step 6
+            >>> _ = whole.to_json(root / "version_1" / "history.json")  # resumed from a checkpoint
+            >>> runs, rep = RunHistory.load_many(root, report=True)  # doctest: +SKIP
+            >>> len(runs), len(runs[0]), rep.merged  # doctest: +SKIP
+            (1, 10, {'r': [...]})
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        paths = list(paths)
         found: list[Path] = []
+        skipped: list[str] = []
         for root in map(Path, paths):
             if not root.exists():
                 raise FileNotFoundError(f"{root} does not exist")
             if root.is_file():
                 found.append(root)
                 continue
-            found.extend(_discover(root))
+            found.extend(_discover(root, skipped))
         if not found:
             raise ValueError(
                 "no runs found under " + ", ".join(map(str, paths)) + " (looked for history.json, TensorBoard "
                 "event files and metrics.csv)"
             )
-        runs = []
+        pieces = []
         for p in found:
             try:
-                runs.append(cls.load(p, **kwargs))
+                pieces.append((p, cls.load(p, **kwargs)))
             except ValueError as err:
                 raise ValueError(f"could not read run at {p}: {err}") from None
-        return runs
+        runs, merged = _group_pieces(pieces)
+        rep = LoadReport(read=[str(p) for p in found], skipped=skipped, merged=merged)
+        if merged:
+            what = "; ".join(f"{name!r} <- {', '.join(srcs)}" for name, srcs in merged.items())
+            _data_warning(f"load_many: {len(found)} sources are {len(runs)} trainings; merged pieces of one "
+                          f"training (resumed or logged twice): {what}")
+        return (runs, rep) if report else runs
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What :meth:`RunHistory.load_many` did.
+
+    Attributes:
+        read: Every source read (history file, event folder, ``metrics.csv`` folder).
+        skipped: Auxiliary folders not searched (``by_tokens``, ``forecast``, ``checkpoints``).
+        merged: Run name -> the sources merged into that one run.
+    """
+
+    read: list[str]
+    skipped: list[str]
+    merged: dict[str, list[str]]
+
+
+def _source_rank(path: Path) -> int:
+    """Preference among copies of one training: this project's history file, then TensorBoard, then CSV."""
+    if path.suffix == ".json" or (path.is_dir() and (path / "scaling" / HISTORY_FILENAME).exists()):
+        return 0
+    if path.is_dir() and any(p.name.startswith("events.out.tfevents") for p in path.iterdir()):
+        return 1
+    return 2
+
+
+def _sizes_agree(a: RunHistory, b: RunHistory) -> bool:
+    for key in ("n_params", "batch_size", "tokens_per_sample"):
+        x, y = getattr(a, key), getattr(b, key)
+        if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-6):
+            return False
+    return True
+
+
+def _same_training(pa: Path, a: RunHistory, pb: Path, b: RunHistory, both_files: bool) -> bool:
+    if not len(a) or not len(b) or not _sizes_agree(a, b):
+        return False
+    if a.name != b.name and both_files:
+        return False  # history files carry the run's name, which a resume keeps: other names, other runs
+    common, ia, ib = np.intersect1d(a.step, b.step, assume_unique=True, return_indices=True)
+    if common.size:
+        # A resumed history repeats its restored prefix bit for bit; two loggers of one training agree to
+        # float32 precision. Different trainings (other seed, data or model) differ from their first steps on.
+        la, lb = a.loss[ia[:8]], b.loss[ib[:8]]
+        if np.allclose(la, lb, rtol=1e-5, atol=0.0, equal_nan=True):
+            return True
+    first, later = (a, b) if a.step[0] <= b.step[0] else (b, a)
+    # A resume starts after step 0 (at its checkpoint) and continues a piece of its sibling folder.
+    siblings = _run_folder(pa).parent == _run_folder(pb).parent
+    return siblings and later.step[0] > 0 and first.step[0] < later.step[0] <= first.step[-1] + 1
+
+
+def _run_folder(path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    return folder.parent if folder.name == "scaling" else folder
+
+
+def _group_pieces(pieces: list[tuple[Path, RunHistory]]) -> tuple[list[RunHistory], dict[str, list[str]]]:
+    parent = list(range(len(pieces)))
+    ranks = [_source_rank(p) for p, _ in pieces]
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(pieces)):
+        for j in range(i + 1, len(pieces)):
+            if root(i) != root(j) and _same_training(*pieces[i], *pieces[j], ranks[i] == ranks[j] == 0):
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    runs, merged = [], {}
+    for members in groups.values():
+        if len(members) == 1:
+            runs.append(pieces[members[0]][1])
+            continue
+        run = merge_runs([pieces[i][1] for i in members], ranks=[ranks[i] for i in members])
+        run.meta["merged_from"] = [str(pieces[i][0]) for i in members]
+        merged[run.name] = run.meta["merged_from"]
+        runs.append(run)
+    return runs, merged
+
+
+def merge_runs(pieces: Sequence[RunHistory], ranks: Sequence[int] | None = None) -> RunHistory:
+    """Merge pieces of one training into one history in step order.
+
+    Where pieces share a step, the piece that reaches further wins (a resumed run recomputes the steps between
+    its checkpoint and the kill; the resumed values are the ones the final model came from); between pieces
+    that end at the same step (one training logged twice) the lower ``rank`` wins (0: history file, 1:
+    TensorBoard, 2: CSV). Sizes and the planned schedule come from the winning piece, else any piece that has
+    them. The number of repeated steps is stored in ``meta["duplicate_steps"]``.
+
+    Args:
+        pieces: Histories of one training.
+        ranks: Source preference per piece (lower wins ties); default all equal.
+
+    Example::
+
+        >>> a = RunHistory(name="r", step=[0, 1, 2, 3], loss=[4.0, 3.0, 2.5, 2.4])
+        >>> b = RunHistory(name="r", step=[2, 3, 4], loss=[2.5, 2.3, 2.2])
+        >>> m = merge_runs([a, b])
+        >>> m.step.tolist(), m.loss.tolist(), m.meta["duplicate_steps"]
+        ([0, 1, 2, 3, 4], [4.0, 3.0, 2.5, 2.3, 2.2], 2)
+    """
+    ranks = list(ranks) if ranks is not None else [0] * len(pieces)
+    # Weakest first, so that later (stronger) pieces overwrite shared steps.
+    order = sorted(range(len(pieces)), key=lambda i: (int(pieces[i].step[-1]) if len(pieces[i]) else -1, -ranks[i]))
+    ordered = [pieces[i] for i in order]
+    best = ordered[-1]
+    kwargs: dict[str, Any] = {"name": min(pieces, key=lambda p: int(p.step[0]) if len(p) else 0).name}
+    for key in ("n_params", "batch_size", "tokens_per_sample"):
+        kwargs[key] = next((getattr(p, key) for p in reversed(ordered) if getattr(p, key) is not None), None)
+    kwargs["planned_lr"] = next((p.planned_lr for p in reversed(ordered) if p.planned_lr is not None), None)
+    per_step = _last_wins([p.step for p in ordered], [[getattr(p, k) for k in _PER_STEP[1:]] for p in ordered])
+    kwargs.update(zip(_PER_STEP, per_step))
+    for step_key, value_keys in (("val_step", ("val_loss",)), ("gns_step", _GNS_VALUES)):
+        have = [p for p in ordered if getattr(p, step_key) is not None]
+        if have:
+            cols = _last_wins([getattr(p, step_key) for p in have], [[getattr(p, k) for k in value_keys] for p in have])
+            kwargs.update(zip((step_key, *value_keys), cols))
+    total = sum(len(p) for p in pieces)
+    kwargs["meta"] = {**best.meta, "duplicate_steps": total - len(kwargs["step"])}
+    return RunHistory(**kwargs)
+
+
+def _last_wins(steps: Sequence[np.ndarray], columns: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Concatenate pieces; for each step keep the row of the last piece that has it; sort by step."""
+    step = np.concatenate(steps)
+    # np.unique keeps the first occurrence: reverse so that the last piece's row comes first.
+    _, first = np.unique(step[::-1], return_index=True)
+    keep = step.size - 1 - first
+    cols = [np.concatenate([c[j] for c in columns])[keep] for j in range(len(columns[0]))]
+    return [step[keep], *cols]
 
 
 def _data_warning(message: str) -> None:
@@ -680,14 +853,18 @@ def _scan_event_file(path: Path) -> tuple[int, int]:
     return n, size - pos
 
 
-def _discover(root: Path) -> list[Path]:
+_AUXILIARY = ("by_tokens", "forecast", "checkpoints")
+
+
+def _discover(root: Path, skipped: list[str]) -> list[Path]:
+    """Run sources under ``root``; auxiliary folders are not searched and appended to ``skipped``."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("by_tokens", "forecast", "checkpoints"))
         here = Path(dirpath)
+        skipped.extend(str(here / d) for d in sorted(dirnames) if d in _AUXILIARY)
+        dirnames[:] = sorted(d for d in dirnames if d not in _AUXILIARY)
         if (here / "scaling" / HISTORY_FILENAME).exists():
-            out.append(here / "scaling" / HISTORY_FILENAME)
-            dirnames[:] = []  # one run: its own history wins over its event files
+            out.append(here / "scaling" / HISTORY_FILENAME)  # its own history wins over its event files
         elif here.name == "scaling" and HISTORY_FILENAME in filenames:
             continue  # found from the parent
         elif HISTORY_FILENAME in filenames:
