@@ -10,6 +10,7 @@ import pytest
 from lightning_scaling import RunHistory, laws
 from lightning_scaling.fitting import fit_critical_batch_size, fit_scaling_law
 from lightning_scaling.forecast import forecast_run
+from lightning_scaling.warnings import DataWarning, FitWarning
 
 TRUE = dict(n_c=1e10, alpha_n=0.08, s_c=300.0, alpha_s=0.7, b_star=5e4, alpha_b=0.3)
 
@@ -90,3 +91,85 @@ def test_forecast_run_validates_every_number_up_front(kwargs, match, capfd):
     with pytest.raises(ValueError, match=match):
         forecast_run(h, **kwargs)
     assert "DLASCL" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 1. resume
+import warnings  # noqa: E402
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from helpers import TinyLM, token_loader, trainer_kwargs  # noqa: E402
+from lightning_scaling.callbacks import ForecastEarlyStopping, GradientNoiseScale, LossTrajectory, ScalingForecast  # noqa: E402,E501
+
+STEPS, EVERY, KILL = 30, 10, 15
+
+
+class Kill(pl.Callback):
+    """Raises at a step between checkpoints, like a preempted job."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == KILL:
+            raise RuntimeError("killed")
+
+
+def scaling_callbacks():
+    return [LossTrajectory(tokens_per_sample=6, flush_every_n_steps=4),
+            GradientNoiseScale(log_every_n_steps=2),
+            ScalingForecast(every_n_steps=5, background=False, figure=False, forecast_runs=False, prog_bar=False,
+                            warm_start=False, forecast_kwargs={"min_points": 8}),
+            ForecastEarlyStopping(baseline_loss=0.05, patience=100, min_fraction=0.0)]
+
+
+def train(root, logger_kind, extra=(), ckpt_path=None):
+    pl.seed_everything(0)
+    logger = True if logger_kind == "tensorboard" else CSVLogger(root)
+    cbs = scaling_callbacks()
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=EVERY, save_last=True, save_top_k=-1)
+    kw = trainer_kwargs(root, max_steps=STEPS, logger=logger, enable_checkpointing=True, accumulate_grad_batches=2)
+    trainer = pl.Trainer(**kw, callbacks=[*cbs, ckpt, *extra])
+    # Two micro-batches per epoch and one optimizer step: checkpoints fall on epoch ends, so the data order
+    # after a resume is the uninterrupted one.
+    trainer.fit(TinyLM(schedule="cosine", max_steps=STEPS), token_loader(n=8, batch_size=4), ckpt_path=ckpt_path)
+    return cbs
+
+
+@pytest.mark.parametrize("logger_kind", ["tensorboard", "csv"])
+def test_kill_and_resume_gives_the_uninterrupted_history(tmp_path, logger_kind):
+    full = train(tmp_path / "full", logger_kind)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tmp_path / "run", logger_kind, extra=[Kill()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train(tmp_path / "run", logger_kind, ckpt_path=tmp_path / "run" / "ckpt" / "last.ckpt")
+    assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
+    a, b = full[0].history, resumed[0].history
+    assert b.name == a.name == "lightning_logs/version_0"  # one run name, not the resumed logger version
+    np.testing.assert_array_equal(b.step, np.arange(STEPS))  # recomputed steps 10..14 are not doubled
+    np.testing.assert_allclose(b.loss, a.loss, rtol=1e-6)
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    np.testing.assert_allclose(b.planned_lr, a.planned_lr, rtol=1e-12)
+    assert np.isfinite(b.planned_lr).all()
+    # GradientNoiseScale: restored estimator, one reading per logged step, same EMAs.
+    np.testing.assert_array_equal(b.gns_step, a.gns_step)
+    np.testing.assert_allclose(b.gns_b_simple, a.gns_b_simple, rtol=1e-6)
+    np.testing.assert_array_equal(resumed[1].estimator.raw()["step"], full[1].estimator.raw()["step"])
+    # ScalingForecast: every refit after the resume works and ends on the uninterrupted forecast.
+    sf_a, sf_b = full[2], resumed[2]
+    assert sf_b.n_refits == sf_a.n_refits and sf_b.n_failures == sf_a.n_failures
+    assert sf_b.forecast.final_loss == pytest.approx(sf_a.forecast.final_loss, rel=1e-6)
+    # ForecastEarlyStopping: its patience count continued across the kill.
+    assert full[3].wait_count > 0 and resumed[3].wait_count == full[3].wait_count
+    assert sf_a.n_refits > 0
+    # The two logger versions of the killed and the resumed piece load as one run, from the history files and,
+    # without them, from the logger's own files (TensorBoard events or metrics.csv).
+    for _ in range(2):
+        with pytest.warns(DataWarning, match="merged pieces of one training"):
+            runs, rep = RunHistory.load_many(tmp_path / "run", report=True)
+        assert len(runs) == 1 and len(rep.merged) == 1
+        np.testing.assert_array_equal(runs[0].step, np.arange(STEPS))
+        np.testing.assert_allclose(runs[0].loss, a.loss, rtol=1e-6)
+        for f in (tmp_path / "run").rglob("history.json"):
+            f.unlink()

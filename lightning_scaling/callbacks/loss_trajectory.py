@@ -414,8 +414,14 @@ class LossTrajectory(Callback):
         return ref() if ref is not None else None
 
     def _flush(self, trainer: pl.Trainer | None) -> None:
-        """Move pending records to the host; under DDP (``trainer`` given) reduce them over ranks first."""
+        """Move pending records to the host; under DDP (``trainer`` given) reduce them over ranks first.
+
+        With a ``trainer`` it also logs every record not logged yet, including those an earlier flush without a
+        trainer (a read of :attr:`history`) moved, so the checkpointed ``n_logged`` is exact.
+        """
         if not self._pending_loss:
+            if trainer is not None and self._n_logged < len(self._step):
+                self._log(trainer)
             return
         losses = torch.stack(self._pending_loss)
         counts = torch.tensor(self._pending_counts, dtype=torch.float64)
