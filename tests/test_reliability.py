@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -173,3 +174,71 @@ def test_kill_and_resume_gives_the_uninterrupted_history(tmp_path, logger_kind):
         np.testing.assert_allclose(runs[0].loss, a.loss, rtol=1e-6)
         for f in (tmp_path / "run").rglob("history.json"):
             f.unlink()
+
+
+# ---------------------------------------------------------------------------------------- 7. long runs
+def test_callback_state_is_compact_tensors_and_loads_weights_only(tmp_path):
+    import io
+
+    traj = LossTrajectory(tokens_per_sample=8, name="long")
+    n = 20_000
+    traj._step.extend(np.arange(n))
+    traj._loss.extend(np.linspace(5.0, 2.0, n))
+    traj._samples.extend(np.arange(n) * 4.0)
+    traj._tokens.extend(np.arange(n) * 32.0)
+    traj._append_lr([[1e-3], [], [2e-3, 1e-4]])  # ragged groups, an unknown row
+    traj._append_lr(np.full((n - 3, 2), 1e-3))
+    state = traj.state_dict()
+    assert all(isinstance(state[k], torch.Tensor) for k in ("step", "loss", "samples", "tokens", "lr"))
+    assert state["lr"].shape == (n, 2) and math.isnan(state["lr"][0, 1]) and math.isnan(state["lr"][1, 0])
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    assert buf.tell() < 50 * n  # ~6 float64 values a step, not ~10x that for pickled Python lists
+    back = LossTrajectory(tokens_per_sample=8, name="long")
+    back.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    np.testing.assert_array_equal(back.history.loss, traj.history.loss)
+    # A version-1 checkpoint (Python lists) still loads.
+    old = LossTrajectory(name="long")
+    old.load_state_dict({"step": [0, 1], "loss": [3.0, 2.5], "samples": [0.0, 4.0], "tokens": [0.0, 0.0],
+                         "lr": [[1e-3], [1e-3, 5e-4]], "name": "old"})
+    assert old.history.lr.tolist() == [1e-3, 1e-3] and old.history.name == "long"
+
+
+def test_gns_raw_statistics_are_bounded_by_decimation():
+    from lightning_scaling.gns import GNSEstimator
+
+    est = GNSEstimator(buffer_size=16, max_raw=100)
+    for i in range(1000):
+        est.update(torch.tensor(2.0 + i % 3), torch.tensor(1.0), b_small=8, b_big=32, step=i)
+    raw = est.raw()
+    assert 50 <= len(raw["step"]) <= 100 and est.raw_stride == 16
+    assert raw["step"] == list(range(0, 1000, 16))  # evenly spaced exact rows, not averages
+    assert raw["small_sq_norm"][:3] == [2.0 + i % 3 for i in (0, 16, 32)]
+    resumed = GNSEstimator(buffer_size=16, max_raw=100)
+    resumed.load_state_dict(est.state_dict())
+    for i in range(1000, 1100):
+        resumed.update(torch.tensor(2.0), torch.tensor(1.0), b_small=8, b_big=32, step=i)
+        est.update(torch.tensor(2.0), torch.tensor(1.0), b_small=8, b_big=32, step=i)
+    assert resumed.raw()["step"] == est.raw()["step"]
+    with pytest.raises(ValueError, match="max_raw"):
+        GNSEstimator(max_raw=1)
+
+
+def test_long_history_json_is_packed_exact_and_small(tmp_path):
+    n = 200_000
+    rng = np.random.default_rng(0)
+    s = np.arange(n)
+    h = RunHistory(name="long", batch_size=256, tokens_per_sample=1024, step=s,
+                   loss=2.0 + (1.0 + s) ** -0.3 + rng.normal(0, 0.01, n), lr=np.full(n, 3e-4),
+                   planned_lr=3e-4 * np.cos(np.linspace(0, 1.5, n)))
+    h.loss[5] = math.nan
+    h.to_json(tmp_path / "h.json")
+    assert (tmp_path / "h.json").stat().st_size < 25 * n  # vs ~100 bytes a step as decimal text
+    back = RunHistory.from_json(tmp_path / "h.json")
+    for key in ("step", "loss", "tokens", "samples", "lr", "planned_lr"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(h, key))
+    assert back.step.dtype == np.int64
+    bad = json.loads(h.to_json())
+    bad["loss"]["data"] = bad["loss"]["data"][:100]
+    with pytest.raises(ValueError, match="corrupt"):
+        RunHistory.from_dict(bad)

@@ -537,13 +537,18 @@ class LossTrajectory(Callback):
 
     def _append_lr(self, rows: Any) -> None:
         """Append per-group LR rows (ragged lists or a 2-D array), widening the columns when groups appear."""
-        rows = [list(r) for r in (rows.tolist() if hasattr(rows, "tolist") else rows)]
-        width = max([self._lr.width, *map(len, rows)])
+        arr = _numpy(rows) if isinstance(rows, (torch.Tensor, np.ndarray)) else None
+        if arr is None or arr.ndim != 2:  # ragged lists (pending rows, version-1 checkpoints); [] = unknown
+            rows = [list(r) for r in rows]
+            arr = np.full((len(rows), max(map(len, rows), default=1)), math.nan)
+            for i, r in enumerate(rows):
+                arr[i, : len(r)] = r
+        width = max(self._lr.width, arr.shape[1])
         if width > self._lr.width:  # a parameter group was added: earlier rows get NaN for it
             old = self._lr.view()
             self._lr = AppendArray(np.float64, width=width)
             self._lr.extend(np.pad(old, ((0, 0), (0, width - old.shape[1])), constant_values=math.nan))
-        self._lr.extend([r + [math.nan] * (width - len(r)) for r in rows])
+        self._lr.extend(np.pad(arr, ((0, 0), (0, width - arr.shape[1])), constant_values=math.nan))
 
     def _simulate_schedule(self, trainer: pl.Trainer) -> list[float] | None:
         """Per-step LR of optimizer 0's first group from step 0 to max_steps - 1, by stepping copies of the
