@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,109 @@ def test_long_history_json_is_packed_exact_and_small(tmp_path):
     bad["loss"]["data"] = bad["loss"]["data"][:100]
     with pytest.raises(ValueError, match="corrupt"):
         RunHistory.from_dict(bad)
+
+
+# ------------------------------------------------------------------------------ 4 and 6. fits say so
+def flat_in_n() -> list[RunHistory]:
+    """Three 'sizes' whose loss does not depend on N (the same curve, other noise)."""
+    runs = [law_run(4e6, 256, seed=i, name=f"r{i}") for i in range(3)]
+    for r, n in zip(runs, (1e6, 4e6, 16e6)):
+        r.n_params = n
+    return runs
+
+
+def test_a_law_that_does_not_improve_with_n_is_not_a_success():
+    with pytest.warns(FitWarning, match="does not improve with model size"):
+        law = fit_scaling_law(flat_in_n(), critical_batch=(5e4, 0.3), n_bootstrap=0)
+    assert law.info.success is False and law.info.identified is False
+    assert "alpha_n" in law.info.at_bounds and "model size" in law.info.messages[0]
+    good = fit_scaling_law([law_run(n, 256, seed=i) for i, n in enumerate((1e6, 4e6, 16e6))],
+                           critical_batch=(5e4, 0.3), n_bootstrap=0)
+    assert good.info.success and good.info.identified and good.info.at_bounds == ()
+
+
+def test_fits_count_and_report_dropped_points():
+    runs = [law_run(n, 256, seed=i) for i, n in enumerate((1e6, 4e6, 16e6))]
+    runs[0].loss[100:700] = np.nan
+    runs[1].loss[100:300] = -1.0
+    with pytest.warns(FitWarning, match="800 of 6000 points dropped: 600 nonfinite, 200 nonpositive"):
+        law = fit_scaling_law(runs, critical_batch=(5e4, 0.3), n_bootstrap=0)
+    assert law.info.n_dropped == {"nonfinite": 600, "nonpositive": 200}
+    assert law.info.identified
+
+
+def _write_runs(root, runs):
+    for r in runs:
+        r.to_json(root / r.name / "scaling" / "history.json")
+    return root
+
+
+def test_cli_fit_of_a_useless_law_exits_nonzero_with_one_line(tmp_path, capsys):
+    from lightning_scaling.cli import main
+
+    root = _write_runs(tmp_path, flat_in_n() + [law_run(4e6, b, seed=7 + i, name=f"sweep{b}")
+                                                for i, b in enumerate((16, 1024, 4096))])
+    assert main(["fit", str(root), "--bootstrap", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "do not determine a scaling law" in err, err
+
+
+# ------------------------------------------------------------------------------------------- 6. readers
+def test_truncated_tensorboard_event_file_is_reported(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path))
+    for s in range(200):
+        w.add_scalar("scaling/loss", 3.0 - s / 1000, s)
+    w.close()
+    event = next(tmp_path.glob("events.out.tfevents*"))
+    data = event.read_bytes()
+    event.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.warns(DataWarning, match="incomplete record"):
+        h = RunHistory.from_tensorboard(tmp_path)
+    assert 100 < len(h) < 130
+    info = h.meta["truncated_files"][event.name]
+    assert info["bytes_unread"] > 0 and info["records_read"] > len(h)
+
+
+def test_repeated_steps_are_counted_and_the_last_kept(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "tb"))
+    for s in [*range(10), *range(5, 10)]:  # a resumed run re-logging steps 5..9
+        w.add_scalar("scaling/loss", 3.0 - s / 10, s)
+    w.close()
+    with pytest.warns(DataWarning, match="5 steps of 'scaling/loss' were logged more than once"):
+        h = RunHistory.from_tensorboard(tmp_path / "tb")
+    assert h.step.tolist() == list(range(10)) and h.meta["duplicate_steps"] == 5
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,scaling/loss\n0,3.0\n1,2.9\n1,2.7\n2,2.6\n")
+    with pytest.warns(DataWarning, match="1 steps"):
+        h = RunHistory.from_lightning_csv(csv)
+    assert h.loss.tolist() == [3.0, 2.7, 2.6] and h.meta["duplicate_steps"] == 1
+
+
+# ----------------------------------------------------------------------------------- 5. load_many
+def test_load_many_one_training_once_and_every_skip_reported(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = law_run(1e6, 64, steps=50, name="a")
+    run.to_json(tmp_path / "a" / "scaling" / "history.json")
+    w = SummaryWriter(str(tmp_path / "a" / "tb"))  # the same training, also in TensorBoard
+    for s, v in zip(run.step, run.loss):
+        w.add_scalar("scaling/loss", v, s)
+    w.close()
+    (tmp_path / "a" / "csv").mkdir()  # ... and in a CSV logger
+    (tmp_path / "a" / "csv" / "metrics.csv").write_text(
+        "step,scaling/loss\n" + "".join(f"{s},{float(v)!r}\n" for s, v in zip(run.step, run.loss)))
+    nested = law_run(2e6, 64, steps=50, seed=3, name="nested")
+    nested.to_json(tmp_path / "a" / "sub" / "nested" / "history.json")
+    for aux in ("forecast", "checkpoints", "by_tokens"):
+        run.to_json(tmp_path / "a" / aux / "history.json")
+    with pytest.warns(DataWarning, match="merged"):
+        runs, rep = RunHistory.load_many(tmp_path, report=True)
+    assert sorted(r.name for r in runs) == ["a", "nested"]
+    merged = next(r for r in runs if r.name == "a")
+    np.testing.assert_array_equal(merged.loss, run.loss)  # the history file wins over the float32 copies
+    assert merged.meta["duplicate_steps"] == 100 and len(merged.meta["merged_from"]) == 3
+    assert sorted(Path(p).name for p in rep.skipped) == ["by_tokens", "checkpoints", "forecast"]
