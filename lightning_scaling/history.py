@@ -299,7 +299,13 @@ class RunHistory:
                 raise ValueError(f"`{key}` must be a list of numbers, got {type(value).__name__}")
         if not isinstance(kwargs.get("meta", {}), Mapping):
             raise ValueError(f"`meta` must be a mapping, got {type(kwargs['meta']).__name__}")
-        return cls(**kwargs)
+        for key in ("step", "loss"):
+            if not isinstance(kwargs[key], np.ndarray):
+                raise ValueError(f"`{key}` must be a list of numbers, got {type(kwargs[key]).__name__}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, OverflowError) as err:  # e.g. a string where a size belongs: not a history
+            raise ValueError(f"not a valid history: {err}") from None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Serialise to JSON; write it atomically to ``path`` when given. Returns the JSON text.

@@ -349,3 +349,85 @@ def test_load_many_one_training_once_and_every_skip_reported(tmp_path):
     np.testing.assert_array_equal(merged.loss, run.loss)  # the history file wins over the float32 copies
     assert merged.meta["duplicate_steps"] == 100 and len(merged.meta["merged_from"]) == 3
     assert sorted(Path(p).name for p in rep.skipped) == ["by_tokens", "checkpoints", "forecast"]
+
+
+# --------------------------------------------------------------------------------- 8. hostile CLI input
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _nested(path):
+    path.write_text('{"step": ' + "[" * 100_000 + "]" * 100_000 + ', "loss": []}')
+
+
+def _text(content):
+    return lambda path: path.write_text(content)
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _dev_zero(path):
+    os.symlink("/dev/zero", path)
+
+
+def _flat_csv(path):
+    with path.open("w") as fh:  # 100k rows, one step: must not collapse into one point silently
+        fh.write("step,scaling/loss\n")
+        fh.writelines("0,2.5\n" for _ in range(100_000))
+
+
+HOSTILE = {
+    "nested": ("history.json", _nested, "nested too deeply"),
+    "2-D step": ("history.json", _text('{"step": [[0, 1], [2, 3]], "loss": [1.0, 2.0]}'), "not a number"),
+    "dict loss": ("history.json", _text('{"step": [0, 1], "loss": {"a": 1}}'), "must be a list of numbers"),
+    "bool loss": ("history.json", _text('{"step": [0, 1], "loss": [true, 2.0]}'), "not a number"),
+    "huge int": ("history.json", _text('{"step": [0, 1e999], "loss": [1.0, 2.0]}'), "whole finite"),
+    "meta list": ("history.json", _text('{"step": [0], "loss": [1.0], "meta": [1]}'), "meta"),
+    "binary": ("history.json", lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not a text file"),
+    "dev zero": ("history.json", _dev_zero, "not a regular file"),
+    "fifo": ("history.json", _fifo, "not a regular file"),
+    "fifo csv": ("metrics.csv", _fifo, "not a regular file"),
+    "flat csv": ("metrics.csv", _flat_csv, "does not advance"),
+    "text in csv": ("metrics.csv", _text("step,scaling/loss\n0,2.5\n1,abc\n"), "line 3 is not numeric"),
+}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero")
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_cli_hostile_inputs_one_line_and_exit_1(case, tmp_path, capsys):
+    from lightning_scaling.cli import main
+
+    name, make, message = HOSTILE[case]
+    (tmp_path / "run").mkdir()
+    make(tmp_path / "run" / name)
+    for command in (["fit", str(tmp_path)], ["forecast", str(tmp_path / "run"), "--horizon", "100"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert message in err, err
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(step=_json_values, loss=_json_values, extra=st.dictionaries(
+    st.sampled_from(["tokens", "lr", "planned_lr", "val_step", "val_loss", "gns_step", "n_params", "meta",
+                     "batch_size", "name"]), _json_values, max_size=3))
+def test_history_reader_property_valid_or_value_error(step, loss, extra):
+    try:
+        h = RunHistory.from_dict({"step": step, "loss": loss, **extra})
+    except ValueError:
+        return
+    assert h.step.ndim == 1 and h.step.size == h.loss.size  # whatever it accepted is a well-formed history
+    back = RunHistory.from_json(h.to_json())
+    np.testing.assert_array_equal(back.loss, h.loss)
