@@ -431,3 +431,83 @@ def test_history_reader_property_valid_or_value_error(step, loss, extra):
     assert h.step.ndim == 1 and h.step.size == h.loss.size  # whatever it accepted is a well-formed history
     back = RunHistory.from_json(h.to_json())
     np.testing.assert_array_equal(back.loss, h.loss)
+
+
+# ------------------------------------------------------------------------- 10. early stopping under DDP
+import types  # noqa: E402
+
+from lightning_scaling.callbacks.early_stopping import ForecastStopRule  # noqa: E402
+
+
+def _band(final_lower, observed_until):
+    steps = np.array([observed_until + 1, 100.0])
+    loss = np.array([final_lower + 0.1, final_lower + 0.05])
+    return types.SimpleNamespace(steps=steps, loss=loss, lower=loss - 0.05, upper=loss + 0.05,
+                                 final_loss=loss[-1], final_lower=final_lower, observed_until=observed_until,
+                                 tokens_per_step=None)
+
+
+class TwoRanks:
+    """A stand-in strategy for two ranks run one after the other: rank 0's broadcast object reaches rank 1."""
+
+    def __init__(self):
+        self.calls = []
+
+    def broadcast(self, obj, src=0):
+        rank = len(self.calls) % 2
+        self.calls.append((rank, obj))
+        return obj if rank == 0 else self.calls[-2][1]
+
+
+def test_early_stopping_takes_rank_zeros_decision_on_every_rank():
+    strategy = TwoRanks()
+    stops = [ForecastEarlyStopping(baseline_loss=2.0, patience=2, min_fraction=0.0) for _ in range(2)]
+    for rank, es in enumerate(stops):
+        es._rule = ForecastStopRule(horizon=100, patience=2, min_fraction=0.0, baseline_loss=2.0)
+        es.verbose = False
+    # Rank 0 has a new positive forecast (ends above the baseline) at checks 2 and 3 only; rank 1's own, older
+    # forecasts would say "continue" at every check and must not matter.
+    own = [[None, _band(2.5, 20), _band(2.5, 30)], [_band(1.5, 5)] * 3]
+    asked = []
+    for check, step in enumerate((10, 20, 30)):
+        for rank, es in enumerate(stops):
+            trainer = types.SimpleNamespace(is_global_zero=rank == 0, strategy=strategy, loggers=[],
+                                            should_stop=False)
+            es._latest_forecast = lambda t, r=rank, c=check: (asked.append(r), (own[r][c], 2.6))[1]
+            es._check(trainer, step)
+            if check == 2:
+                assert trainer.should_stop, rank
+    assert len(strategy.calls) == 6  # one broadcast per rank at every check, with or without a forecast
+    assert set(asked) == {0}  # only rank 0 looks at a forecast
+    assert [es.stopped_step for es in stops] == [30, 30]
+    assert [es.wait_count for es in stops] == [2, 2]
+
+
+class RankSkewedStop(ForecastEarlyStopping):
+    """Rank 1 always sees a forecast that says 'continue'; rank 0 one that says 'stop' (fresh each check)."""
+
+    def _latest_forecast(self, trainer):
+        bad = trainer.global_rank == 0
+        return _band(2.5 if bad else 0.5, trainer.global_step), 2.6
+
+
+class StopDump(pl.Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        stop = next(c for c in trainer.callbacks if isinstance(c, ForecastEarlyStopping))
+        Path(self.out_dir, f"stop{trainer.global_rank}.json").write_text(
+            json.dumps([stop.stopped_step, stop.wait_count, trainer.global_step]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP spawn")
+def test_early_stopping_ddp_two_ranks_stop_on_rank_zeros_forecasts(tmp_path):
+    stop = RankSkewedStop(baseline_loss=2.0, patience=2, min_fraction=0.0, check_every_n_steps=4, horizon=40)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=40, devices=2, strategy="ddp_spawn", use_distributed_sampler=True),
+        callbacks=[LossTrajectory(flush_every_n_steps=4), stop, StopDump(str(tmp_path))],
+    )
+    trainer.fit(TinyLM(lr=0.0), token_loader(n=64, batch_size=4))
+    r0, r1 = (json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 == [8, 2, 8]  # checks at 4 and 8 are positive on rank 0: both ranks stop at step 8
