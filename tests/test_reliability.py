@@ -511,3 +511,27 @@ def test_early_stopping_ddp_two_ranks_stop_on_rank_zeros_forecasts(tmp_path):
     trainer.fit(TinyLM(lr=0.0), token_loader(n=64, batch_size=4))
     r0, r1 = (json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 == [8, 2, 8]  # checks at 4 and 8 are positive on rank 0: both ranks stop at step 8
+
+
+def test_scaling_forecast_keeps_its_last_good_forecast_and_warns_once(tmp_path, monkeypatch):
+    from lightning_scaling import forecast as forecast_mod
+    from lightning_scaling.warnings import ForecastWarning
+
+    real = forecast_mod.forecast_run
+    calls = []
+
+    def first_good_then_unusable(history, *args, **kwargs):
+        calls.append(int(history.step[-1]))
+        if len(calls) == 1:
+            return real(history, *args, **kwargs)
+        raise ValueError("the mpl fit gave an unusable forecast at step 30: loss -3.54")
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", first_good_then_unusable)
+    sf = ScalingForecast(every_n_steps=10, background=False, figure=False, forecast_runs=False, prog_bar=False,
+                         method="power", forecast_kwargs={"min_points": 8})
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=40), callbacks=[LossTrajectory(), sf])
+    with pytest.warns(ForecastWarning, match="keeping the last good forecast") as rec:
+        trainer.fit(TinyLM(), token_loader(n=64, batch_size=4))
+    assert len(calls) >= 3 and sf.n_refits == 1 and sf.n_failures == len(calls) - 1
+    assert len([w for w in rec if issubclass(w.category, ForecastWarning)]) == 1
+    assert sf.forecast is not None and sf.forecast.final_loss > 0 and sf.forecast.observed_until == calls[0]
