@@ -6,6 +6,7 @@ samples, loss and lr as 8-byte values) and on disk (see :meth:`RunHistory.to_jso
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
 import csv
@@ -520,13 +521,18 @@ class RunHistory:
                             reader.add(key, step, float(row[j]))
                 except (TypeError, ValueError, OverflowError) as err:
                     raise ValueError(f"{path}: line {line} is not numeric (truncated file?): {err}") from None
-        if not reader.series.get("loss"):
+                stalled = reader.stalled()  # stop early: memory stays bounded on a file of millions of rows
+                if stalled is not None:
+                    raise ValueError(f"{path}: the {step_column!r} column does not advance: the first "
+                                     f"{reader.STALL_LIMIT} {loss_tag!r} values are all at step {stalled}; pass "
+                                     "the right step column")
+        reader.finish()
+        if "loss" not in reader.series:
             raise ValueError(f"{path}: column {loss_tag!r} has no values")
-        n_loss = len(reader.series["loss"]) + reader.duplicates.get("loss", 0)
-        if len(reader.series["loss"]) == 1 and n_loss > 1:
-            raise ValueError(f"{path}: the {step_column!r} column does not advance: all {n_loss} {loss_tag!r} "
-                             f"values are at step {next(iter(reader.series['loss']))}; pass the right "
-                             "step column")
+        if reader.series["loss"][0].size == 1 and reader.duplicates.get("loss", 0):
+            raise ValueError(f"{path}: the {step_column!r} column does not advance: all "
+                             f"{1 + reader.duplicates['loss']} {loss_tag!r} values are at step "
+                             f"{int(reader.series['loss'][0][0])}; pass the right step column")
         return reader.build(cls, str(path), loss_tag, name=name or path.parent.name, n_params=n_params,
                             batch_size=batch_size, tokens_per_sample=tokens_per_sample)
 
@@ -791,46 +797,74 @@ def _wanted_tags(loss: str, lr: str | None, tokens: str | None, val: str | None)
 
 
 class _SeriesReader:
-    """Collects ``step -> value`` series from a log (later values win, repeats counted) and builds the history."""
+    """Collects ``(step, value)`` series from a log into compact arrays; repeats are counted, the last one kept.
+
+    Memory is 16 bytes a value (``array``), not ~100 for a dict entry, so a 100 MB ``metrics.csv`` stays small.
+    """
+
+    #: A step column that has not advanced after this many loss values is not a step column.
+    STALL_LIMIT = 10_000
 
     def __init__(self) -> None:
-        self.series: dict[str, dict[int, float]] = {}
+        self._steps: dict[str, array.array] = {}
+        self._values: dict[str, array.array] = {}
+        self.series: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # sorted unique steps, values
         self.duplicates: dict[str, int] = {}
 
     def add(self, key: str, step: int, value: float) -> None:
-        d = self.series.setdefault(key, {})
-        if step in d:
-            self.duplicates[key] = self.duplicates.get(key, 0) + 1
-        d[step] = value
+        if key not in self._steps:
+            self._steps[key], self._values[key] = array.array("q"), array.array("d")
+        self._steps[key].append(step)
+        self._values[key].append(value)
+
+    def stalled(self) -> int | None:
+        """The one step of the first ``STALL_LIMIT`` loss values, if they all share it."""
+        steps = self._steps.get("loss")
+        if steps is None or len(steps) != self.STALL_LIMIT or min(steps) != max(steps):
+            return None
+        return steps[0]
+
+    def finish(self) -> None:
+        """Sort each series by step, keeping the last value logged for a repeated step."""
+        for key, steps in self._steps.items():
+            step, value = _last_wins([np.frombuffer(steps, np.int64)], [[np.frombuffer(self._values[key])]])
+            self.series[key] = (step, value)
+            if len(steps) > step.size:
+                self.duplicates[key] = len(steps) - step.size
+        self._steps, self._values = {}, {}
 
     def _scalar(self, key: str, given: float | None) -> float | None:
         if given is not None:
             return given
-        values = self.series.get(key)
-        return values[max(values)] if values else None
+        return float(self.series[key][1][-1]) if key in self.series else None  # the value at the last step
+
+    def _at(self, key: str, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The series' values at ``steps`` (NaN where it has none) and the mask of steps it has."""
+        s, v = self.series.get(key, (np.zeros(0, np.int64), np.zeros(0)))
+        idx = np.clip(np.searchsorted(s, steps), 0, max(s.size - 1, 0))
+        have = (s[idx] == steps) if s.size else np.zeros(steps.size, bool)
+        return np.where(have, v[idx] if s.size else np.nan, np.nan), have
 
     def build(self, cls: type[RunHistory], source: str, loss_tag: str, *, name: str, n_params: float | None,
               batch_size: float | None, tokens_per_sample: float | None) -> RunHistory:
-        loss = self.series["loss"]
-        steps = sorted(loss)
-        lr, tok, val = (self.series.get(k, {}) for k in ("lr", "tokens", "val"))
+        self.finish()
+        steps, loss = self.series["loss"]
         meta: dict[str, Any] = {"source": source, "loss_tag": loss_tag}
         kwargs: dict[str, Any] = dict(
             name=name, n_params=self._scalar("n_params", n_params),
             batch_size=self._scalar("batch_size", batch_size),
             tokens_per_sample=self._scalar("tokens_per_sample", tokens_per_sample),
-            step=steps, loss=[loss[s] for s in steps], lr=[lr.get(s, math.nan) for s in steps], meta=meta,
+            step=steps, loss=loss, lr=self._at("lr", steps)[0], meta=meta,
         )
-        if tok and all(s in tok for s in steps):
-            kwargs["tokens"] = [tok[s] for s in steps]
-        if val:
-            kwargs["val_step"] = sorted(val)
-            kwargs["val_loss"] = [val[s] for s in kwargs["val_step"]]
-        gns = {key: self.series.get(key, {}) for key in _GNS_VALUES}
-        if gns["gns_b_simple"]:
-            kwargs["gns_step"] = sorted(gns["gns_b_simple"])
+        tokens, have = self._at("tokens", steps)
+        if "tokens" in self.series and have.all():
+            kwargs["tokens"] = tokens
+        if "val" in self.series:
+            kwargs["val_step"], kwargs["val_loss"] = self.series["val"]
+        if "gns_b_simple" in self.series:
+            kwargs["gns_step"] = self.series["gns_b_simple"][0]
             for key in _GNS_VALUES:
-                kwargs[key] = [gns[key].get(s, math.nan) for s in kwargs["gns_step"]]
+                kwargs[key] = self._at(key, kwargs["gns_step"])[0]
         n_dup = self.duplicates.get("loss", 0)
         if n_dup:
             meta["duplicate_steps"] = n_dup
