@@ -312,8 +312,10 @@ class RunHistory:
         """Serialise to JSON; write it atomically to ``path`` when given. Returns the JSON text.
 
         Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` so the
-        file stays standard JSON. A 1M-step history (step, tokens, samples, loss, lr) is about 60 MB as
-        JSON; use :meth:`to_csv` or keep ``flush`` intervals coarse if that matters.
+        file stays standard JSON. Arrays of 4096 values or more are stored packed (``{"packed": ...}``:
+        byte-shuffled little-endian int64/float64, zlib, base64) and read back bit-identical, so a 1M-step
+        history with its planned schedule is ~18 MB instead of ~100 MB of decimal text
+        (``benchmarks/long_run.py``).
         """
         text = json.dumps(self.to_dict(), default=_json_default, separators=(",", ":"))
         if path is not None:
