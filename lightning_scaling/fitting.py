@@ -1298,7 +1298,8 @@ def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, fl
         problems.append(f"exponent(s) {', '.join(at_bounds)} sit at a bound of the search range")
     bad = [k for k in ("n_c", "s_c") if not (math.isfinite(law.params[k]) and 0 < law.params[k] < 1e100)]
     if bad:
-        problems.append(f"constant(s) {', '.join(bad)} are degenerate ({', '.join(f'{law.params[k]:.3g}' for k in bad)})")
+        values = ", ".join(f"{law.params[k]:.3g}" for k in bad)
+        problems.append(f"constant(s) {', '.join(bad)} are degenerate ({values})")
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pred = float(np.asarray(law.predict_loss(*probe)).ravel()[0])

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import types
+import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
+from helpers import TinyLM, token_loader, trainer_kwargs
 from lightning_scaling import RunHistory, laws
+from lightning_scaling.callbacks import ForecastEarlyStopping, GradientNoiseScale, LossTrajectory, ScalingForecast
+from lightning_scaling.callbacks.early_stopping import ForecastStopRule
 from lightning_scaling.fitting import fit_critical_batch_size, fit_scaling_law
 from lightning_scaling.forecast import forecast_run
 from lightning_scaling.warnings import DataWarning, FitWarning
@@ -96,15 +109,8 @@ def test_forecast_run_validates_every_number_up_front(kwargs, match, capfd):
 
 
 # ------------------------------------------------------------------------------------------ 1. resume
-import warnings  # noqa: E402
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from helpers import TinyLM, token_loader, trainer_kwargs  # noqa: E402
-from lightning_scaling.callbacks import ForecastEarlyStopping, GradientNoiseScale, LossTrajectory, ScalingForecast  # noqa: E402,E501
 
 STEPS, EVERY, KILL = 30, 10, 15
 
@@ -352,11 +358,7 @@ def test_load_many_one_training_once_and_every_skip_reported(tmp_path):
 
 
 # --------------------------------------------------------------------------------- 8. hostile CLI input
-import os  # noqa: E402
-import sys  # noqa: E402
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 def _nested(path):
@@ -434,9 +436,7 @@ def test_history_reader_property_valid_or_value_error(step, loss, extra):
 
 
 # ------------------------------------------------------------------------- 10. early stopping under DDP
-import types  # noqa: E402
 
-from lightning_scaling.callbacks.early_stopping import ForecastStopRule  # noqa: E402
 
 
 def _band(final_lower, observed_until):

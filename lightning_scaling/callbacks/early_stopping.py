@@ -269,8 +269,8 @@ class ForecastEarlyStopping(Callback):
     A check counts only after ``min_fraction`` of the run and when a new forecast is available; ``patience``
     consecutive positive checks stop the run. Under DDP, rank 0 decides from its own forecast and broadcasts
     the decision (one collective on every rank at every check step), so all ranks count patience on the same
-    forecasts and identical seeded runs stop at the same step; then ``trainer.should_stop`` is set. The reason is kept in :attr:`stopped_reason` and reported with
-    ``rank_zero_info``.
+    forecasts and identical seeded runs stop at the same step; then ``trainer.should_stop`` is set. The reason
+    is kept in :attr:`stopped_reason` and reported with ``rank_zero_info``.
 
     Args:
         target_loss: Loss the run must be able to reach.
