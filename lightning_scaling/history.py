@@ -367,6 +367,7 @@ class RunHistory:
     def from_csv(cls, path: str | os.PathLike, **overrides: Any) -> RunHistory:
         """Read a file written by :meth:`to_csv`; keyword ``overrides`` replace header fields (e.g. ``n_params``)."""
         path = Path(path)
+        _check_regular(path)
         with path.open() as fh:
             first = fh.readline()
             header: dict[str, Any] = {}
@@ -553,6 +554,8 @@ class RunHistory:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
+        if not path.is_dir():
+            _check_regular(path)  # before the first open: a FIFO would block it
         if path.is_dir():
             own = path / "scaling" / HISTORY_FILENAME
             if own.exists():
@@ -625,7 +628,7 @@ class RunHistory:
         for root in map(Path, paths):
             if not root.exists():
                 raise FileNotFoundError(f"{root} does not exist")
-            if root.is_file():
+            if not root.is_dir():  # a file, or a FIFO/device that load() refuses with a clear message
                 found.append(root)
                 continue
             found.extend(_discover(root, skipped))

@@ -407,7 +407,9 @@ def test_cli_hostile_inputs_one_line_and_exit_1(case, tmp_path, capsys):
     name, make, message = HOSTILE[case]
     (tmp_path / "run").mkdir()
     make(tmp_path / "run" / name)
-    for command in (["fit", str(tmp_path)], ["forecast", str(tmp_path / "run"), "--horizon", "100"]):
+    commands = [["fit", str(tmp_path)], ["forecast", str(tmp_path / "run"), "--horizon", "100"],
+                ["forecast", str(tmp_path / "run" / name), "--horizon", "100"]]  # the file itself
+    for command in commands:
         assert main(command) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
