@@ -317,13 +317,17 @@ def test_truncated_tensorboard_event_file_is_reported(tmp_path):
 def test_repeated_steps_are_counted_and_the_last_kept(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    w = SummaryWriter(str(tmp_path / "tb"))
-    for s in [*range(10), *range(5, 10)]:  # a resumed run re-logging steps 5..9
-        w.add_scalar("scaling/loss", 3.0 - s / 10, s)
-    w.close()
+    # A run killed at step 9 and resumed from step 5 into the same folder: a second event file re-logs 5..9.
+    for steps, offset in ((range(10), 0.0), (range(5, 15), 0.001)):
+        w = SummaryWriter(str(tmp_path / "tb"))
+        for s in steps:
+            w.add_scalar("scaling/loss", 3.0 - s / 10 - offset, s)
+        w.close()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents*"))) == 2
     with pytest.warns(DataWarning, match="5 steps of 'scaling/loss' were logged more than once"):
         h = RunHistory.from_tensorboard(tmp_path / "tb")
-    assert h.step.tolist() == list(range(10)) and h.meta["duplicate_steps"] == 5
+    assert h.step.tolist() == list(range(15)) and h.meta["duplicate_steps"] == 5
+    assert h.loss[7] == pytest.approx(3.0 - 0.7 - 0.001)  # the resumed (later) value is kept
     csv = tmp_path / "metrics.csv"
     csv.write_text("step,scaling/loss\n0,3.0\n1,2.9\n1,2.7\n2,2.6\n")
     with pytest.warns(DataWarning, match="1 steps"):
