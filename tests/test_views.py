@@ -1,0 +1,103 @@
+"""What users see: forecast cadence, the progress bar, the TensorBoard forecast run and the forecast figure."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import lightning_scaling.forecast as forecast_mod
+from lightning_scaling.callbacks.forecast import PBAR_AVG, PBAR_ETA, PBAR_LOSS, ScalingForecast
+from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+from lightning_scaling.callbacks.panels import FORECAST_TAG, forecast_figure, write_forecast_run
+from lightning_scaling.history import RunHistory
+
+from helpers import TinyLM, token_loader, trainer_kwargs
+from test_forecast_callbacks import StubForecast, curve, scalars, stub_forecast_run
+
+
+def _counting(calls, widen=None):
+    """A stub forecast_run that records the last observed step; ``widen(step)`` sets the band's half width."""
+
+    def run(history, *args, **kwargs):
+        calls.append(int(history.step[-1]))
+        fc = stub_forecast_run(history, *args, **kwargs)
+        if widen is not None:
+            half = widen(calls[-1])
+            fc.lower, fc.upper = fc.loss - half, fc.loss + half
+        return fc
+
+    return run
+
+
+class WithVal(TinyLM):
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def test_refits_on_every_n_steps_whatever_the_validation_cadence(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(forecast_mod, "forecast_run", _counting(calls), raising=False)
+    sf = ScalingForecast(every_n_steps=15, background=False, figure=False, forecast_runs=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[LossTrajectory(), sf],
+                                          val_check_interval=10))
+    trainer.fit(WithVal(max_steps=30), token_loader(n=40, batch_size=4), token_loader(n=8, batch_size=4))
+    # Validation ran at 10, 20, 30 steps; refits only at 15 and 30 optimizer steps (last observed 14, 29).
+    assert calls == [14, 29]
+
+
+def test_progress_bar_hides_unpredictable_loss_and_shows_average_and_final_eta(tmp_path, monkeypatch, caplog):
+    calls: list[int] = []
+    # Band half-width 40 nats at the first refit (not predictable), 0.05 afterwards.
+    monkeypatch.setattr(forecast_mod, "forecast_run", _counting(calls, lambda s: 40.0 if s < 10 else 0.05),
+                        raising=False)
+    sf = ScalingForecast(every_n_steps=10, background=False, figure=False, horizon=20)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=10, callbacks=[LossTrajectory(), sf], logger=tb))
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        trainer.fit(TinyLM(max_steps=10), token_loader(n=64, batch_size=4))
+    pbar = trainer.progress_bar_metrics
+    assert PBAR_LOSS not in pbar and PBAR_ETA in pbar
+    assert "not yet predictable" in caplog.text
+    hist = sf._traj.history
+    assert pbar[PBAR_AVG] == pytest.approx(float(np.mean(hist.loss[-5:])), rel=1e-5)
+    log_dir = trainer.logger.log_dir
+    assert scalars(log_dir, "forecast/predictable") == {10: 0.0}
+    assert scalars(log_dir, "forecast/final_loss") == {}  # numbers of an unreadable band are not logged
+    run = os.path.join(log_dir, "forecast")
+    assert not any(p.startswith("events.out") for p in os.listdir(run))  # latest.json only: no unreadable curve
+
+    # Resume to the horizon: the band narrows, pred_loss appears and eta_min ends at 0.
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=20, callbacks=[LossTrajectory(), sf], logger=tb))
+    trainer.fit(TinyLM(max_steps=20), token_loader(n=80, batch_size=4))
+    pbar = trainer.progress_bar_metrics
+    assert pbar[PBAR_LOSS] == pytest.approx(curve(20), abs=1e-6)
+    assert pbar[PBAR_ETA] == 0.0
+
+
+def test_forecast_run_is_replaced_not_accumulated(tmp_path):
+    steps = np.arange(0, 101)
+    h = RunHistory(name="r", step=steps[:40], loss=curve(steps[:40]))
+    for shift in (0.0, 0.5):
+        loss = curve(steps) + shift
+        f = StubForecast(steps=steps, loss=loss, lower=loss - 0.1, upper=loss + 0.1, observed_until=39,
+                         n_observed=40, tokens_per_step=None)
+        run = write_forecast_run(tmp_path, f, history=h)
+    assert len([p for p in os.listdir(run) if p.startswith("events.out.tfevents")]) == 1
+    pts = scalars(run, FORECAST_TAG)
+    assert len(pts) == 101 and pts[100] == pytest.approx(curve(100) + 0.5, abs=1e-6)
+
+
+def test_figure_says_not_yet_predictable_and_keeps_the_observed_scale():
+    steps = np.arange(0, 200)
+    h = RunHistory(name="run", step=steps[:50], loss=curve(steps[:50]))
+    loss = curve(steps)
+    f = StubForecast(steps=steps, loss=loss, lower=loss - 30, upper=loss + 30, observed_until=49, n_observed=50,
+                     tokens_per_step=None)
+    ax = forecast_figure(h, f).axes[0]
+    assert "not yet predictable" in ax.get_title()
+    assert ax.get_ylim()[1] < 4.0  # scaled to the curves, not to the 60-nat band
+    assert "last observed step" in [t.get_text() for t in ax.get_legend().get_texts()]
