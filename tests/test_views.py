@@ -101,3 +101,39 @@ def test_figure_says_not_yet_predictable_and_keeps_the_observed_scale():
     assert "not yet predictable" in ax.get_title()
     assert ax.get_ylim()[1] < 4.0  # scaled to the curves, not to the 60-nat band
     assert "last observed step" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+# ------------------------------------------------------------------------------------------- LightningCLI configs
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "callbacks")
+
+
+def _cli(tmp_path, *configs, run=False):
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    args = [a for c in configs for a in ("--config", c if os.path.isabs(c) else os.path.join(CONFIGS, c))]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "4",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    cli = LightningCLI(BoringModel, args=(["fit"] if run else []) + args, run=run, save_config_callback=None)
+    return [type(c).__name__ for c in cli.trainer.callbacks]
+
+
+@pytest.mark.parametrize("order", ["user_first", "user_last"])
+def test_configs_compose_in_any_order_with_a_callbacks_plus_user_config(tmp_path, order):
+    user = tmp_path / "user.yaml"
+    user.write_text("trainer:\n  callbacks+:\n    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n")
+    ours = ["scaling.yaml", "gns.yaml", "forecast.yaml"]
+    names = _cli(tmp_path, *([str(user), *ours] if order == "user_first" else [*ours, str(user)]))
+    for cb in ("LearningRateMonitor", "LossTrajectory", "GradientNoiseScale", "ScalingForecast",
+               "ForecastEarlyStopping"):
+        assert names.count(cb) == 1, names
+
+
+def test_all_yaml_holds_the_four_callbacks_and_forecast_yaml_trains_alone(tmp_path):
+    names = _cli(tmp_path, "all.yaml")
+    assert [n for n in names if n in ("LossTrajectory", "GradientNoiseScale", "ScalingForecast",
+                                      "ForecastEarlyStopping")] == [
+        "LossTrajectory", "GradientNoiseScale", "ScalingForecast", "ForecastEarlyStopping"]
+    # forecast.yaml without scaling.yaml: ScalingForecast adds the LossTrajectory at setup, and training runs.
+    assert "LossTrajectory" not in _cli(tmp_path, "forecast.yaml")
+    assert _cli(tmp_path, "forecast.yaml", run=True).count("LossTrajectory") == 1
