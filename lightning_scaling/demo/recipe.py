@@ -584,7 +584,7 @@ def fit_and_predict(
             except ValueError as err:
                 out["critical_batch_error"] = str(err)
     kwargs = dict(fit_kwargs or {})
-    law = fit_scaling_law(fit_runs, critical_batch=critical, **kwargs)
+    law = fit_scaling_law(fit_runs, critical_batch=kwargs.pop("critical_batch", critical), **kwargs)
     if critical is None:
         critical_dict = {"b_star": law.params["b_star"], "alpha_b": law.params["alpha_b"], "source": "gns/law"}
     else:
