@@ -137,3 +137,21 @@ def test_all_yaml_holds_the_four_callbacks_and_forecast_yaml_trains_alone(tmp_pa
     # forecast.yaml without scaling.yaml: ScalingForecast adds the LossTrajectory at setup, and training runs.
     assert "LossTrajectory" not in _cli(tmp_path, "forecast.yaml")
     assert _cli(tmp_path, "forecast.yaml", run=True).count("LossTrajectory") == 1
+
+
+# ------------------------------------------------------------------------------------------------------- tokens
+def test_declared_tokens_per_sample_is_checked_against_the_first_batch(tmp_path):
+    from lightning_scaling.warnings import DataWarning
+
+    # token_loader's samples are 6 tokens long; 48 declared is 8x too many.
+    traj = LossTrajectory(tokens_per_sample=48)
+    with pytest.warns(DataWarning, match=r"tokens_per_sample=48 .* 6 tokens per sample.* 8x off"):
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[traj]))
+        trainer.fit(TinyLM(max_steps=2), token_loader(n=16, batch_size=4))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # the right value, or a tokens_fn, is not warned about
+        for traj in (LossTrajectory(tokens_per_sample=6), LossTrajectory(tokens_per_sample=48, tokens_fn=len)):
+            pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[traj])).fit(
+                TinyLM(max_steps=2), token_loader(n=16, batch_size=4))
