@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a tiny setting (well under a minute): widths 8-32, 60 steps")
     demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per run (overrides)")
     demo.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (they are off anyway when stdout is not a terminal)")
     demo.add_argument("--json", action="store_true", help="print report.json instead of the table")
 
     recipe = sub.add_parser(
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--accelerator", default=None, help="override trainer.accelerator (cpu, gpu, ...)")
     recipe.add_argument("--devices", default=None, help="override trainer.devices")
     recipe.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    recipe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    recipe.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are off anyway when stdout is not a terminal)")
     recipe.add_argument("--json", action="store_true", help="print report.json instead of the table")
     recipe.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
 
@@ -217,7 +219,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = load_config(cfg.to_dict(), max_steps=args.steps,
                           val_every=None if cfg.val_every is None else max(1, args.steps // 2))
-    return _cmd_recipe(cfg, args.out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
+    return _cmd_recipe(cfg, args.out, progress=_progress(args), plots=not args.no_plots, as_json=args.json)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: piped or logged output gets the one status line per run instead."""
+    from lightning_scaling.callbacks.progress import interactive
+
+    return not args.no_progress and interactive()
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
@@ -237,7 +246,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
                   + (f", lr {spec.lr:g}" if spec.lr is not None else ""))
         return EXIT_OK
     out = args.out or f"scaling_{Path(args.config).stem}"
-    return _cmd_recipe(cfg, out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
+    return _cmd_recipe(cfg, out, progress=_progress(args), plots=not args.no_plots, as_json=args.json)
 
 
 def _reader_kwargs(args: argparse.Namespace) -> dict[str, Any]:

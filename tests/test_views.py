@@ -155,3 +155,30 @@ def test_declared_tokens_per_sample_is_checked_against_the_first_batch(tmp_path)
         for traj in (LossTrajectory(tokens_per_sample=6), LossTrajectory(tokens_per_sample=48, tokens_fn=len)):
             pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[traj])).fit(
                 TinyLM(max_steps=2), token_loader(n=16, batch_size=4))
+
+
+# ------------------------------------------------------------------------------------------------------ console
+def test_no_progress_bars_when_stdout_is_not_a_terminal(monkeypatch):
+    import io
+
+    from lightning_scaling.callbacks.progress import StepRichProgressBar, interactive
+    from lightning_scaling.cli import _progress, build_parser
+
+    args = build_parser().parse_args(["demo", "--quick"])
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert not interactive() and not _progress(args)
+    monkeypatch.setattr("sys.stdout", Tty())
+    assert _progress(args) and not _progress(build_parser().parse_args(["demo", "--no-progress"]))
+    # The rich bar of a max_steps run (Lightning sets max_epochs=-1) reads "Epoch 3", not "Epoch 3/-2".
+    import types
+
+    bar = StepRichProgressBar.__new__(StepRichProgressBar)
+    bar._trainer = types.SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(3).strip() == "Epoch 3"
+    bar._trainer = types.SimpleNamespace(max_epochs=5)
+    assert bar._get_train_description(3).strip() == "Epoch 3/4"

@@ -457,6 +457,10 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
         trainer_args.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
     trainer_args.update(cfg.trainer)
     trainer_args["callbacks"] = callbacks + list(trainer_args.get("callbacks", []))
+    if trainer_args["enable_progress_bar"]:
+        from lightning_scaling.callbacks.progress import progress_bar
+
+        trainer_args["callbacks"].append(progress_bar())  # step-bounded runs: no "Epoch 0/-2"
     trainer = pl.Trainer(**trainer_args)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
