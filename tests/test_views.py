@@ -182,3 +182,41 @@ def test_no_progress_bars_when_stdout_is_not_a_terminal(monkeypatch):
     assert bar._get_train_description(3).strip() == "Epoch 3"
     bar._trainer = types.SimpleNamespace(max_epochs=5)
     assert bar._get_train_description(3).strip() == "Epoch 3/4"
+
+
+# ------------------------------------------------------------------------------------------------- demo figures
+def test_demo_figures_label_every_line_and_title_the_comparison(tmp_path):
+    from lightning_scaling.demo.recipe import fit_and_predict
+    from lightning_scaling.demo.report import _figure, plot_critical_batch, plot_loss_vs_n, write_figures
+    from lightning_scaling.laws import loss_n_s_b
+
+    k = dict(n_c=1e10, alpha_n=0.08, s_c=200.0, alpha_s=0.7, b_star=2e4, alpha_b=0.3)
+    s = np.arange(1, 3001, 10)
+    runs = {f"n{n:g}_b{b}": RunHistory(name=f"n{n:g}_b{b}", n_params=n, batch_size=b, step=s,
+                                       loss=loss_n_s_b(n, s, b, **k), gns_step=s[::10],
+                                       gns_b_simple=np.full(len(s[::10]), 50.0))
+            for n, b in [(1e6, 64), (1e7, 64), (3e7, 64), (1e6, 16), (1e6, 256), (1e6, 1024), (1e8, 64)]}
+    fit = fit_and_predict([h for name, h in runs.items() if name != "n1e+08_b64"], predict_n=1e8, batch_size=64,
+                          fit_kwargs={"n_bootstrap": 0})
+    report = {"name": "study", "prediction": fit["prediction"],
+              "runs": {name: {"role": "holdout" if name == "n1e+08_b64" else "ladder",
+                              "final_loss": float(h.loss[-1])} for name, h in runs.items()},
+              "comparison": {"final_loss": {"predicted": 2.4, "actual": 2.5, "rel_error": -0.04,
+                                            "interval": [2.3, 2.5]}}}
+    for draw in (lambda ax: plot_loss_vs_n(ax, report, runs, fit["_law"]),
+                 lambda ax: plot_critical_batch(ax, report, runs, fit["_critical"], fit["_law"])):
+        ax = _figure((6, 4)).add_subplot(1, 1, 1)
+        draw(ax)
+        in_containers = {id(a) for c in ax.containers for a in c.get_children()}  # an errorbar is labelled whole
+        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) and id(ln) not in in_containers]
+        assert lines and all(not ln.get_label().startswith("_") for ln in lines)  # no unlabelled line
+        ylo, yhi = ax.get_ylim()
+        for handle, label in zip(*ax.get_legend_handles_labels()):  # every legend entry is drawn in view
+            ys = handle.get_ydata() if hasattr(handle, "get_ydata") else getattr(handle, "get_offsets", lambda: [])()
+            ys = np.asarray(ys, dtype=float).reshape(len(ys), -1)[:, -1] if len(ys) else np.empty(0)
+            if not len(ys):
+                continue  # an errorbar container: drawn from its children
+            assert np.any((ys >= ylo) & (ys <= yhi)), label
+    paths = write_figures(report, runs, fit["_law"], fit["_critical"], tmp_path)
+    assert [os.path.basename(p) for p in paths] == ["loss_curves.png", "critical_batch.png", "loss_vs_n.png",
+                                                    "report.png"]
