@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bars (they are off anyway when stdout is not a terminal)")
     demo.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    demo.add_argument("--readme", default=None, metavar="README.md",
+                      help="after the run, rewrite the README's demo table (between its demo-table markers) and "
+                           "copy report.png to docs/demo_report.png next to it: the README shows a real run")
 
     recipe = sub.add_parser(
         "recipe", help="the scaling recipe for your own model and data (YAML/JSON config)",
@@ -192,7 +195,7 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool) -> int:
+def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool, readme: str | None = None) -> int:
     from lightning_scaling.demo.recipe import run_recipe
 
     start = time.perf_counter()
@@ -209,17 +212,60 @@ def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: boo
               f" TensorBoard logs (tensorboard --logdir {out}/runs)" + (", PNG plots: " + ", ".join(
                   Path(f).name for f in result.figures) if result.figures else ""))
         print(f"Total wall time: {wall:.0f} s")
+    if readme is not None:
+        _write_readme(readme, result)
     return EXIT_OK
 
 
+def _machine() -> str:
+    """Where a run ran, as the README states it: CPU model, cores, torch version, load when it started."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}{load}"
+
+
+def _write_readme(readme: str, result: Any) -> None:
+    import resource
+    import shutil
+
+    from lightning_scaling.demo.report import readme_section, update_readme
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    update_readme(readme, readme_section(result.report, machine=_machine(), cpu_seconds=cpu))
+    picture = Path(result.out_dir) / "report.png"
+    if picture.exists():
+        target = Path(readme).resolve().parent / "docs" / "demo_report.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(picture, target)
+    print(f"Updated the demo section of {readme}" + (" and docs/demo_report.png" if picture.exists() else ""))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.readme is not None:  # before minutes of training, not after
+        from lightning_scaling.demo.report import README_END, README_START
+
+        text = Path(args.readme).read_text() if Path(args.readme).is_file() else ""
+        if README_START not in text or README_END not in text:
+            raise CLIError(f"--readme {args.readme}: no such file, or it lacks the demo-table markers")
     from lightning_scaling.demo.recipe import demo_config, load_config
 
     cfg = demo_config(quick=args.quick)
     if args.steps is not None:
         cfg = load_config(cfg.to_dict(), max_steps=args.steps,
                           val_every=None if cfg.val_every is None else max(1, args.steps // 2))
-    return _cmd_recipe(cfg, args.out, progress=_progress(args), plots=not args.no_plots, as_json=args.json)
+    return _cmd_recipe(cfg, args.out, progress=_progress(args), plots=not args.no_plots, as_json=args.json,
+                       readme=args.readme)
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -220,3 +220,22 @@ def test_demo_figures_label_every_line_and_title_the_comparison(tmp_path):
     paths = write_figures(report, runs, fit["_law"], fit["_critical"], tmp_path)
     assert [os.path.basename(p) for p in paths] == ["loss_curves.png", "critical_batch.png", "loss_vs_n.png",
                                                     "report.png"]
+
+
+# ------------------------------------------------------------------------------------------------ README section
+def test_readme_section_is_written_between_markers_and_demo_checks_them_first(tmp_path, capsys):
+    from lightning_scaling.cli import main
+    from lightning_scaling.demo.report import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\noutro\n")
+    update_readme(readme, f"{README_START}\nnew table\n{README_END}")
+    assert readme.read_text() == f"intro\n{README_START}\nnew table\n{README_END}\noutro\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no demo section markers"):
+        update_readme(plain, "x")
+    # The demo refuses a README without markers before it trains anything.
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--readme", str(plain)]) == 1
+    assert "lacks the demo-table markers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

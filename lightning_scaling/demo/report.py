@@ -14,7 +14,11 @@ import numpy as np
 
 from lightning_scaling.history import RunHistory
 
-__all__ = ["format_table", "format_fit_table", "write_figures", "fmt_n"]
+__all__ = ["format_table", "format_fit_table", "write_figures", "fmt_n", "readme_section", "update_readme"]
+
+#: Markers around the demo's section of the README (``lightning-scaling demo --readme README.md`` rewrites it).
+README_START = "<!-- demo-table:start: written by `lightning-scaling demo --readme README.md` -->"
+README_END = "<!-- demo-table:end -->"
 
 
 def fmt_n(n: float | None) -> str:
@@ -129,6 +133,47 @@ def format_table(report: Mapping[str, Any]) -> str:
     elif pred:
         out.append(format_prediction(pred))
     return "\n".join(out).rstrip() + "\n"
+
+
+def readme_section(report: Mapping[str, Any], *, machine: str, cpu_seconds: float) -> str:
+    """The README's demo section from a report: the held-out table, where and how long it ran, the B_crit check.
+
+    Example::
+
+        >>> rep = {"prediction": {"n_params": 2e5, "batch_size": 16, "min_loss": 1.5}, "timings": {"total_s": 99.6},
+        ...        "comparison": {"final_loss": {"predicted": 2.0, "actual": 2.1, "rel_error": -0.048},
+        ...                       "critical_batch": {"loss": 2.1, "sweep": 40.0, "live_b_simple": 30.0}}}
+        >>> text = readme_section(rep, machine="x86_64, 2 cores", cpu_seconds=180.2)
+        >>> "(x86_64, 2 cores: 100 s wall clock, 180 s CPU time)" in text, "differ by 33%" in text
+        (True, True)
+    """
+    table = format_table({k: v for k, v in report.items() if k not in ("runs", "law", "critical_batch")})
+    wall = _as_float((report.get("timings") or {}).get("total_s"))
+    lines = [README_START,
+             f"Table from one run ({machine}: {wall:.0f} s wall clock, {cpu_seconds:.0f} s CPU time):", "",
+             "```", table.rstrip(), "```", ""]
+    cbr = (report.get("comparison") or {}).get("critical_batch") or {}
+    sweep, live = _as_float(cbr.get("sweep")), _as_float(cbr.get("live_b_simple"))
+    if math.isfinite(sweep) and math.isfinite(live) and live > 0:
+        lines.append(f"Brackets are 90% bootstrap intervals. The critical batch from the batch sweep ({sweep:.1f}) "
+                     f"and the live gradient noise scale ({live:.1f}) differ by {100 * abs(sweep / live - 1):.0f}%.")
+    else:
+        lines.append("Brackets are 90% bootstrap intervals.")
+    return "\n".join([*lines, README_END])
+
+
+def update_readme(readme: str | Path, section: str) -> None:
+    """Replace the text between :data:`README_START` and :data:`README_END` in ``readme`` with ``section``.
+
+    Raises:
+        ValueError: the file lacks the markers (the section is not written anywhere by surprise).
+    """
+    path = Path(readme)
+    text = path.read_text()
+    i, j = text.find(README_START), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(f"{path}: no demo section markers ({README_START!r} ... {README_END!r})")
+    path.write_text(text[:i] + section + text[j + len(README_END):])
 
 
 def format_prediction(pred: Mapping[str, Any]) -> str:
