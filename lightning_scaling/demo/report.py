@@ -6,6 +6,7 @@ Figures use :class:`matplotlib.figure.Figure` with an Agg canvas (no ``pyplot`` 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,13 +151,14 @@ def readme_section(report: Mapping[str, Any], *, machine: str, cpu_seconds: floa
     table = format_table({k: v for k, v in report.items() if k not in ("runs", "law", "critical_batch")})
     wall = _as_float((report.get("timings") or {}).get("total_s"))
     lines = [README_START,
-             f"Table from one run ({machine}: {wall:.0f} s wall clock, {cpu_seconds:.0f} s CPU time):", "",
-             "```", table.rstrip(), "```", ""]
+             textwrap.fill(f"Table from one run ({machine}: {wall:.0f} s wall clock, {cpu_seconds:.0f} s CPU time):",
+                           width=110), "", "```", table.rstrip(), "```", ""]
     cbr = (report.get("comparison") or {}).get("critical_batch") or {}
     sweep, live = _as_float(cbr.get("sweep")), _as_float(cbr.get("live_b_simple"))
     if math.isfinite(sweep) and math.isfinite(live) and live > 0:
-        lines.append(f"Brackets are 90% bootstrap intervals. The critical batch from the batch sweep ({sweep:.1f}) "
-                     f"and the live gradient noise scale ({live:.1f}) differ by {100 * abs(sweep / live - 1):.0f}%.")
+        lines.append(textwrap.fill(
+            f"Brackets are 90% bootstrap intervals. The critical batch from the batch sweep ({sweep:.1f}) and the "
+            f"live gradient noise scale ({live:.1f}) differ by {100 * abs(sweep / live - 1):.0f}%.", width=110))
     else:
         lines.append("Brackets are 90% bootstrap intervals.")
     return "\n".join([*lines, README_END])
