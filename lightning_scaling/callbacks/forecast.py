@@ -310,7 +310,7 @@ class ScalingForecast(Callback):
         if self._pbar_pending:
             self._log_prog_bar(pl_module)
         horizon = self.resolved_horizon
-        if self.prog_bar and horizon is not None and step >= horizon and PBAR_ETA in trainer.progress_bar_metrics:
+        if self.prog_bar and horizon is not None and step >= horizon and self.n_refits > 0:
             self._log_pbar_value(pl_module, PBAR_ETA, 0.0)  # the run is over: no time left, whatever the EMA says
 
     @override
