@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -58,14 +59,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_tag_options(p: argparse.ArgumentParser) -> None:
+def _n_params_spec(text: str) -> tuple[str | None, float]:
+    """``N`` (every run whose logs do not record N) or ``RUN=N`` (that run) for ``fit --n-params``."""
+    name, sep, value = text.rpartition("=")
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"expected RUN=N or N, got {text!r}")
+    return (name or None), _positive_float(value)
+
+
+def _critical_batch(text: str) -> str | float:
+    """``none`` (no batch-size effects) or a positive number of samples (a constant critical batch)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'none' or a positive number of samples, got {text!r}") from None
+
+
+def _add_tag_options(p: argparse.ArgumentParser, *, per_run_n: bool = False) -> None:
     g = p.add_argument_group("reading logs (TensorBoard event folders or Lightning metrics.csv)")
     g.add_argument("--loss-tag", default=None, metavar="TAG",
                    help="scalar tag/column of the training loss (default: scaling/loss, written by LossTrajectory; "
                         "e.g. train_loss for a plain Lightning run)")
     g.add_argument("--lr-tag", default=None, metavar="TAG", help="tag of the learning rate (optional)")
-    g.add_argument("--n-params", type=_positive_float, default=None, metavar="N",
-                   help="non-embedding parameter count of the run(s), when the logs do not record it")
+    if per_run_n:
+        g.add_argument("--n-params", type=_n_params_spec, action="append", default=None, metavar="[RUN=]N",
+                       help="non-embedding parameter count: RUN=N for one run (its name as printed, or the last "
+                            "part(s) of its folder path; repeatable), N for every run whose logs record none "
+                            "(history.json, or an n_params-like key in Lightning's hparams.yaml)")
+    else:
+        g.add_argument("--n-params", type=_positive_float, default=None, metavar="N",
+                       help="non-embedding parameter count of the run(s), when the logs do not record it")
     g.add_argument("--run-batch-size", type=_positive_float, default=None, metavar="B",
                    help="samples per optimizer step of the run(s), when the logs do not record it")
     g.add_argument("--tokens-per-sample", type=_positive_float, default=None, metavar="T",
@@ -93,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a tiny setting (well under a minute): widths 8-32, 60 steps")
     demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per run (overrides)")
     demo.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (they are off anyway when stdout is not a terminal)")
     demo.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    demo.add_argument("--readme", default=None, metavar="README.md",
+                      help="after the run, rewrite the README's demo table (between its demo-table markers) and "
+                           "copy report.png to docs/demo_report.png next to it: the README shows a real run")
 
     recipe = sub.add_parser(
         "recipe", help="the scaling recipe for your own model and data (YAML/JSON config)",
@@ -109,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--accelerator", default=None, help="override trainer.accelerator (cpu, gpu, ...)")
     recipe.add_argument("--devices", default=None, help="override trainer.devices")
     recipe.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    recipe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    recipe.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are off anyway when stdout is not a terminal)")
     recipe.add_argument("--json", action="store_true", help="print report.json instead of the table")
     recipe.add_argument("--shard", default=None, metavar="I/N",
                         help="train only shard I of N of the runs (run k goes to shard k %% N; for SLURM arrays: "
@@ -141,9 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bootstrap", type=int, default=50, metavar="K", help="bootstrap refits (default 50; 0: none)")
     fit.add_argument("--critical-only", action="store_true",
                      help="fit only the critical batch size (runs of one size at several batch sizes)")
+    fit.add_argument("--critical-batch", type=_critical_batch, default=None, metavar="none|B",
+                     help="do not fit the critical batch: 'none' (runs at one batch size: a plain L(N, S)) or a "
+                          "constant critical batch B in samples")
     fit.add_argument("--out", default=None, metavar="DIR", help="write fit.json and PNG plots here")
     fit.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    _add_tag_options(fit)
+    _add_tag_options(fit, per_run_n=True)
 
     fc = sub.add_parser(
         "forecast", help="forecast one run's loss curve to a horizon",
@@ -195,7 +228,8 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
-def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool, **run_args: Any) -> int:
+def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool, readme: str | None = None,
+                **run_args: Any) -> int:
     from lightning_scaling.demo.recipe import RunInterrupted, _is_rank_zero, run_recipe
 
     start = time.perf_counter()
@@ -220,17 +254,67 @@ def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: boo
               f" TensorBoard logs (tensorboard --logdir {out}/runs)" + (", PNG plots: " + ", ".join(
                   Path(f).name for f in result.figures) if result.figures else ""))
         print(f"Total wall time: {wall:.0f} s")
+    if readme is not None:
+        _write_readme(readme, result)
     return EXIT_OK
 
 
+def _machine() -> str:
+    """Where a run ran, as the README states it: CPU model, cores, torch version, load when it started."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}{load}"
+
+
+def _write_readme(readme: str, result: Any) -> None:
+    import resource
+    import shutil
+
+    from lightning_scaling.demo.report import readme_section, update_readme
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    update_readme(readme, readme_section(result.report, machine=_machine(), cpu_seconds=cpu))
+    picture = Path(result.out_dir) / "report.png"
+    if picture.exists():
+        target = Path(readme).resolve().parent / "docs" / "demo_report.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(picture, target)
+    print(f"Updated the demo section of {readme}" + (" and docs/demo_report.png" if picture.exists() else ""))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.readme is not None:  # before minutes of training, not after
+        from lightning_scaling.demo.report import README_END, README_START
+
+        text = Path(args.readme).read_text() if Path(args.readme).is_file() else ""
+        if README_START not in text or README_END not in text:
+            raise CLIError(f"--readme {args.readme}: no such file, or it lacks the demo-table markers")
     from lightning_scaling.demo.recipe import demo_config, load_config
 
     cfg = demo_config(quick=args.quick)
     if args.steps is not None:
         cfg = load_config(cfg.to_dict(), max_steps=args.steps,
                           val_every=None if cfg.val_every is None else max(1, args.steps // 2))
-    return _cmd_recipe(cfg, args.out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json)
+    return _cmd_recipe(cfg, args.out, progress=_progress(args), plots=not args.no_plots, as_json=args.json,
+                       readme=args.readme)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: piped or logged output gets the one status line per run instead."""
+    from lightning_scaling.callbacks.progress import interactive
+
+    return not args.no_progress and interactive()
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
@@ -254,7 +338,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         return EXIT_OK if all(c.ok for c in checks) else EXIT_DATA
     out = args.out or f"scaling_{Path(args.config).stem}"
     shard = parse_shard(args.shard) if args.shard is not None else None
-    return _cmd_recipe(cfg, out, progress=not args.no_progress, plots=not args.no_plots, as_json=args.json,
+    return _cmd_recipe(cfg, out, progress=_progress(args), plots=not args.no_plots, as_json=args.json,
                        backend=args.backend, shard=shard)
 
 
@@ -265,7 +349,7 @@ def _reader_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.lr_tag is not None:
         kw["lr_tag"] = args.lr_tag
     for key in ("n_params", "tokens_per_sample"):
-        if getattr(args, key) is not None:
+        if isinstance(getattr(args, key), float):  # fit's per-run --n-params is applied after loading
             kw[key] = getattr(args, key)
     if args.run_batch_size is not None:
         kw["batch_size"] = args.run_batch_size
@@ -285,6 +369,85 @@ def _load_runs(paths: Sequence[str], args: argparse.Namespace) -> list[Any]:
     return runs
 
 
+_VERSION_DIR = re.compile(r"version_\d+")
+#: hparams.yaml keys that hold a parameter count (any nesting level; first match wins).
+_N_KEY = re.compile(r"(n|num|number_of)_?(non_?embedding_?)?(params|parameters)", re.IGNORECASE)
+
+
+def _run_folder(run: Any) -> Path | None:
+    source = (getattr(run, "meta", None) or {}).get("source")
+    if not source:
+        return None
+    path = Path(source)
+    return path.parent if path.is_file() else path
+
+
+def _name_from_path(run: Any, roots: Sequence[Path]) -> None:
+    """Name a TensorBoard/CSV run by its folder path below the LOGDIR it was found in (not only ``version_3``)."""
+    folder = _run_folder(run)
+    if folder is None:
+        return
+    folder = folder.resolve()
+    for root in roots:
+        try:
+            rel = folder.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+        if rel == ".":
+            rel = folder.name
+        if _VERSION_DIR.fullmatch(rel):
+            rel = f"{folder.parent.name}/{rel}"  # lightning_logs/version_3 alone says nothing
+        run.name = rel
+        return
+
+
+def _hparams_n_params(run: Any) -> float | None:
+    """An ``n_params``-like number in the ``hparams.yaml`` Lightning's loggers write next to a run."""
+    folder = _run_folder(run)
+    if folder is None or not (folder / "hparams.yaml").is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load((folder / "hparams.yaml").read_text())
+    except (yaml.YAMLError, OSError):  # e.g. python/object tags of a logged module
+        return None
+    stack = [data]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if _N_KEY.fullmatch(str(key)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value) if value > 0 else None
+                stack.append(value)
+    return None
+
+
+def _assign_n_params(runs: Sequence[Any], specs: Sequence[tuple[str | None, float]] | None) -> None:
+    """Per-run ``--n-params RUN=N`` first, then what the logs record, then a global ``--n-params N``."""
+    specs = list(specs or [])
+    default = next((n for name, n in reversed(specs) if name is None), None)
+    for name, n in specs:
+        if name is None:
+            continue
+        key = name.strip("/")
+        hits = [r for r in runs if r.name == key or r.name.endswith("/" + key)]
+        if len(hits) != 1:
+            raise CLIError(f"--n-params {name}=...: {'no run' if not hits else f'{len(hits)} runs'} named {key!r}; "
+                           f"runs: {', '.join(r.name for r in runs)}")
+        hits[0].n_params = n
+    named = {r.name for r in runs if any(r.name == k or r.name.endswith("/" + k) for k, _ in specs if k)}
+    for r in runs:
+        if r.name not in named and r.n_params is None:
+            r.n_params = _hparams_n_params(r) or default
+
+
+def _check_paths(paths: Sequence[str]) -> None:
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist")
+
+
 def _check_fit_runs(runs: Sequence[Any], *, min_points: int = 10) -> None:
     for r in runs:
         n_ok = int(r.finite_mask.sum())
@@ -293,7 +456,8 @@ def _check_fit_runs(runs: Sequence[Any], *, min_points: int = 10) -> None:
                            f"(need >= {min_points})")
     missing = [r.name for r in runs if r.n_params is None]
     if missing:
-        raise CLIError(f"runs {missing} do not record their size N: log them with LossTrajectory or pass --n-params")
+        raise CLIError(f"runs {missing} do not record their size N: log them with LossTrajectory or pass "
+                       "--n-params RUN=N per run (or --n-params N for all)")
     missing = [r.name for r in runs if r.batch_size is None]
     if missing:
         raise CLIError(f"runs {missing} do not record their batch size: pass --run-batch-size")
@@ -307,12 +471,19 @@ def _check_identified(law: Any) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    # Every check on the input runs before the fitting modules (Lightning, scipy, matplotlib) are imported.
+    if args.critical_batch is not None and args.critical_only:
+        raise CLIError("--critical-batch gives the critical batch, --critical-only fits it: use one")
+    _check_paths(args.logdirs)
+    runs = _load_runs(args.logdirs, args)
+    for r in runs:
+        _name_from_path(r, [Path(p) for p in args.logdirs])
+    _assign_n_params(runs, args.n_params)
+    _check_fit_runs(runs)
     from lightning_scaling.demo.recipe import fit_and_predict
     from lightning_scaling.demo.report import format_fit_table
     from lightning_scaling.fitting import fit_critical_batch_size
 
-    runs = _load_runs(args.logdirs, args)
-    _check_fit_runs(runs)
     sizes = sorted({r.n_params for r in runs})
     if args.critical_only:
         with warnings.catch_warnings():
@@ -325,11 +496,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if len(sizes) < 2:
             raise CLIError(f"all {len(runs)} runs have the same size N={sizes[0]:g}: a size fit needs runs of >= 2 "
                            "sizes (use --critical-only to fit the critical batch size of a batch sweep)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FitWarning)  # turned into the one-line error below
-            result = fit_and_predict(runs, predict_n=args.predict_n, batch_size=args.batch_size, steps=args.steps,
-                                     target_loss=args.target_loss,
-                                     fit_kwargs={"form": args.form, "n_bootstrap": max(0, args.bootstrap)})
+        fit_kwargs: dict[str, Any] = {"form": args.form, "n_bootstrap": max(0, args.bootstrap)}
+        if args.critical_batch is not None:
+            fit_kwargs["critical_batch"] = args.critical_batch
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FitWarning)  # turned into the one-line error below
+                result = fit_and_predict(runs, predict_n=args.predict_n, batch_size=args.batch_size,
+                                         steps=args.steps, target_loss=args.target_loss, fit_kwargs=fit_kwargs,
+                                         **({"sweep_runs": []} if args.critical_batch is not None else {}))
+        except ValueError as err:
+            if "critical_batch='none'" not in str(err):
+                raise
+            raise CLIError("no critical batch size available: the runs hold no batch sweep of one size and no "
+                           "gradient noise scale. Pass --critical-batch none (fit L(N, S) at the batch size used) "
+                           "or --critical-batch B (a constant critical batch in samples)") from None
         _check_identified(result.get("_law"))
     if args.out:
         from lightning_scaling.demo.recipe import _json_default, tail_mean

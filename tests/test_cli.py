@@ -157,3 +157,49 @@ def test_recipe_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     example = Path(__file__).resolve().parents[1] / "callbacks" / "recipe_example.yaml"
     assert main(["recipe", "--config", str(example), "--dry-run"]) == 0
     assert "holdout" in capsys.readouterr().out
+
+
+def test_fit_on_plain_lightning_logs_per_run_n_and_critical_batch(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Plain Lightning TensorBoard logs (tag train_loss) of three sizes at one batch size: N of two runs from the
+    # hparams.yaml Lightning writes (any nesting, an n_params-like key), the third from --n-params RUN=N.
+    from torch.utils.tensorboard import SummaryWriter
+
+    for n in (1e6, 3e6, 1e7):
+        run = tmp_path / "lightning_logs" / f"n{n:g}" / "version_0"
+        with SummaryWriter(str(run)) as w:
+            for s, v in zip(STEPS, np.minimum(loss_n_s_b(n, np.maximum(STEPS, 1), 64, **TRUTH), 10.0)):
+                w.add_scalar("train_loss", float(v), int(s))
+        if n < 1e7:
+            (run / "hparams.yaml").write_text(f"lr: 0.001\nmodel:\n  num_params: {int(n)}\n")
+    base = ["fit", str(tmp_path / "lightning_logs"), "--loss-tag", "train_loss", "--run-batch-size", "64",
+            "--bootstrap", "0"]
+    assert main([*base]) == 1
+    assert "n1e+07/version_0" in _err(capsys)  # named by folder path, not just version_0
+    assert main([*base, "--n-params", "nope=5"]) == 1
+    assert "no run named 'nope'" in _err(capsys)
+    assert main([*base, "--n-params", "n1e+07/version_0=1e7"]) == 1
+    assert "--critical-batch none" in _err(capsys)  # one batch size, no sweep: the flag the error names exists
+    assert main([*base, "--n-params", "n1e+07/version_0=1e7", "--critical-batch", "none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["name"]: r["n_params"] for r in out["runs"]} == {
+        "n1e+06/version_0": 1e6, "n3e+06/version_0": 3e6, "n1e+07/version_0": 1e7}
+    assert out["critical_batch"]["b_star"] == 0.0
+    # A global N fills in only the runs whose logs record none.
+    assert main([*base, "--n-params", "1e7", "--critical-batch", "none", "--json"]) == 0
+    assert sorted(r["n_params"] for r in json.loads(capsys.readouterr().out)["runs"]) == [1e6, 3e6, 1e7]
+    with pytest.raises(SystemExit):
+        main([*base, "--critical-batch", "big"])
+    assert "expected 'none' or a positive number" in capsys.readouterr().err
+
+
+def test_fit_fails_fast_before_importing_heavy_modules(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from lightning_scaling.cli import main; rc = main(['fit', sys.argv[1]]); "
+            "print(rc, sorted(m for m in ('lightning', 'scipy', 'matplotlib', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.stdout.split() == ["1", "[]"], done.stdout + done.stderr
+    assert "does not exist" in done.stderr

@@ -17,15 +17,16 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_scaling.forecast as forecast_mod
 from lightning_scaling.callbacks.forecast import PBAR_ETA, PBAR_LOSS, ScalingForecast
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
 from lightning_scaling.callbacks.panels import (
+    FORECAST_TAG,
     LOSS_TAG,
     LOWER_TAG,
+    OBSERVED_TAG,
     UPPER_TAG,
     custom_scalars_layout,
     forecast_figure,
@@ -124,9 +125,12 @@ def test_rejects_bad_arguments(kwargs):
         ScalingForecast(**kwargs)
 
 
-def test_requires_loss_trajectory(tmp_path, stub):
-    with pytest.raises(MisconfigurationException, match="LossTrajectory"):
-        fit(tmp_path, [ScalingForecast(every_n_steps=5)], max_steps=5, logger=False)
+def test_adds_a_loss_trajectory_when_none_is_attached(tmp_path, stub):
+    sf = ScalingForecast(every_n_steps=5, background=False, figure=False, forecast_runs=False)
+    trainer = fit(tmp_path, [sf], max_steps=10, logger=False)
+    trajs = [c for c in trainer.callbacks if isinstance(c, LossTrajectory)]
+    assert len(trajs) == 1 and trainer.callbacks[0] is trajs[0]
+    assert len(trajs[0].history) == 10 and sf.n_refits == 2
 
 
 # ------------------------------------------------------------------------------------------ logging (closed form)
@@ -166,23 +170,22 @@ def test_logs_exact_summary_panels_and_progress_bar(tmp_path, stub):
     layout = layout_pb2.Layout()
     layout.ParseFromString(events[0].tensor_proto.string_val[0])
     titles = {c.title: [ch.title for ch in c.chart] for c in layout.category}
-    assert set(titles) == {"Loss vs forecast", "Gradient noise scale vs batch size", "Tokens"}
-    margin = next(ch for c in layout.category for ch in c.chart if ch.title == "predicted final loss").margin
+    assert set(titles) == {"Forecast", "Gradient noise scale", "Tokens"}
+    margin = next(ch for c in layout.category for ch in c.chart if ch.title.startswith("predicted final")).margin
     assert [s.value for s in margin.series] == ["forecast/final_loss"]
     assert margin.series[0].lower == "forecast/final_loss_lower"
     assert margin.series[0].upper == "forecast/final_loss_upper"
 
-    # Each refit's full curve in its own run under the observed-loss tag (overlays scaling/loss).
-    for at in (10, 20, 30, 40):
-        run = forecast_run_dir(log_dir, at)
-        curve_points = scalars(run, LOSS_TAG)
-        assert curve_points[0] == pytest.approx(curve(0), abs=1e-6)
-        assert curve_points[horizon] == pytest.approx(curve(horizon), abs=1e-6)
-        assert scalars(run, LOWER_TAG)[horizon] == pytest.approx(curve(horizon) - HALF_WIDTH, abs=1e-6)
-        assert scalars(run, UPPER_TAG)[horizon] == pytest.approx(curve(horizon) + HALF_WIDTH, abs=1e-6)
-    # ... and against tokens (24 tokens per step) next to LossTrajectory's by_tokens run.
-    tok_run = os.path.join(log_dir, "by_tokens", "forecast", "step_000040")
-    assert scalars(tok_run, LOSS_TAG)[40 * 24] == pytest.approx(curve(40), abs=1e-6)
+    # One forecast run holding the latest refit's curve on the step axis (one point per step, not one per refit).
+    run = forecast_run_dir(log_dir)
+    assert len([f for f in os.listdir(run) if f.startswith("events.out.tfevents")]) == 1
+    curve_points = scalars(run, FORECAST_TAG)
+    assert sorted(curve_points) == list(range(horizon + 1))
+    assert curve_points[horizon] == pytest.approx(curve(horizon), abs=1e-6)
+    assert scalars(run, LOWER_TAG)[horizon] == pytest.approx(curve(horizon) - HALF_WIDTH, abs=1e-6)
+    assert scalars(run, UPPER_TAG)[horizon] == pytest.approx(curve(horizon) + HALF_WIDTH, abs=1e-6)
+    assert max(scalars(run, OBSERVED_TAG)) == 39  # the observed loss the last refit saw (steps 0-39)
+    assert not os.path.exists(os.path.join(log_dir, "by_tokens", "forecast"))  # no token-axis forecast runs
     latest = json.load(open(os.path.join(log_dir, "forecast", "latest.json")))
     assert latest["at_step"] == 40 and latest["final_loss"] == pytest.approx(curve(horizon))
     # The observed curve is in the main run under the same tag.
@@ -213,7 +216,8 @@ def test_refits_after_validation_but_not_sanity_check(tmp_path, monkeypatch):
             return None
 
     model = WithVal(max_steps=30)
-    sf = ScalingForecast(every_n_steps=1000, background=False, figure=False, forecast_runs=False)
+    sf = ScalingForecast(every_n_steps=1000, background=False, figure=False, forecast_runs=False,
+                         refit_on_validation=True)
     tb = TensorBoardLogger(tmp_path, name="tb")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[LossTrajectory(), sf], logger=tb,
                                           val_check_interval=10, num_sanity_val_steps=2))
@@ -342,9 +346,8 @@ def test_layout_written_once_per_writer(tmp_path):
     assert write_custom_scalars(writer) is False
     writer.close()
     layout = custom_scalars_layout()
-    assert layout["Gradient noise scale vs batch size"]["B_simple and batch/B_simple"][1] == [
-        r"gns/b_simple$", r"gns/batch_over_bsimple$"]
-    assert layout["Tokens"]["tokens seen"] == ["Multiline", [r"scaling/tokens$"]]
+    assert layout["Gradient noise scale"]["B_simple (samples)"][1] == [r"^(gns/b_simple|forecast/critical_batch)$"]
+    assert layout["Tokens"]["tokens seen"] == ["Multiline", [r"^(scaling/tokens)$"]]
 
 
 def test_forecast_run_subsamples_and_keeps_endpoints(tmp_path):
@@ -352,13 +355,13 @@ def test_forecast_run_subsamples_and_keeps_endpoints(tmp_path):
     loss = curve(steps)
     f = StubForecast(steps=steps, loss=loss, lower=loss - 0.1, upper=loss + 0.1, observed_until=5000,
                      n_observed=5001, tokens_per_step=None)
-    run = write_forecast_run(tmp_path, f, at_step=5000, max_points=101)
-    pts = scalars(run, LOSS_TAG)
+    run = write_forecast_run(tmp_path, f, max_points=101)
+    pts = scalars(run, FORECAST_TAG)
     assert len(pts) == 101 and min(pts) == 0 and max(pts) == 10000
     assert pts[10000] == pytest.approx(curve(10000), abs=1e-6)
-    assert not os.path.exists(os.path.join(tmp_path, "by_tokens"))  # no tokens per step known
-    with pytest.raises(ValueError):
-        write_forecast_run(tmp_path, f, at_step=1, max_points=1)
+    assert OBSERVED_TAG not in pts  # no history given: no observed curve
+    with pytest.raises(ValueError, match="max_points"):
+        write_forecast_run(tmp_path, f, max_points=1)
 
 
 def test_forecast_figure_draws_observed_forecast_band_and_target():

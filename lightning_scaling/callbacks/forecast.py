@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_debug, rank_zero_info
 from typing_extensions import override
 
@@ -26,12 +25,17 @@ if TYPE_CHECKING:
     from lightning_scaling.forecast import Forecast
     from lightning_scaling.history import RunHistory
 
-__all__ = ["ScalingForecast", "resolve_horizon"]
+__all__ = ["ScalingForecast", "predictable", "recent_mean_loss", "resolve_horizon"]
 
 _BACKGROUND_CHOICES = ("auto", True, False)
 # Progress-bar keys (short: the bar is one line).
 PBAR_LOSS = "pred_loss"
 PBAR_ETA = "eta_min"
+PBAR_AVG = "avg_loss"
+#: Summary keys that do not depend on the forecast's band (logged even while the forecast is not predictable).
+_TIME_KEYS = ("forecast/refit_seconds", "forecast/remaining_seconds", "forecast/critical_batch")
+#: Fraction of the logged history averaged for ``avg_loss`` (at least ``_AVG_MIN_POINTS`` records).
+_AVG_FRACTION, _AVG_MIN_POINTS = 0.02, 5
 
 
 def resolve_horizon(trainer: pl.Trainer, horizon: int | None = None) -> int | None:
@@ -70,6 +74,7 @@ class _Result:
     error: BaseException | None = None
     image: np.ndarray | None = None
     critical_batch: float | None = None
+    smoothed_loss: float | None = None
     fit_seconds: float = 0.0
     total_seconds: float = 0.0
 
@@ -77,9 +82,10 @@ class _Result:
 class ScalingForecast(Callback):
     r"""Refit the run's loss curve while it trains and log the predicted final loss, band, ETA and target steps.
 
-    Every ``every_n_steps`` optimizer steps and after every validation run (not the sanity check) it fits
-    :func:`~lightning_scaling.forecast.forecast_run` to the history recorded by :class:`LossTrajectory` (which
-    must be attached) and logs, at the current ``global_step`` to every logger (rank 0):
+    Every ``every_n_steps`` optimizer steps (whatever the validation cadence; ``refit_on_validation=True`` adds a
+    refit after each validation run) it fits :func:`~lightning_scaling.forecast.forecast_run` to the history
+    recorded by :class:`LossTrajectory` (a default one is added in ``setup`` when none is attached) and logs, at the current ``global_step`` to every
+    logger (rank 0):
 
     - ``forecast/final_loss``, ``forecast/final_loss_lower``, ``forecast/final_loss_upper``: predicted loss at the
       last step of the run (``horizon``) with its ``confidence`` band;
@@ -91,11 +97,15 @@ class ScalingForecast(Callback):
       :class:`GradientNoiseScale` feeds the history.
 
     Non-finite values (a target that is never reached) are not logged; they stay in :attr:`summary`. The
-    progress bar shows ``pred_loss`` and ``eta_min``. With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
-    it also writes, on rank 0, the custom-scalars layout (once per run), each refit's full forecast curve as its
-    own run ``<log_dir>/forecast/step_XXXXXX`` under the observed-loss tag ``scaling/loss`` (so TensorBoard
-    overlays them), a figure of the curve, forecast and band (``forecast/curve``) and the latest forecast with its
-    fitted parameters as ``<log_dir>/forecast/latest.json``.
+    progress bar shows ``pred_loss`` (the predicted final loss), ``eta_min`` (0 once the run ends) and
+    ``avg_loss``, the mean training loss of the last few logged steps (the bar's own ``train_loss`` is the last
+    batch, far noisier than the forecast). While the band is wider than the predicted loss itself the forecast is
+    *not yet predictable*: ``pred_loss`` is left out of the bar and an info line says so. With a
+    :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes, on rank 0, the custom-scalars layout
+    (once per run), the latest forecast curve with the smoothed observed loss as one run ``<log_dir>/forecast``
+    (replaced at each refit, see :mod:`~lightning_scaling.callbacks.panels`), a figure of the curve, forecast and
+    band (``forecast/curve``) and the latest forecast with its fitted parameters as
+    ``<log_dir>/forecast/latest.json``.
 
     **Cost.** The refit must not stall training. Every refit is timed; with ``background="auto"`` it runs on the
     training thread only while the slowest refit so far cost at most ``max_overhead`` of the training time of the
@@ -123,9 +133,10 @@ class ScalingForecast(Callback):
         background: ``"auto"``, ``True`` (always off the training thread) or ``False`` (always on it).
         max_overhead: With ``background="auto"``, the fraction of the interval's training time above which refits
             move off the training thread.
-        refit_on_validation: Also refit after each validation run.
+        refit_on_validation: Also refit after each validation run (off: the cadence is ``every_n_steps``).
         figure: Log a matplotlib figure of the forecast to TensorBoard at each refit (needs matplotlib).
-        forecast_runs: Write each refit's curve to its own TensorBoard run and ``latest.json``.
+        forecast_runs: Write the latest forecast to the TensorBoard run ``<log_dir>/forecast`` (replaced at each
+            refit whose forecast is predictable) and ``latest.json``.
         prog_bar: Show ``pred_loss`` and ``eta_min`` in the progress bar.
         warm_start: Start each refit from the previous forecast (``forecast_run(init=...)``: milliseconds instead
             of a full search); ``forecast_run`` itself redoes the full validation periodically
@@ -136,7 +147,6 @@ class ScalingForecast(Callback):
         ValueError: ``every_n_steps`` or ``horizon`` is not a positive int, ``confidence`` not in (0, 1),
             ``max_overhead`` not positive, ``target_loss`` not finite or ``background`` not one of
             ``"auto"``, ``True``, ``False``.
-        MisconfigurationException: in ``setup``, when no :class:`LossTrajectory` is attached.
 
     Attributes:
         forecast: The latest successful :class:`~lightning_scaling.forecast.Forecast` (``None`` before the first).
@@ -168,7 +178,7 @@ class ScalingForecast(Callback):
         method: str = "auto",
         background: bool | str = "auto",
         max_overhead: float = 0.02,
-        refit_on_validation: bool = True,
+        refit_on_validation: bool = False,
         figure: bool = True,
         forecast_runs: bool = True,
         prog_bar: bool = True,
@@ -226,6 +236,7 @@ class ScalingForecast(Callback):
         self._interval_seconds = 0.0
         self._worst_refit_seconds: float | None = None  # slowest refit so far (background="auto" decides by it)
         self._pbar_pending = False
+        self._said_unpredictable = False  # the "not yet predictable" line is printed once per such stretch
 
     @property
     def state_key(self) -> str:
@@ -250,9 +261,14 @@ class ScalingForecast(Callback):
             return
         self._traj = find_trajectory(trainer)
         if self._traj is None:
-            raise MisconfigurationException(
-                "ScalingForecast needs the LossTrajectory callback to record the loss curve: "
-                "`Trainer(callbacks=[LossTrajectory(...), ScalingForecast(...)])`."
+            # Composable configs: forecast.yaml alone, or with scaling.yaml, must not make two LossTrajectory
+            # (same state key) or none. First in the list, so it records each step before the others read it.
+            self._traj = LossTrajectory()
+            trainer.callbacks.insert(0, self._traj)
+            self._traj.setup(trainer, pl_module, stage)  # the running setup loop has passed index 0
+            rank_zero_info(
+                "ScalingForecast: no LossTrajectory attached, so one was added; it does not count tokens. Attach "
+                "`LossTrajectory(tokens_per_sample=...)` (or callbacks/scaling.yaml) to get tokens-to-target."
             )
 
     @override
@@ -294,6 +310,9 @@ class ScalingForecast(Callback):
             self._refit(trainer)
         if self._pbar_pending:
             self._log_prog_bar(pl_module)
+        horizon = self.resolved_horizon
+        if self.prog_bar and horizon is not None and step >= horizon and self.n_refits > 0:
+            self._log_pbar_value(pl_module, PBAR_ETA, 0.0)  # the run is over: no time left, whatever the EMA says
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -417,7 +436,8 @@ class ScalingForecast(Callback):
     ) -> _Result:
         """Fit and render; runs on the worker thread in background mode, so it touches no trainer state."""
         t0 = time.perf_counter()
-        result = _Result(at_step=at_step, critical_batch=_last_finite(getattr(history, "gns_b_simple", None)))
+        result = _Result(at_step=at_step, critical_batch=_last_finite(getattr(history, "gns_b_simple", None)),
+                         smoothed_loss=recent_mean_loss(history))
         try:
             result.forecast = _forecast.forecast_run(
                 history,
@@ -445,10 +465,12 @@ class ScalingForecast(Callback):
             except Exception as err:
                 result.error = err  # reported on the training thread, forecast still used
         if log_dir is not None and self.forecast_runs:
-            from lightning_scaling.callbacks.panels import write_forecast_json, write_forecast_run
+            from lightning_scaling.callbacks.panels import is_predictable, write_forecast_json, write_forecast_run
 
+            fc = result.forecast
             try:
-                write_forecast_run(log_dir, result.forecast, at_step=at_step)
+                if is_predictable(fc.final_loss, fc.final_lower, fc.final_upper):  # else keep the last readable one
+                    write_forecast_run(log_dir, fc, history=history)
                 write_forecast_json(log_dir, result.forecast, extra={"at_step": at_step,
                                                                       "fit_seconds": result.fit_seconds})
             except Exception as err:
@@ -491,6 +513,9 @@ class ScalingForecast(Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: v for k, v in self.summary.items() if k.startswith("forecast/") and math.isfinite(v)}
+        if not predictable(self.summary):  # numbers from a band wider than the loss would only mislead
+            metrics = {k: v for k, v in metrics.items() if k in _TIME_KEYS}
+        metrics["forecast/predictable"] = float(predictable(self.summary))
         step = trainer.global_step
         for lg in trainer.loggers:
             try:
@@ -543,21 +568,35 @@ class ScalingForecast(Callback):
         out["forecast/eta_seconds"] = eta
         if result.critical_batch is not None:
             out["forecast/critical_batch"] = result.critical_batch
+        out["smoothed_loss"] = result.smoothed_loss if result.smoothed_loss is not None else nan
         return out
 
     def _log_prog_bar(self, pl_module: pl.LightningModule) -> None:
+        self._pbar_pending = False
+        summary = self.summary
+        loss, eta = summary.get("forecast/final_loss"), summary.get("forecast/eta_seconds")
+        if predictable(summary):
+            self._said_unpredictable = False
+            self._log_pbar_value(pl_module, PBAR_LOSS, loss)
+        elif not self._said_unpredictable:
+            self._said_unpredictable = True
+            rank_zero_info(
+                f"ScalingForecast: step {int(summary.get('at_step', 0))}: final loss not yet predictable (band "
+                f"[{summary.get('forecast/final_loss_lower', math.nan):.3g}, "
+                f"{summary.get('forecast/final_loss_upper', math.nan):.3g}] is wider than the loss); "
+                f"`{PBAR_LOSS}` appears in the progress bar once the band narrows."
+            )
+        self._log_pbar_value(pl_module, PBAR_ETA, None if eta is None else eta / 60.0)
+        self._log_pbar_value(pl_module, PBAR_AVG, summary.get("smoothed_loss"))
+
+    def _log_pbar_value(self, pl_module: pl.LightningModule, key: str, value: float | None) -> None:
         # CPU tensors: the progress bar converts logged values with .item() on every batch; on a CPU tensor that
         # is no host-device synchronisation.
-        self._pbar_pending = False
-        loss = self.summary.get("forecast/final_loss")
-        eta = self.summary.get("forecast/eta_seconds")
+        if value is None or not math.isfinite(value):
+            return
         try:
-            if loss is not None and math.isfinite(loss):
-                pl_module.log(PBAR_LOSS, torch.tensor(loss), prog_bar=True, logger=False, on_step=True,
-                              on_epoch=False, batch_size=1)
-            if eta is not None and math.isfinite(eta):
-                pl_module.log(PBAR_ETA, torch.tensor(eta / 60.0), prog_bar=True, logger=False, on_step=True,
-                              on_epoch=False, batch_size=1)
+            pl_module.log(key, torch.tensor(float(value)), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                          batch_size=1)
         except Exception as err:  # e.g. logging disabled in this context
             self._warning_cache.warn(f"ScalingForecast: could not update the progress bar ({err}).")
 
@@ -567,6 +606,41 @@ class ScalingForecast(Callback):
             self._executor = None
         if not wait:
             self._future = None
+
+
+def predictable(summary: Mapping[str, float]) -> bool:
+    """Whether a forecast summary is worth showing as a number: its band is narrower than the predicted loss.
+
+    A band wider than the loss itself (early in a run: e.g. [0.09, 35.8] nats) says nothing about the final loss.
+
+    Example::
+
+        >>> band = lambda lo, hi: {"forecast/final_loss_lower": lo, "forecast/final_loss_upper": hi}
+        >>> predictable({"forecast/final_loss": 3.0, **band(2.9, 3.2)})
+        True
+        >>> predictable({"forecast/final_loss": 3.0, **band(0.09, 35.8)})
+        False
+    """
+    from lightning_scaling.callbacks.panels import is_predictable
+
+    return is_predictable(*(summary.get(f"forecast/final_loss{k}", math.nan) for k in ("", "_lower", "_upper")))
+
+
+def recent_mean_loss(history: Any) -> float | None:
+    """Mean finite loss over the last 2% of a history (at least 5 records): the training loss as a person reads it.
+
+    Example::
+
+        >>> import types
+        >>> recent_mean_loss(types.SimpleNamespace(loss=np.r_[np.full(95, 9.0), 3.0, 1.0, 2.0, 3.0, 1.0]))
+        2.0
+    """
+    loss = np.asarray(getattr(history, "loss", ()), dtype=np.float64)
+    loss = loss[np.isfinite(loss)]
+    if loss.size == 0:
+        return None
+    k = max(_AVG_MIN_POINTS, int(round(_AVG_FRACTION * loss.size)))
+    return float(np.mean(loss[-k:]))
 
 
 def _last_finite(values: Any) -> float | None:

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_scaling.history import HISTORY_FILENAME, AppendArray, RunHistory
+from lightning_scaling.warnings import DataWarning
 
 __all__ = ["LossTrajectory", "count_non_embedding_params", "default_batch_size"]
 
@@ -253,6 +254,32 @@ class LossTrajectory(Callback):
     def _counts_tokens(self) -> bool:
         return self.tokens_per_sample is not None or self.tokens_fn is not None
 
+    def _check_tokens_per_sample(self, batch: Any) -> None:
+        """Warn once when ``tokens_per_sample`` disagrees with the sequence length of the batch's token tensor.
+
+        Only shapes are read (host metadata, no sync). The token tensor is ``batch["input_ids"]`` or the first
+        2-D integer tensor of the batch; batches without one (images, ...) are not checked.
+        """
+        self._tokens_checked = True
+        if self.tokens_per_sample is None or self.tokens_fn is not None:
+            return
+        if isinstance(batch, Mapping):
+            items = [batch.get("input_ids"), *batch.values()]
+        else:
+            items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        tokens = next((t for t in items if isinstance(t, torch.Tensor) and t.ndim == 2
+                       and not t.is_floating_point() and not t.is_complex()), None)
+        if tokens is None or tokens.shape[1] == self.tokens_per_sample:
+            return
+        seq = int(tokens.shape[1])
+        rank_zero_warn(
+            f"LossTrajectory: tokens_per_sample={self.tokens_per_sample:g} but the first batch's token tensor holds "
+            f"{seq} tokens per sample, so token counts (and gns/b_simple_tokens) would be "
+            f"{self.tokens_per_sample / seq:.3g}x off. Set tokens_per_sample={seq}, or pass tokens_fn= to count "
+            "tokens per batch (e.g. non-padding tokens).",
+            category=DataWarning,
+        )
+
     # ---------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -286,6 +313,8 @@ class LossTrajectory(Callback):
                              batch_idx: int) -> None:
         if self._win_step is None:
             self._win_step = trainer.global_step
+        if not getattr(self, "_tokens_checked", False):  # first batch of this fit only
+            self._check_tokens_per_sample(batch)
         samples = float(self.batch_size_fn(batch))
         self._win_samples += samples
         if self.tokens_fn is not None:

@@ -1,20 +1,26 @@
-"""TensorBoard panels for live forecasts: custom-scalars layout, forecast runs and the forecast figure.
+"""TensorBoard panels for live forecasts: custom-scalars layout, the forecast run and the forecast figure.
 
 Everything here is plain I/O around a :class:`~lightning_scaling.history.RunHistory` and a
 :class:`~lightning_scaling.forecast.Forecast`; the callbacks decide *when* to call it (rank 0 only).
 
-TensorBoard cannot show a curve that is rewritten on every refit (re-logging a tag at the same steps leaves
-duplicate points), so each refit's full forecast curve goes to its **own run directory**
-``<log_dir>/forecast/step_XXXXXX`` under the **same tag** as the observed loss (``scaling/loss``); TensorBoard then
-overlays the observed run and every forecast run in one chart. The summaries (predicted final loss and its band,
-steps/tokens to a target) are ordinary scalars of the main run, shown as a margin chart by the layout below.
+A training shows up in TensorBoard as a handful of runs: the logger's run (``<log_dir>``: observed loss, forecast
+summaries, gradient noise scale), ``LossTrajectory``'s ``<log_dir>/by_tokens`` and one **forecast run**
+``<log_dir>/forecast``. The forecast run holds the *latest* forecast only, on the optimizer-step axis:
+``forecast/loss`` with its band ``forecast/loss_lower``/``forecast/loss_upper`` up to the horizon, and the
+smoothed observed loss ``forecast/observed_loss`` it was fitted to, so the "Forecast" chart of Custom Scalars
+shows the real loss under the latest forecast with nothing from the tokens axis mixed in. Each refit writes a new
+event file that starts again at step 0 and deletes the previous one; TensorBoard replaces a series whose steps
+restart (the data server preempts the later records; the Python loader purges at the ``SessionLog.START`` written
+first), so the chart never accumulates one curve per refit.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +32,14 @@ if TYPE_CHECKING:
     from lightning_scaling.forecast import Forecast
     from lightning_scaling.history import RunHistory
 
-#: Tag of the observed training loss written by ``LossTrajectory``; forecast runs reuse it so the two overlay.
+#: Tag of the observed training loss written by ``LossTrajectory`` (in the logger's run and its ``by_tokens`` run).
 LOSS_TAG = "scaling/loss"
-#: Tags of the band written next to the forecast curve in each forecast run.
+#: Tags of the forecast run: the latest forecast's mean and band, and the smoothed observed loss it was fitted to.
+FORECAST_TAG = "forecast/loss"
 LOWER_TAG = "forecast/loss_lower"
 UPPER_TAG = "forecast/loss_upper"
-#: Sub-directory of the logger's ``log_dir`` that holds one run per refit.
+OBSERVED_TAG = "forecast/observed_loss"
+#: Sub-directory of the logger's ``log_dir`` that is the forecast run (and holds ``latest.json``).
 FORECAST_DIR = "forecast"
 #: Name of the JSON file (inside ``<log_dir>/forecast``) holding the latest forecast and its fitted parameters.
 FORECAST_JSON = "latest.json"
@@ -39,12 +47,15 @@ FORECAST_JSON = "latest.json"
 __all__ = [
     "FORECAST_DIR",
     "FORECAST_JSON",
+    "FORECAST_TAG",
     "LOSS_TAG",
     "LOWER_TAG",
+    "OBSERVED_TAG",
     "UPPER_TAG",
     "custom_scalars_layout",
     "forecast_figure",
     "forecast_run_dir",
+    "is_predictable",
     "render_figure",
     "write_custom_scalars",
     "write_forecast_json",
@@ -52,13 +63,36 @@ __all__ = [
 ]
 
 
-def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout of lightning-scaling's TensorBoard tags.
+def is_predictable(loss: Any, lower: Any, upper: Any) -> bool:
+    """Whether a predicted loss is worth reading as a number: its band is finite and narrower than the loss itself.
 
-    Categories: ``"Loss vs forecast"`` (observed ``scaling/loss`` overlaid with every forecast run, and a margin
-    chart of the predicted final loss with its lower/upper bound), ``"Gradient noise scale vs batch size"``
-    (``gns/b_simple`` with ``gns/batch_over_bsimple``) and ``"Tokens"`` (``scaling/tokens``). Multiline entries are
-    regexes anchored at the start of the tag; margin entries are exact tags ``[value, lower, upper]``.
+    Early in a run the band can span [0.09, 35.8] nats around a loss of 3; such a forecast is shown as
+    "not yet predictable" rather than as numbers.
+
+    Example::
+
+        >>> is_predictable(3.0, 2.9, 3.2), is_predictable(3.0, 0.09, 35.8), is_predictable(3.0, float("nan"), 3.1)
+        (True, False, False)
+    """
+    try:
+        loss, lower, upper = float(loss), float(lower), float(upper)
+    except (TypeError, ValueError):
+        return False
+    return all(map(math.isfinite, (loss, lower, upper))) and upper - lower <= abs(loss)
+
+
+def _chart(*tags: str) -> list[Any]:
+    """A multiline chart of exactly these tags (anchored regex: ``gns/b_simple`` must not match ``..._tokens``)."""
+    return ["Multiline", [f"^({'|'.join(tags)})$"]]
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout of lightning-scaling's TensorBoard tags: one unit per chart.
+
+    Categories: ``"Forecast"`` (the forecast run's latest curve and band over the smoothed observed loss, on the
+    step axis; the predicted final loss with its band at each refit as a margin chart; steps, tokens and seconds
+    to the target each on their own chart), ``"Gradient noise scale"`` (B_simple in samples with the forecast's
+    critical batch, and batch/B_simple alone) and ``"Tokens"`` (``scaling/tokens``).
 
     Returns:
         ``{category: {chart title: ["Multiline" | "Margin", [tags...]]}}``, the shape ``add_custom_scalars`` takes.
@@ -66,25 +100,27 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
     Example::
 
         >>> layout = custom_scalars_layout()
-        >>> layout["Loss vs forecast"]["predicted final loss"]
+        >>> layout["Forecast"]["predicted final loss (band) at each refit"]
         ['Margin', ['forecast/final_loss', 'forecast/final_loss_lower', 'forecast/final_loss_upper']]
+        >>> layout["Gradient noise scale"]["batch / B_simple (1: at the critical batch)"]
+        ['Multiline', ['^(gns/batch_over_bsimple)$']]
     """
     return {
-        "Loss vs forecast": {
-            "loss and forecast curves": ["Multiline", [r"scaling/loss$", r"forecast/loss_(lower|upper)$"]],
-            "predicted final loss": [
-                "Margin",
-                ["forecast/final_loss", "forecast/final_loss_lower", "forecast/final_loss_upper"],
-            ],
-            "steps and tokens to target": ["Multiline", [r"forecast/(steps|tokens)_to_target$"]],
-            "time to target": ["Multiline", [r"forecast/(eta|remaining)_seconds$"]],
+        "Forecast": {
+            "loss by step: observed (smoothed) and latest forecast with band": _chart(
+                OBSERVED_TAG, FORECAST_TAG, LOWER_TAG, UPPER_TAG),
+            "predicted final loss (band) at each refit": [
+                "Margin", ["forecast/final_loss", "forecast/final_loss_lower", "forecast/final_loss_upper"]],
+            "steps to target": _chart("forecast/steps_to_target"),
+            "tokens to target": _chart("forecast/tokens_to_target"),
+            "seconds to target and to the end": _chart("forecast/eta_seconds", "forecast/remaining_seconds"),
         },
-        "Gradient noise scale vs batch size": {
-            "B_simple and batch/B_simple": ["Multiline", [r"gns/b_simple$", r"gns/batch_over_bsimple$"]],
-            "critical batch (forecast)": ["Multiline", [r"forecast/critical_batch$"]],
+        "Gradient noise scale": {
+            "B_simple (samples)": _chart("gns/b_simple", "forecast/critical_batch"),
+            "batch / B_simple (1: at the critical batch)": _chart("gns/batch_over_bsimple"),
         },
         "Tokens": {
-            "tokens seen": ["Multiline", [r"scaling/tokens$"]],
+            "tokens seen": _chart("scaling/tokens"),
         },
     }
 
@@ -121,17 +157,15 @@ def write_custom_scalars(experiment: Any, layout: Mapping[str, Any] | None = Non
     return True
 
 
-def forecast_run_dir(log_dir: str | os.PathLike, at_step: int) -> str:
-    """Directory of the forecast run made at optimizer step ``at_step``: ``<log_dir>/forecast/step_XXXXXX``.
+def forecast_run_dir(log_dir: str | os.PathLike) -> str:
+    """Directory of the forecast run: ``<log_dir>/forecast``.
 
     Example::
 
-        >>> forecast_run_dir("logs/version_0", 1200).replace(os.sep, "/")
-        'logs/version_0/forecast/step_001200'
+        >>> forecast_run_dir("logs/version_0").replace(os.sep, "/")
+        'logs/version_0/forecast'
     """
-    if at_step < 0:
-        raise ValueError(f"`at_step` must be >= 0, got {at_step}")
-    return os.path.join(os.fspath(log_dir), FORECAST_DIR, f"step_{int(at_step):06d}")
+    return os.path.join(os.fspath(log_dir), FORECAST_DIR)
 
 
 def _subsample(n: int, max_points: int) -> np.ndarray:
@@ -141,72 +175,78 @@ def _subsample(n: int, max_points: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
 
 
+def _curves(forecast: Forecast, history: RunHistory | None, max_points: int) -> dict[str, tuple[np.ndarray, ...]]:
+    """Tag -> (steps, values) of the forecast run, each subsampled to ``max_points``."""
+    steps = np.asarray(forecast.steps, dtype=np.float64)
+    idx = _subsample(len(steps), max_points)
+    out = {tag: (steps[idx], np.asarray(getattr(forecast, attr), dtype=np.float64)[idx])
+           for tag, attr in ((FORECAST_TAG, "loss"), (LOWER_TAG, "lower"), (UPPER_TAG, "upper"))}
+    if history is not None:
+        step, loss = _observed(history)
+        if len(loss):
+            smooth = _smooth(loss, max(1, len(loss) // 50))
+            keep = _subsample(len(step), max_points)
+            out[OBSERVED_TAG] = (step[keep], smooth[keep])
+    return out
+
+
 def write_forecast_run(
     log_dir: str | os.PathLike,
     forecast: Forecast,
     *,
-    at_step: int,
-    tag: str = LOSS_TAG,
-    max_points: int = 1000,
-    by_tokens: bool = True,
+    history: RunHistory | None = None,
+    max_points: int = 500,
 ) -> str:
-    """Write one refit's full forecast curve as its own TensorBoard run.
+    """Replace the forecast run ``<log_dir>/forecast`` with this forecast (and the observed loss it was fitted to).
 
-    The mean curve goes under ``tag`` (the observed loss tag, so TensorBoard overlays the two) and the band under
-    :data:`LOWER_TAG` / :data:`UPPER_TAG`, with the optimizer step as the step axis. When the forecast knows its
-    tokens per step and ``by_tokens`` is set, the same curve is also written with tokens as the step to
-    ``<log_dir>/by_tokens/forecast/step_XXXXXX`` (next to ``LossTrajectory``'s ``by_tokens`` run). A separate
-    ``SummaryWriter`` is opened and closed here, so the main run's event file never gets future steps.
+    Writes a new event file holding ``SessionLog.START`` at step 0, then the mean curve (:data:`FORECAST_TAG`),
+    its band (:data:`LOWER_TAG`, :data:`UPPER_TAG`) and, when ``history`` is given, the smoothed observed loss
+    (:data:`OBSERVED_TAG`), all with the optimizer step as the step axis; then deletes the run's older event files.
+    A separate ``SummaryWriter`` is opened and closed here, so the logger's own event file never gets future steps.
 
     Args:
         log_dir: the logger's run directory (``TensorBoardLogger.log_dir``).
         forecast: the forecast to write.
-        at_step: the optimizer step the forecast was made at (names the run).
-        tag: tag of the mean curve.
-        max_points: at most this many points per tag (evenly subsampled; TensorBoard keeps 1000 by default).
-        by_tokens: also write the tokens-axis run when tokens per step are known.
+        history: the observed run the forecast was fitted to (drawn smoothed under the forecast).
+        max_points: at most this many points per tag (evenly subsampled, endpoints kept).
 
     Returns:
         The run directory written.
 
     Raises:
-        ValueError: if ``max_points < 2`` or ``at_step < 0``.
+        ValueError: if ``max_points < 2``.
 
     Example::
 
         >>> import tempfile, types
         >>> f = types.SimpleNamespace(steps=np.arange(0, 100, 10), loss=np.linspace(4, 3, 10),
-        ...                           lower=np.linspace(4, 2.9, 10), upper=np.linspace(4, 3.1, 10),
-        ...                           tokens_per_step=None)
+        ...                           lower=np.linspace(4, 2.9, 10), upper=np.linspace(4, 3.1, 10))
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     os.path.basename(write_forecast_run(d, f, at_step=50))
-        'step_000050'
+        ...     os.path.basename(write_forecast_run(d, f))
+        'forecast'
     """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
     from torch.utils.tensorboard import SummaryWriter
 
     if max_points < 2:
         raise ValueError(f"`max_points` must be >= 2, got {max_points}")
-    steps = np.asarray(forecast.steps, dtype=np.float64)
-    curves = {
-        tag: np.asarray(forecast.loss, dtype=np.float64),
-        LOWER_TAG: np.asarray(forecast.lower, dtype=np.float64),
-        UPPER_TAG: np.asarray(forecast.upper, dtype=np.float64),
-    }
-    idx = _subsample(len(steps), max_points)
-    run_dir = forecast_run_dir(log_dir, at_step)
-    axes = [(run_dir, steps)]
-    tps = getattr(forecast, "tokens_per_step", None)
-    if by_tokens and tps is not None and np.isfinite(tps) and tps > 0:
-        axes.append((os.path.join(os.fspath(log_dir), "by_tokens", FORECAST_DIR, os.path.basename(run_dir)), steps * tps))
-    for directory, x in axes:
-        writer = SummaryWriter(directory)
+    run_dir = forecast_run_dir(log_dir)
+    older = set(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
+    writer = SummaryWriter(run_dir)
+    try:
+        writer._get_file_writer().add_event(
+            Event(step=0, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
+        for tag, (x, y) in _curves(forecast, history, max_points).items():
+            for xi, yi in zip(x, y):
+                if np.isfinite(yi):
+                    writer.add_scalar(tag, float(yi), global_step=int(round(xi)))
+    finally:
+        writer.close()
+    for path in older:  # the new file holds the whole latest forecast; older ones only hold stale curves
         try:
-            for name, y in curves.items():
-                for i in idx:
-                    if np.isfinite(y[i]):
-                        writer.add_scalar(name, float(y[i]), global_step=int(round(x[i])))
-        finally:
-            writer.close()
+            os.remove(path)
+        except OSError:
+            pass
     return run_dir
 
 
@@ -326,6 +366,7 @@ def forecast_figure(
         if window > 1:
             ax.plot(step, loss, color="tab:blue", alpha=0.25, lw=0.8, label="observed (raw)")
         ax.plot(step, _smooth(loss, window), color="tab:blue", lw=1.6, label="observed")
+    ok = forecast is not None and is_predictable(forecast.final_loss, forecast.final_lower, forecast.final_upper)
     if forecast is not None:
         fs = np.asarray(forecast.steps, dtype=np.float64)
         fl, lo, hi = (np.asarray(a, dtype=np.float64) for a in (forecast.loss, forecast.lower, forecast.upper))
@@ -335,8 +376,9 @@ def forecast_figure(
         ax.plot(fs, fl, color="tab:orange", lw=1.6, ls="--", label=f"forecast ({getattr(forecast, 'method', '?')})")
         observed_until = getattr(forecast, "observed_until", None)
         if observed_until is not None:
-            ax.axvline(float(observed_until), color="gray", lw=0.8, ls=":")
-        ys += [lo[np.isfinite(lo)], hi[np.isfinite(hi)]]
+            ax.axvline(float(observed_until), color="gray", lw=0.8, ls=":", label="last observed step")
+        # A band wider than the loss would squash the observed curve into a line: scale to it only when narrow.
+        ys += [lo[np.isfinite(lo)], hi[np.isfinite(hi)]] if ok else [fl[np.isfinite(fl)]]
     if target_loss is not None:
         ax.axhline(float(target_loss), color="tab:green", lw=1.0, ls="-.", label=f"target {target_loss:g}")
         ys.append(np.array([float(target_loss)]))
@@ -348,10 +390,9 @@ def forecast_figure(
     if title is None:
         title = str(getattr(history, "name", "") or "run")
         if forecast is not None:
-            title += (
-                f": final {float(forecast.final_loss):.4f}"
-                f" [{float(forecast.final_lower):.4f}, {float(forecast.final_upper):.4f}]"
-            )
+            band = f"[{float(forecast.final_lower):.4g}, {float(forecast.final_upper):.4g}]"
+            title += (f": final loss {float(forecast.final_loss):.4f} {band}" if ok
+                      else f": final loss not yet predictable (band {band})")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")

@@ -793,6 +793,10 @@ def _trainer_args(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, progress: boo
         args.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
     args.update(cfg.trainer)
     args["callbacks"] = [*callbacks, ckpt, *args.get("callbacks", [])]
+    if args["enable_progress_bar"]:
+        from lightning_scaling.callbacks.progress import progress_bar
+
+        args["callbacks"].append(progress_bar())  # step-bounded runs: no "Epoch 0/-2"
     return args
 
 
@@ -907,7 +911,7 @@ def fit_and_predict(
             except ValueError as err:
                 out["critical_batch_error"] = str(err)
     kwargs = dict(fit_kwargs or {})
-    law = fit_scaling_law(fit_runs, critical_batch=critical, **kwargs)
+    law = fit_scaling_law(fit_runs, critical_batch=kwargs.pop("critical_batch", critical), **kwargs)
     if critical is None:
         critical_dict = {"b_star": law.params["b_star"], "alpha_b": law.params["alpha_b"], "source": "gns/law"}
     else:

@@ -6,6 +6,7 @@ Figures use :class:`matplotlib.figure.Figure` with an Agg canvas (no ``pyplot`` 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,11 @@ import numpy as np
 
 from lightning_scaling.history import RunHistory
 
-__all__ = ["format_table", "format_fit_table", "write_figures", "fmt_n"]
+__all__ = ["format_table", "format_fit_table", "write_figures", "fmt_n", "readme_section", "update_readme"]
+
+#: Markers around the demo's section of the README (``lightning-scaling demo --readme README.md`` rewrites it).
+README_START = "<!-- demo-table:start: written by `lightning-scaling demo --readme README.md` -->"
+README_END = "<!-- demo-table:end -->"
 
 
 def fmt_n(n: float | None) -> str:
@@ -129,6 +134,48 @@ def format_table(report: Mapping[str, Any]) -> str:
     elif pred:
         out.append(format_prediction(pred))
     return "\n".join(out).rstrip() + "\n"
+
+
+def readme_section(report: Mapping[str, Any], *, machine: str, cpu_seconds: float) -> str:
+    """The README's demo section from a report: the held-out table, where and how long it ran, the B_crit check.
+
+    Example::
+
+        >>> rep = {"prediction": {"n_params": 2e5, "batch_size": 16, "min_loss": 1.5}, "timings": {"total_s": 99.6},
+        ...        "comparison": {"final_loss": {"predicted": 2.0, "actual": 2.1, "rel_error": -0.048},
+        ...                       "critical_batch": {"loss": 2.1, "sweep": 40.0, "live_b_simple": 30.0}}}
+        >>> text = readme_section(rep, machine="x86_64, 2 cores", cpu_seconds=180.2)
+        >>> "(x86_64, 2 cores: 100 s wall clock, 180 s CPU time)" in text, "differ by 33%" in text
+        (True, True)
+    """
+    table = format_table({k: v for k, v in report.items() if k not in ("runs", "law", "critical_batch")})
+    wall = _as_float((report.get("timings") or {}).get("total_s"))
+    lines = [README_START,
+             textwrap.fill(f"Table from one run ({machine}: {wall:.0f} s wall clock, {cpu_seconds:.0f} s CPU time):",
+                           width=110), "", "```", table.rstrip(), "```", ""]
+    cbr = (report.get("comparison") or {}).get("critical_batch") or {}
+    sweep, live = _as_float(cbr.get("sweep")), _as_float(cbr.get("live_b_simple"))
+    if math.isfinite(sweep) and math.isfinite(live) and live > 0:
+        lines.append(textwrap.fill(
+            f"Brackets are 90% bootstrap intervals. The critical batch from the batch sweep ({sweep:.1f}) and the "
+            f"live gradient noise scale ({live:.1f}) differ by {100 * abs(sweep / live - 1):.0f}%.", width=110))
+    else:
+        lines.append("Brackets are 90% bootstrap intervals.")
+    return "\n".join([*lines, README_END])
+
+
+def update_readme(readme: str | Path, section: str) -> None:
+    """Replace the text between :data:`README_START` and :data:`README_END` in ``readme`` with ``section``.
+
+    Raises:
+        ValueError: the file lacks the markers (the section is not written anywhere by surprise).
+    """
+    path = Path(readme)
+    text = path.read_text()
+    i, j = text.find(README_START), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(f"{path}: no demo section markers ({README_START!r} ... {README_END!r})")
+    path.write_text(text[:i] + section + text[j + len(README_END):])
 
 
 def format_prediction(pred: Mapping[str, Any]) -> str:
@@ -251,21 +298,13 @@ def plot_critical_batch(ax: Any, report: Mapping[str, Any], histories: Mapping[s
         ax.scatter(t["loss"][ok], t["b_crit"][ok], color="tab:blue", zorder=3, s=22,
                    label="batch sweep: E_min/S_min per loss level")
         losses.append(t["loss"][ok])
-    sizes = sorted({h.n_params for h in histories.values() if h.n_params is not None})
-    colors = dict(zip(sizes, _colors(len(sizes))))
-    labelled = False
-    for h in histories.values():
-        if h.gns_step is None or h.gns_b_simple is None or not len(h.gns_step):
-            continue
-        ok = h.finite_mask
-        if ok.sum() < 2:
-            continue
-        loss_at = np.interp(h.gns_step, h.step[ok], _smooth(h.loss[ok], max(1, ok.sum() // 40)))
-        good = np.isfinite(h.gns_b_simple) & (h.gns_b_simple > 0) & (h.gns_step > h.step[-1] * 0.05)
-        ax.scatter(loss_at[good], h.gns_b_simple[good], s=5, alpha=0.35, color=colors.get(h.n_params, "gray"),
-                   label=None if labelled else "live B_simple (GradientNoiseScale)")
-        labelled = True
-        losses.append(loss_at[good])
+    live_loss, live_b = _live_b_simple_points(histories)
+    if live_loss.size:
+        ax.scatter(live_loss, live_b, s=5, alpha=0.3, color="tab:purple",
+                   label="live B_simple (GradientNoiseScale), every run")
+        centers, medians = _binned_median(live_loss, live_b)
+        ax.plot(centers, medians, "D-", color="tab:purple", ms=5, lw=1.0, label="live B_simple, median per loss bin")
+        losses.append(live_loss)
     allloss = np.concatenate(losses) if losses else np.empty(0)
     allloss = allloss[np.isfinite(allloss) & (allloss > 0)]
     if allloss.size:
@@ -284,6 +323,35 @@ def plot_critical_batch(ax: Any, report: Mapping[str, Any], histories: Mapping[s
     ax.legend(fontsize=7)
 
 
+def _live_b_simple_points(histories: Mapping[str, RunHistory]) -> tuple[np.ndarray, np.ndarray]:
+    """(smoothed loss, B_simple) at every live gradient-noise-scale reading past the first 5% of each run."""
+    xs, ys = [], []
+    for h in histories.values():
+        ok = h.finite_mask
+        if h.gns_step is None or h.gns_b_simple is None or not len(h.gns_step) or ok.sum() < 2:
+            continue
+        loss_at = np.interp(h.gns_step, h.step[ok], _smooth(h.loss[ok], max(1, ok.sum() // 40)))
+        good = np.isfinite(h.gns_b_simple) & (h.gns_b_simple > 0) & (h.gns_step > h.step[-1] * 0.05)
+        xs.append(loss_at[good])
+        ys.append(h.gns_b_simple[good])
+    return (np.concatenate(xs), np.concatenate(ys)) if xs else (np.empty(0), np.empty(0))
+
+
+def _binned_median(x: np.ndarray, y: np.ndarray, bins: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Median of ``y`` in ``bins`` equal-width bins of ``x`` (bins with < 3 points dropped): the trend in a cloud.
+
+    Example::
+
+        >>> c, m = _binned_median(np.arange(8.0), np.arange(8.0), bins=2)
+        >>> c.tolist(), m.tolist()
+        ([1.75, 5.25], [1.5, 5.5])
+    """
+    edges = np.linspace(x.min(), x.max(), bins + 1)
+    idx = np.clip(np.digitize(x, edges) - 1, 0, bins - 1)
+    keep = [i for i in range(bins) if np.sum(idx == i) >= 3]
+    return 0.5 * (edges[keep] + edges[np.add(keep, 1)]), np.array([np.median(y[idx == i]) for i in keep])
+
+
 def plot_loss_vs_n(ax: Any, report: Mapping[str, Any], histories: Mapping[str, RunHistory], law: Any) -> None:
     """Final loss against N at the ladder batch size, with the law's curve extrapolated past the largest model."""
     runs_info = report.get("runs") or {}
@@ -296,40 +364,64 @@ def plot_loss_vs_n(ax: Any, report: Mapping[str, Any], histories: Mapping[str, R
     else:
         steps = max((int(h.step[-1]) for h in histories.values() if len(h)), default=1)
     ladder = [p for p in pts if p[2] in ("ladder", "holdout", "fit") and (batch is None or p[3].batch_size == batch)]
-    for n, final, role, _ in ladder:
-        if final is None:
-            continue
-        if role == "holdout":
-            ax.scatter([n], [final], marker="*", s=160, color="tab:red", zorder=4, label="held-out model (actual)")
-        else:
-            ax.scatter([n], [final], color="tab:blue", zorder=3, s=25,
-                       label="fitted models (final loss)" if not ax.get_legend_handles_labels()[1].count(
-                           "fitted models (final loss)") else None)
+    fitted = [(n, f) for n, f, role, _ in ladder if f is not None and role != "holdout"]
+    held = [(n, f) for n, f, role, _ in ladder if f is not None and role == "holdout"]
+    if fitted:
+        ax.scatter(*zip(*fitted), color="tab:blue", zorder=3, s=28, label="fitted models: observed final loss")
+    if held:
+        ax.scatter(*zip(*held), marker="*", s=170, color="black", zorder=5, label="held-out model: actual")
     if law is not None and ladder:
-        ns = np.array([p[0] for p in ladder], dtype=float)
-        grid = np.geomspace(ns.min() / 1.5, ns.max() * 10, 80)
         b = batch if batch is not None else ladder[0][3].batch_size
-        ax.plot(grid, law.predict_loss(grid, steps, b), color="tab:red", lw=1.5, ls="--",
-                label=f"L(N, S={steps}, B={b:g}) (fit, extrapolated)")
+        ns = np.array([p[0] for p in ladder], dtype=float)
+        grid = np.geomspace(ns.min() / 1.5, ns.max() * 3, 80)
         curve = law.predict_loss(grid, steps, b)
-        finals = [p[1] for p in ladder if p[1] is not None]
-        lo = min(float(np.nanmin(curve)), *finals)
-        hi = max(float(np.nanmax(curve)), *finals)
-        floor = law.min_loss(grid)
-        below = bool(np.nanmax(floor) < lo - 0.5 * (hi - lo))
-        ax.plot(grid, floor, color="gray", lw=1.2, ls=":",
-                label="L(N): infinite steps" + (" (below this range)" if below else ""))
-        if not below:
-            lo = min(lo, float(np.nanmin(floor)))
+        ax.plot(grid, curve, color="tab:red", lw=1.4, ls="--", label=f"fitted law L(N, S={steps}, B={b:g})")
+        if fitted:  # the law at each fitted N: the residuals the eye should compare, not just the trend
+            fn = np.array([n for n, _ in fitted], dtype=float)
+            ax.scatter(fn, law.predict_loss(fn, steps, b), facecolors="none", edgecolors="tab:red", s=36,
+                       zorder=4, label="fitted law at each fitted model")
+        final = (report.get("comparison") or {}).get("final_loss") or {}
+        if "n_params" in pred and final.get("predicted") is not None:  # the table's number, same tail mean
+            y, iv = float(final["predicted"]), final.get("interval")
+            yerr = None if not iv else [[y - float(iv[0])], [float(iv[1]) - y]]
+            ax.errorbar([pred["n_params"]], [y], yerr=yerr, fmt="s", color="tab:red", ms=6, capsize=4, zorder=4,
+                        label=f"held-out model: predicted before training (N={fmt_n(pred['n_params'])})")
+        finals = [f for _, f, _, _ in ladder if f is not None]
+        lo, hi = min(float(np.nanmin(curve)), *finals), max(float(np.nanmax(curve)), *finals)
         ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-        if "n_params" in pred:
-            ax.axvline(pred["n_params"], color="tab:red", lw=0.6, alpha=0.5)
+        floor = float(law.min_loss(float(ns.max())))
+        ax.text(0.02, 0.03, f"L(N) with infinite steps at N={fmt_n(ns.max())}: {floor:.3f} (off this scale)"
+                if floor < lo - 0.1 * (hi - lo) else "", transform=ax.transAxes, fontsize=7, color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title("L(N): fit on smaller models, extrapolated", fontsize=9)
+    ax.set_ylabel(f"final loss (nats), at step {steps}")
+    ax.set_title("L(N): law fitted on the smaller models vs the held-out model", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def _figure_title(report: Mapping[str, Any]) -> str:
+    """What was fitted, what was predicted and how it compares, in one line.
+
+    Example::
+
+        >>> final = {"predicted": 1.87, "actual": 1.817, "rel_error": 0.029}
+        >>> title = _figure_title({"name": "demo", "runs": {"a": {"role": "ladder"}, "b": {"role": "holdout"}},
+        ...                        "comparison": {"final_loss": final}, "prediction": {"n_params": 221184}})
+        >>> for part in title.split("; "):
+        ...     print(part)
+        demo: laws fitted on 1 runs
+        held-out model N=221k, final loss predicted 1.870 before training, actual 1.817 (+2.9%)
+    """
+    runs = report.get("runs") or {}
+    n_fit = sum(1 for r in runs.values() if r.get("role") != "holdout")
+    title = f"{report.get('name', 'scaling study')}: laws fitted on {n_fit} runs"
+    final = (report.get("comparison") or {}).get("final_loss") or {}
+    n = (report.get("prediction") or {}).get("n_params")
+    if final.get("predicted") is not None and final.get("actual") is not None:
+        title += (f"; held-out model N={fmt_n(n)}, final loss predicted {final['predicted']:.3f} before training, "
+                  f"actual {final['actual']:.3f} ({_pct(final.get('rel_error'))})")
+    return title
 
 
 def write_figures(report: Mapping[str, Any], histories: Mapping[str, RunHistory], law: Any, critical: Any,
@@ -354,7 +446,7 @@ def write_figures(report: Mapping[str, Any], histories: Mapping[str, RunHistory]
     fig = _figure((18.0, 5.0))
     for i, (_, draw) in enumerate(panels):
         draw(fig.add_subplot(1, 3, i + 1))
-    fig.suptitle(str(report.get("name", "scaling study")), fontsize=10)
+    fig.suptitle(_figure_title(report), fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "report.png")
     paths.append(str(out / "report.png"))
