@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_scaling._version import __version__
+from lightning_scaling.warnings import FitWarning
 
 EXIT_OK, EXIT_DATA, EXIT_USAGE = 0, 1, 2
 
@@ -276,6 +277,13 @@ def _check_fit_runs(runs: Sequence[Any], *, min_points: int = 10) -> None:
         raise CLIError(f"runs {missing} do not record their batch size: pass --run-batch-size")
 
 
+def _check_identified(law: Any) -> None:
+    """A law the data do not determine is an error here: its predictions would be printed as numbers."""
+    info = getattr(law, "info", None)
+    if info is not None and not info.identified:
+        raise CLIError(f"the runs do not determine a scaling law: {info.messages[0]}")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from lightning_scaling.demo.recipe import fit_and_predict
     from lightning_scaling.demo.report import format_fit_table
@@ -288,14 +296,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             cb = fit_critical_batch_size(runs)
+        if not (math.isfinite(cb.b_star) and cb.b_star > 0):
+            raise CLIError(f"the batch sweep does not determine a critical batch size (B* = {cb.b_star:g})")
         result: dict[str, Any] = {"critical_batch": cb.to_dict(), "_critical": cb}
     else:
         if len(sizes) < 2:
             raise CLIError(f"all {len(runs)} runs have the same size N={sizes[0]:g}: a size fit needs runs of >= 2 "
                            "sizes (use --critical-only to fit the critical batch size of a batch sweep)")
-        result = fit_and_predict(runs, predict_n=args.predict_n, batch_size=args.batch_size, steps=args.steps,
-                                 target_loss=args.target_loss,
-                                 fit_kwargs={"form": args.form, "n_bootstrap": max(0, args.bootstrap)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FitWarning)  # turned into the one-line error below
+            result = fit_and_predict(runs, predict_n=args.predict_n, batch_size=args.batch_size, steps=args.steps,
+                                     target_loss=args.target_loss,
+                                     fit_kwargs={"form": args.form, "n_bootstrap": max(0, args.bootstrap)})
+        _check_identified(result.get("_law"))
     if args.out:
         from lightning_scaling.demo.recipe import _json_default, tail_mean
         from lightning_scaling.demo.report import write_figures

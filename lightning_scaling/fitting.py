@@ -41,7 +41,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -310,6 +310,17 @@ class _CrossingTable:
     steps: np.ndarray
 
 
+def _as_levels(levels: ArrayLike) -> np.ndarray:
+    """User-given loss levels as a descending float array (the order ``_first_crossing`` rows follow)."""
+    try:
+        lv = np.asarray(levels, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"`levels` must be a sequence of positive losses, got {levels!r}") from None
+    if lv.size < 2 or not np.all(np.isfinite(lv)) or np.any(lv <= 0):
+        raise ValueError(f"`levels` must hold >= 2 positive finite losses, got {lv.tolist()}")
+    return np.sort(lv)[::-1]
+
+
 def _crossing_table(runs: Sequence[RunHistory], *, levels: ArrayLike | None, n_levels: int,
                     warmup_steps: int | str | None) -> _CrossingTable:
     curves = []
@@ -326,6 +337,8 @@ def _crossing_table(runs: Sequence[RunHistory], *, levels: ArrayLike | None, n_l
             raise ValueError("the runs cover no loss range after warmup; train longer or pass levels=")
         span = math.log(top) - math.log(bottom)
         lv = np.exp(np.linspace(math.log(bottom) + 0.05 * span, math.log(top) - 0.3 * span, n_levels))[::-1]
+    else:
+        lv = _as_levels(levels)
     steps = np.vstack([_first_crossing(g, c, lv) for g, c in curves])
     n = runs[0].n_params
     return _CrossingTable(n_params=float(n) if n is not None else float("nan"),
@@ -532,7 +545,7 @@ class FitInfo:
     """Optimiser report of a fit (check ``success`` and that the fit moved from its start).
 
     Attributes:
-        success: L-BFGS-B converged.
+        success: L-BFGS-B converged *and* the law is identified (see ``identified``).
         message: its message.
         nfev: objective evaluations of the best start.
         nit: iterations of the best start.
@@ -546,6 +559,11 @@ class FitInfo:
         critical_batch_source: where B_crit(L) came from.
         validation: leave-the-largest-model-out mean |relative error| per form (``form="auto"``).
         n_bootstrap: successful bootstrap refits.
+        identified: the data determine the law: no exponent sits at its bound, the constants are finite and the
+            law predicts finite losses. ``False`` also warns with a :class:`~lightning_scaling.warnings.FitWarning`.
+        at_bounds: fitted parameters that sit at a bound of the search box.
+        messages: why the law is not identified, or what the fit dropped, one sentence each.
+        n_dropped: points not fitted, by reason (``"nonfinite"``, ``"nonpositive"``).
     """
 
     success: bool
@@ -562,6 +580,10 @@ class FitInfo:
     critical_batch_source: str
     validation: dict[str, float] = field(default_factory=dict)
     n_bootstrap: int = 0
+    identified: bool = True
+    at_bounds: tuple[str, ...] = ()
+    messages: tuple[str, ...] = ()
+    n_dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -884,7 +906,9 @@ class ScalingLaw:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScalingLaw:
         """Inverse of :meth:`to_dict`."""
-        info = FitInfo(**data["info"]) if data.get("info") else None
+        info = None
+        if data.get("info"):  # JSON turned the tuple fields into lists
+            info = FitInfo(**{k: tuple(v) if k in ("at_bounds", "messages") else v for k, v in data["info"].items()})
         return cls(data["params"], form=data.get("form"), tokens_per_sample=data.get("tokens_per_sample"),
                    bootstrap=data.get("bootstrap") or None, info=info,
                    loss_cap=float(data.get("loss_cap", "inf")), fitted_batch_sizes=data.get("fitted_batch_sizes"))
@@ -956,7 +980,7 @@ def _optimise(pts: _Points, irreducible: bool, *, n_starts: int,
     for st in starts:
         res = minimize(_huber_objective, st, args=(pts, irreducible), jac=True, method="L-BFGS-B", bounds=bounds,
                        options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
-        res.start = st
+        res.start, res.bounds = st, bounds
         if best is None or res.fun < best.fun:
             best = res
     return best.x, best, n_grid
@@ -1235,8 +1259,66 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
                    objective=float(res.fun), n_starts=n_starts, n_grid=n_grid, n_points=int(pts.u.size),
                    n_runs=n_runs, moved=bool(np.any(np.abs(res.x - res.start) > 1e-8)), form=chosen,
                    critical_batch_source=cb.source, validation=validation, n_bootstrap=len(rows_boot))
-    return ScalingLaw(params, form=chosen, tokens_per_sample=tps, bootstrap=np.array(rows_boot) if rows_boot else None,
-                      info=info, loss_cap=cap, fitted_batch_sizes=sorted({float(r.batch_size) for r in runs}))
+    law = ScalingLaw(params, form=chosen, tokens_per_sample=tps, bootstrap=np.array(rows_boot) if rows_boot else None,
+                     info=info, loss_cap=cap, fitted_batch_sizes=sorted({float(r.batch_size) for r in runs}))
+    longest = max(runs, key=lambda r: float(r.step[-1]))
+    probe = (sizes[-1], float(longest.step[-1]), float(longest.batch_size))
+    return _judged(law, theta, res.bounds, ("a_n", "alpha_n", "a_s", "alpha_s", "e"), _dropped_losses(runs),
+                   total=sum(len(r) for r in runs), probe=probe)
+
+
+def _dropped_losses(runs: Sequence[RunHistory]) -> dict[str, int]:
+    """Loss points a fit cannot use, by reason (fits are on log loss)."""
+    loss = np.concatenate([np.asarray(r.loss, dtype=np.float64) for r in runs])
+    finite = np.isfinite(loss)
+    return {"nonfinite": int(np.sum(~finite)), "nonpositive": int(np.sum(loss[finite] <= 0))}
+
+
+# Exponents at a bound mean the data do not determine them; the amplitudes' bounds are wide and harmless.
+_EXPONENTS = ("alpha_n", "alpha_s", "alpha_b")
+_DROPPED_WARN_FRACTION = 0.1
+
+
+def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, float]], names: Sequence[str],
+            dropped: Mapping[str, int], *, total: int, probe: tuple[float, float, float]) -> ScalingLaw:
+    """Check that a fitted law is identified and report dropped points: ``FitInfo`` fields and a ``FitWarning``.
+
+    ``probe`` is an ``(N, S, B)`` inside the data (largest size, longest run) where the law must predict a finite
+    loss. A law that fails a check keeps its parameters (for inspection) but gets ``success=False``.
+    """
+    from lightning_scaling.warnings import FitWarning
+
+    at_bounds = tuple(name for name, x, (lo, hi) in zip(names, theta, bounds)
+                      if name in _EXPONENTS and (abs(x - lo) <= 1e-6 * max(1.0, abs(lo))
+                                                 or abs(x - hi) <= 1e-6 * max(1.0, abs(hi))))
+    problems = []
+    if "alpha_n" in at_bounds and theta[names.index("alpha_n")] <= bounds[names.index("alpha_n")][0] * 1.001:
+        problems.append("the loss does not improve with model size N (alpha_n sits at its lower bound)")
+    elif at_bounds:
+        problems.append(f"exponent(s) {', '.join(at_bounds)} sit at a bound of the search range")
+    bad = [k for k in ("n_c", "s_c") if not (math.isfinite(law.params[k]) and 0 < law.params[k] < 1e100)]
+    if bad:
+        problems.append(f"constant(s) {', '.join(bad)} are degenerate ({', '.join(f'{law.params[k]:.3g}' for k in bad)})")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = float(np.asarray(law.predict_loss(*probe)).ravel()[0])
+    if not (math.isfinite(pred) and pred > 0):
+        problems.append(f"it predicts a loss of {pred} inside the data (N={probe[0]:g}, S={probe[1]:g})")
+    n_drop = sum(dropped.values())
+    messages = list(problems)
+    if n_drop:
+        messages.append(f"{n_drop} of {total} points dropped: " +
+                        ", ".join(f"{v} {k}" for k, v in dropped.items() if v))
+    info = replace(law.info, success=law.info.success and not problems, identified=not problems,
+                   at_bounds=at_bounds, messages=tuple(messages), n_dropped=dict(dropped))
+    law.info = info
+    if problems:
+        warnings.warn("fitted law is not identified by the data: " + "; ".join(problems) + " (info.success=False)",
+                      FitWarning, stacklevel=4)
+    if total and n_drop > _DROPPED_WARN_FRACTION * total:
+        warnings.warn(f"the fit dropped {messages[-1]} (losses must be finite and positive)", FitWarning,
+                      stacklevel=4)
+    return law
 
 
 # ================================================================================================================
@@ -1280,6 +1362,8 @@ def fit_loss_n_s_b(n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
     ok = np.isfinite(n) & np.isfinite(s) & np.isfinite(b) & np.isfinite(l) & (n > 0) & (s > 0) & (b > 0) & (l > 0)
     if ok.sum() < 8:
         raise ValueError(f"fit_loss_n_s_b needs >= 8 finite points, got {int(ok.sum())}")
+    n_nonfinite = int(np.sum(~(np.isfinite(n) & np.isfinite(s) & np.isfinite(b) & np.isfinite(l))))
+    dropped = {"nonfinite": n_nonfinite, "nonpositive": int(np.sum(~ok)) - n_nonfinite}
     n, s, b, l = n[ok], s[ok], b[ok], l[ok]
     irr = form == "kaplan+irreducible"
     n_ref, s_ref, b_ref = (float(np.exp(np.mean(np.log(a)))) for a in (n, s, b))
@@ -1347,7 +1431,9 @@ def fit_loss_n_s_b(n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
                    objective=float(best.fun), n_starts=n_starts, n_grid=len(grid), n_points=int(n.size),
                    n_runs=int(n.size), moved=bool(np.any(np.abs(best.x - best.start) > 1e-8)), form=form,
                    critical_batch_source="joint")
-    return ScalingLaw(unpack(best.x), form=form, tokens_per_sample=tokens_per_sample, info=info)
+    law = ScalingLaw(unpack(best.x), form=form, tokens_per_sample=tokens_per_sample, info=info)
+    names = ("a_n", "alpha_n", "a_s", "alpha_s", "log_b_star", "alpha_b", "e")
+    return _judged(law, best.x, bounds, names, dropped, total=int(ok.size), probe=(n.max(), s.max(), b.min()))
 
 
 # ================================================================================================================

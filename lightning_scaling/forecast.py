@@ -880,6 +880,56 @@ def _laplace_sd(prob: _Problem, z: np.ndarray, des_fit: dict, y: np.ndarray, w: 
     return np.sqrt(np.maximum(var, 0.0)), sigma
 
 
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    return value
+
+
+def _check_forecast_args(*, confidence: Any, horizon: Any, target_loss: Any, min_points: Any, min_fraction: Any,
+                         critical_batch: Any, max_bins: Any, grid_points: Any, holdout: Any, delta: Any,
+                         lam: Any) -> None:
+    """Validate every numeric argument of :func:`forecast_run` before any fitting (NaN reaches LAPACK else)."""
+    if not 0.0 < _number("confidence", confidence) < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if horizon is not None and (_number("horizon", horizon) < 1 or float(horizon) != int(horizon)):
+        raise ValueError(f"horizon must be an integer >= 1, got {horizon}")
+    if target_loss is not None and _number("target_loss", target_loss) <= 0:
+        raise ValueError(f"`target_loss` must be positive, got {target_loss!r}")
+    if critical_batch is not None and _number("critical_batch", critical_batch) <= 0:
+        raise ValueError(f"`critical_batch` must be a positive number of samples, got {critical_batch!r}")
+    for name, value, low in (("min_points", min_points, 1), ("max_bins", max_bins, 8),
+                             ("grid_points", grid_points, 1)):
+        if _number(name, value) < low or float(value) != int(value):
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= _number("min_fraction", min_fraction) <= 1.0:
+        raise ValueError(f"`min_fraction` must be in [0, 1], got {min_fraction!r}")
+    if not 0.05 <= _number("holdout", holdout) <= 0.5:
+        raise ValueError(f"holdout must be in [0.05, 0.5], got {holdout}")
+    if _number("delta", delta) <= 0:
+        raise ValueError(f"`delta` must be positive, got {delta!r}")
+    if not 0.0 < _number("lam", lam) < 1.0:
+        raise ValueError(f"`lam` must be in (0, 1), got {lam!r}")
+
+
+def _checked_forecast(**fields: Any) -> Forecast:
+    """Build the Forecast, refusing one that is not a loss: non-positive, non-finite or outside its own band."""
+    loss, lower, upper = fields["loss"], fields["lower"], fields["upper"]
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(loss) & (loss > 0) & np.isfinite(lower) & (lower > 0) & (lower <= loss) & (loss <= upper)
+    if not np.all(ok):
+        i = int(np.argmin(ok))
+        raise ValueError(
+            f"the {fields['method']} fit gave an unusable forecast at step {int(fields['steps'][i])}: loss "
+            f"{float(loss[i]):.4g}, band ({float(lower[i]):.4g}, {float(upper[i]):.4g}); the observed curve does "
+            "not determine where it is heading (too short, too noisy, or not a falling power law)"
+        )
+    return Forecast(**fields)
+
+
 def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLike | None = None, *,
                  law: Any = None, target_loss: float | None = None, confidence: float = 0.9,
                  method: str = "auto", min_points: int = 16, min_fraction: float = 0.0,
@@ -944,12 +994,11 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
         >>> f.method, bool(abs(f.final_loss - (2.0 + 200.0 ** -0.5)) < 0.01)
         ('power', True)
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_forecast_args(confidence=confidence, horizon=horizon, target_loss=target_loss, min_points=min_points,
+                         min_fraction=min_fraction, critical_batch=critical_batch, max_bins=max_bins,
+                         grid_points=grid_points, holdout=holdout, delta=delta, lam=lam)
     if method not in ("auto",) + FORMS:
         raise ValueError(f"method must be 'auto' or one of {FORMS}, got {method!r}")
-    if not 0.05 <= holdout <= 0.5:
-        raise ValueError(f"holdout must be in [0.05, 0.5], got {holdout}")
     if not isinstance(revalidate_every, int) or revalidate_every < 1:
         raise ValueError(f"revalidate_every must be a positive int, got {revalidate_every!r}")
     steps_all = np.asarray(history.step, dtype=np.int64)
@@ -1141,7 +1190,7 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
     state = {"kappa": 1.0, "validation_error": e_val, "s0_frac": frac, "sigma": sigma, "warmup": w_end,
              "target_loss": target_loss, "q_model": q_model, "n_warm": n_warm, "cold_until": cold_until,
              "warm": warm}
-    return Forecast(steps=grid, loss=pred, lower=lower, upper=upper, final_loss=float(pred[-1]),
+    return _checked_forecast(steps=grid, loss=pred, lower=lower, upper=upper, final_loss=float(pred[-1]),
                     final_lower=float(lower[-1]), final_upper=float(upper[-1]), horizon=horizon, method=form,
                     params=prob.cls.from_z(z), n_observed=n_obs, observed_until=observed_until,
                     tokens_per_step=float(tps), n_nonfinite=n_nonfinite, confidence=confidence,

@@ -24,8 +24,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_scaling.history import AppendArray
 
 __all__ = [
     "GNSEstimator",
@@ -187,6 +190,10 @@ class GNSEstimator:
         z: Normal quantile for the confidence band (1.96 gives ~95%).
         buffer_size: Rows of raw statistics buffered on the device before one copy to the host.
         keep_raw: Keep the raw per-step statistics.
+        max_raw: Most raw rows kept (``None``: unbounded). Past it the raw record is decimated: every other
+            kept row is dropped and from then on only every ``raw_stride``-th step is kept, so a 1M-step run
+            holds at most ``max_raw`` evenly spaced exact rows (~5.6 MB at the default) instead of growing
+            without bound. The EMAs always use every step.
 
     Raises:
         ValueError: On out-of-range arguments.
@@ -209,6 +216,7 @@ class GNSEstimator:
         z: float = 1.96,
         buffer_size: int = 256,
         keep_raw: bool = True,
+        max_raw: Optional[int] = 100_000,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}.")
@@ -218,11 +226,16 @@ class GNSEstimator:
             raise ValueError(f"`z` must be positive, got {z}.")
         if int(buffer_size) != buffer_size or buffer_size < 1:
             raise ValueError(f"`buffer_size` must be a positive integer, got {buffer_size}.")
+        if max_raw is not None and (int(max_raw) != max_raw or max_raw < 2):
+            raise ValueError(f"`max_raw` must be an integer >= 2 or None, got {max_raw}.")
         self.ema_decay = float(ema_decay)
         self.tokens_per_sample = None if tokens_per_sample is None else float(tokens_per_sample)
         self.z = float(z)
         self.buffer_size = int(buffer_size)
         self.keep_raw = bool(keep_raw)
+        self.max_raw = None if max_raw is None else int(max_raw)
+        self.raw_stride = 1  # keep raw rows of every raw_stride-th update (grows by 2 at each decimation)
+        self._raw_seen = 0  # raw rows ever flushed
         self.n_no_estimate = 0  # updates with a single batch size (K = 1): host counter, known without a sync
         self._warned_k1 = False
         self._last_b_big = float("nan")
@@ -231,8 +244,8 @@ class GNSEstimator:
         self._buf: Optional[Tensor] = None
         self._buf_steps: list[int] = []
         self._buf_len = 0
-        self._raw_host: list[list[float]] = []
-        self._raw_steps: list[int] = []
+        self._raw_host = AppendArray(np.float64, width=len(_RAW_COLUMNS))
+        self._raw_steps = AppendArray(np.int64)
         self._n_updates = 0
 
     # Device state vector: EMA numerators (weights sum to 1 − β^n, so dividing by w_sum bias-corrects them).
@@ -262,11 +275,23 @@ class GNSEstimator:
     def _flush(self) -> None:
         if self._buf is None or self._buf_len == 0:
             return
-        rows = self._buf[: self._buf_len].detach().to("cpu", torch.float64).tolist()  # one host sync per chunk
-        self._raw_host.extend(rows)
-        self._raw_steps.extend(self._buf_steps)
+        rows = self._buf[: self._buf_len].detach().to("cpu", torch.float64).numpy()  # one host sync per chunk
+        self._append_raw(rows, np.asarray(self._buf_steps, dtype=np.int64))
         self._buf_steps = []
         self._buf_len = 0
+
+    def _append_raw(self, rows: np.ndarray, steps: np.ndarray) -> None:
+        """Keep the rows of every ``raw_stride``-th update; halve the record when it outgrows ``max_raw``."""
+        keep = (self._raw_seen + np.arange(len(steps))) % self.raw_stride == 0
+        self._raw_seen += len(steps)
+        self._raw_host.extend(rows[keep])
+        self._raw_steps.extend(steps[keep])
+        while self.max_raw is not None and len(self._raw_steps) > self.max_raw:
+            # Kept rows are the updates 0, k, 2k, ...: every other one leaves 0, 2k, 4k, ... (evenly spaced).
+            kept_rows, kept_steps = self._raw_host.view()[::2], self._raw_steps.view()[::2]
+            self._raw_host = AppendArray(np.float64, width=len(_RAW_COLUMNS), values=kept_rows)
+            self._raw_steps = AppendArray(np.int64, values=kept_steps)
+            self.raw_stride *= 2
 
     # ------------------------------------------------------------------ public API
     def update(
@@ -357,6 +382,7 @@ class GNSEstimator:
             z=self.z,
             buffer_size=self.buffer_size,
             keep_raw=self.keep_raw,
+            max_raw=self.max_raw,
         )
 
     def state_tensors(self) -> Optional[Tensor]:
@@ -423,9 +449,10 @@ class GNSEstimator:
             kept as they came, with inf/NaN).
         """
         self._flush()
-        out: dict[str, list] = {"step": list(self._raw_steps)}
+        out: dict[str, list] = {"step": self._raw_steps.view().tolist()}
+        rows = self._raw_host.view()
         for j, name in enumerate(_RAW_COLUMNS):
-            out[name] = [row[j] for row in self._raw_host]
+            out[name] = rows[:, j].tolist()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -439,8 +466,10 @@ class GNSEstimator:
             "n_no_estimate": self.n_no_estimate,
             "n_updates": self._n_updates,
             "last_b_big": self._last_b_big,
-            "raw_steps": torch.tensor(self._raw_steps, dtype=torch.int64),
-            "raw": torch.tensor(self._raw_host, dtype=torch.float64).reshape(-1, len(_RAW_COLUMNS)),
+            "raw_steps": torch.from_numpy(self._raw_steps.view().copy()),
+            "raw": torch.from_numpy(self._raw_host.view().copy()),
+            "raw_stride": self.raw_stride,
+            "raw_seen": self._raw_seen,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -463,5 +492,10 @@ class GNSEstimator:
         self._last_b_big = float(state_dict.get("last_b_big", float("nan")))
         raw = state_dict.get("raw")
         steps = state_dict.get("raw_steps")
-        self._raw_host = [] if raw is None else torch.as_tensor(raw, dtype=torch.float64).tolist()
-        self._raw_steps = [] if steps is None else [int(s) for s in torch.as_tensor(steps).tolist()]
+        self._raw_host = AppendArray(np.float64, width=len(_RAW_COLUMNS))
+        self._raw_steps = AppendArray(np.int64)
+        if raw is not None and steps is not None:
+            self._raw_host.extend(torch.as_tensor(raw, dtype=torch.float64).reshape(-1, len(_RAW_COLUMNS)).numpy())
+            self._raw_steps.extend(torch.as_tensor(steps, dtype=torch.int64).numpy())
+        self.raw_stride = int(state_dict.get("raw_stride", 1))
+        self._raw_seen = int(state_dict.get("raw_seen", len(self._raw_steps)))

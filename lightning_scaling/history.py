@@ -6,18 +6,25 @@ samples, loss and lr as 8-byte values) and on disk (see :meth:`RunHistory.to_jso
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import dataclasses
 import json
 import math
+import mmap
 import os
+import stat
+import struct
+import warnings
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RunHistory", "HISTORY_FILENAME", "DEFAULT_TAGS"]
+__all__ = ["RunHistory", "LoadReport", "merge_runs", "HISTORY_FILENAME", "DEFAULT_TAGS"]
 
 #: File name that :class:`~lightning_scaling.callbacks.LossTrajectory` writes under ``<log_dir>/scaling/``.
 HISTORY_FILENAME = "history.json"
@@ -40,6 +47,7 @@ DEFAULT_TAGS: dict[str, str] = {
 _OPTIONAL_ARRAYS = ("val_step", "val_loss", "gns_step", "gns_b_simple", "gns_grad_sq_norm", "gns_trace_sigma")
 _GNS_VALUES = ("gns_b_simple", "gns_grad_sq_norm", "gns_trace_sigma")
 _PER_STEP = ("step", "loss", "tokens", "samples", "lr")
+_ARRAYS = _PER_STEP + ("planned_lr",) + _OPTIONAL_ARRAYS
 
 
 def _positive_or_none(name: str, value: Any) -> float | None:
@@ -285,9 +293,19 @@ class RunHistory:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         for key, value in list(kwargs.items()):
-            if isinstance(value, list):
-                kwargs[key] = _decode_array(value)
-        return cls(**kwargs)
+            if isinstance(value, list) or (isinstance(value, Mapping) and "packed" in value):
+                kwargs[key] = _decode_array(value, key)
+            elif key in _ARRAYS and value is not None and not isinstance(value, np.ndarray):
+                raise ValueError(f"`{key}` must be a list of numbers, got {type(value).__name__}")
+        if not isinstance(kwargs.get("meta", {}), Mapping):
+            raise ValueError(f"`meta` must be a mapping, got {type(kwargs['meta']).__name__}")
+        for key in ("step", "loss"):
+            if not isinstance(kwargs[key], np.ndarray):
+                raise ValueError(f"`{key}` must be a list of numbers, got {type(kwargs[key]).__name__}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, OverflowError) as err:  # e.g. a string where a size belongs: not a history
+            raise ValueError(f"not a valid history: {err}") from None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Serialise to JSON; write it atomically to ``path`` when given. Returns the JSON text.
@@ -314,11 +332,17 @@ class RunHistory:
             path = Path(source)
             if not path.exists():
                 raise FileNotFoundError(f"no history file at {path}")
-            text = path.read_text()
+            _check_regular(path)
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: not a text file, so not a history JSON") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"history JSON is invalid or truncated: {err}") from None
+        except RecursionError:
+            raise ValueError("history JSON is nested too deeply to be a history") from None
         return cls.from_dict(data)
 
     # -------------------------------------------------------------------- CSV
@@ -386,10 +410,13 @@ class RunHistory:
     ) -> RunHistory:
         """Read a run from a TensorBoard event folder with tensorboard's ``EventAccumulator``.
 
-        All scalars are loaded (``size_guidance={"scalars": 0}``, no reservoir sub-sampling). Sizes not given
-        are read from this project's ``scaling/n_params``, ``scaling/batch_size`` and
-        ``scaling/tokens_per_sample`` scalars when present. Repeated steps (a resumed run re-logging) keep the
-        last value.
+        All scalars are loaded (``size_guidance={"scalars": 0}``, no reservoir sub-sampling, no purging of
+        re-logged steps). Sizes not given are read from this project's ``scaling/n_params``,
+        ``scaling/batch_size`` and ``scaling/tokens_per_sample`` scalars when present. Nothing is dropped
+        silently: repeated steps (a resumed run re-logging) keep the last logged value and are counted in
+        ``meta["duplicate_steps"]``, and an event file that ends in an incomplete record (a killed writer, a
+        truncated copy) is reported in ``meta["truncated_files"]``; both with a
+        :class:`~lightning_scaling.warnings.DataWarning`.
 
         Args:
             logdir: Folder with ``events.out.tfevents.*`` files (not searched recursively).
@@ -399,55 +426,41 @@ class RunHistory:
             n_params, batch_size, tokens_per_sample: Overrides for the run's sizes.
 
         Raises:
-            ValueError: no event file, or ``loss_tag`` absent (the message lists the tags found).
+            ValueError: no event file, a non-regular event file, or ``loss_tag`` absent (the message lists the
+                tags found).
         """
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         logdir = Path(logdir)
-        if not logdir.is_dir() or not any(p.name.startswith("events.out.tfevents") for p in logdir.iterdir()):
+        files = sorted(p for p in logdir.iterdir() if p.name.startswith("events.out.tfevents")) \
+            if logdir.is_dir() else []
+        if not files:
             raise ValueError(f"{logdir}: no TensorBoard event files")
-        acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+        truncated = {}
+        for f in files:
+            _check_regular(f)  # the accumulator would block forever on a FIFO
+            n_records, unread = _scan_event_file(f)
+            if unread:
+                truncated[f.name] = {"records_read": n_records, "bytes_unread": unread}
+        acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
         acc.Reload()
         tags = set(acc.Tags().get("scalars", []))
         if loss_tag not in tags:
             raise ValueError(f"{logdir}: loss tag {loss_tag!r} not found; scalar tags present: {sorted(tags)}")
-
-        def series(tag: str | None) -> dict[int, float]:
-            if tag is None or tag not in tags:
-                return {}
-            return {int(e.step): float(e.value) for e in acc.Scalars(tag)}  # later events win
-
-        def scalar(tag: str) -> float | None:
-            values = series(tag)
-            return values[max(values)] if values else None
-
-        loss = series(loss_tag)
-        steps = np.array(sorted(loss), dtype=np.int64)
-        lr, tok, val = series(lr_tag), series(tokens_tag), series(val_loss_tag)
-        kwargs: dict[str, Any] = dict(
-            name=name or logdir.name,
-            n_params=n_params if n_params is not None else scalar(DEFAULT_TAGS["n_params"]),
-            batch_size=batch_size if batch_size is not None else scalar(DEFAULT_TAGS["batch_size"]),
-            tokens_per_sample=(
-                tokens_per_sample if tokens_per_sample is not None else scalar(DEFAULT_TAGS["tokens_per_sample"])
-            ),
-            step=steps,
-            loss=[loss[s] for s in steps],
-            lr=[lr.get(int(s), math.nan) for s in steps],
-            meta={"source": str(logdir), "loss_tag": loss_tag},
-        )
-        if tok and all(int(s) in tok for s in steps):
-            kwargs["tokens"] = [tok[int(s)] for s in steps]
-        if val:
-            kwargs["val_step"] = sorted(val)
-            kwargs["val_loss"] = [val[s] for s in kwargs["val_step"]]
-        gns = {key: series(DEFAULT_TAGS[key]) for key in _GNS_VALUES}
-        if gns["gns_b_simple"]:
-            gsteps = sorted(gns["gns_b_simple"])
-            kwargs["gns_step"] = gsteps
-            for key in _GNS_VALUES:
-                kwargs[key] = [gns[key].get(s, math.nan) for s in gsteps]
-        return cls(**kwargs)
+        reader = _SeriesReader()
+        for key, tag in _wanted_tags(loss_tag, lr_tag, tokens_tag, val_loss_tag).items():
+            if tag in tags:
+                for e in acc.Scalars(tag):  # in file order: later events win
+                    reader.add(key, int(e.step), float(e.value))
+        for fname, info in truncated.items():
+            _data_warning(f"{logdir / fname}: the TensorBoard event file ends in an incomplete record (killed "
+                          f"writer or truncated copy): read {info['records_read']} complete records, "
+                          f"{info['bytes_unread']} bytes at its end are unreadable; its last points are lost")
+        history = reader.build(cls, str(logdir), loss_tag, name=name or logdir.name, n_params=n_params,
+                               batch_size=batch_size, tokens_per_sample=tokens_per_sample)
+        if truncated:
+            history.meta["truncated_files"] = truncated
+        return history
 
     # ---------------------------------------------------------- Lightning CSV
     @classmethod
@@ -467,6 +480,10 @@ class RunHistory:
     ) -> RunHistory:
         """Read a run from a Lightning ``CSVLogger`` ``metrics.csv`` (one column per metric, sparse rows).
 
+        The file is streamed row by row, keeping only the columns read, so memory follows the number of steps,
+        not the file size. Repeated steps keep the last value and are counted (``meta["duplicate_steps"]``, a
+        :class:`~lightning_scaling.warnings.DataWarning`).
+
         Args:
             path: The ``metrics.csv`` file.
             loss_tag: Column of the training loss, e.g. ``"train_loss_step"`` for ``self.log(..., on_step=True)``.
@@ -475,54 +492,43 @@ class RunHistory:
             name, n_params, batch_size, tokens_per_sample: Overrides (sizes default to this project's columns).
 
         Raises:
-            ValueError: empty file, missing step or loss column (the message lists the columns found).
+            ValueError: empty or non-regular file, missing step or loss column (the message lists the columns
+                found), a non-numeric cell, or a step column that does not advance (every loss at one step).
         """
         path = Path(path)
+        _check_regular(path)
+        reader = _SeriesReader()
         with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows:
-            raise ValueError(f"{path}: no rows")
-        columns = set(rows[0])
-        for col in (step_column, loss_tag):
-            if col not in columns:
-                raise ValueError(f"{path}: column {col!r} not found; columns present: {sorted(columns)}")
-
-        def series(col: str | None) -> dict[int, float]:
-            out: dict[int, float] = {}
-            if col is None or col not in columns:
-                return out
-            for r in rows:
-                if r.get(col) not in (None, "") and r.get(step_column) not in (None, ""):
-                    out[int(float(r[step_column]))] = float(r[col])
-            return out
-
-        def scalar(col: str) -> float | None:
-            values = series(col)
-            return values[max(values)] if values else None
-
-        loss = series(loss_tag)
-        if not loss:
+            rows = csv.reader(fh)
+            header = next(rows, None)
+            if not header:
+                raise ValueError(f"{path}: no rows")
+            index = {c: i for i, c in enumerate(header)}
+            for col in (step_column, loss_tag):
+                if col not in index:
+                    raise ValueError(f"{path}: column {col!r} not found; columns present: {sorted(index)}")
+            si = index[step_column]
+            cols = [(key, index[tag]) for key, tag in _wanted_tags(loss_tag, lr_tag, tokens_tag,
+                                                                   val_loss_tag).items() if tag in index]
+            for line, row in enumerate(rows, start=2):
+                if si >= len(row) or row[si] == "":
+                    continue
+                try:
+                    step = int(float(row[si]))
+                    for key, j in cols:
+                        if j < len(row) and row[j] != "":
+                            reader.add(key, step, float(row[j]))
+                except (TypeError, ValueError, OverflowError) as err:
+                    raise ValueError(f"{path}: line {line} is not numeric (truncated file?): {err}") from None
+        if not reader.series.get("loss"):
             raise ValueError(f"{path}: column {loss_tag!r} has no values")
-        steps = sorted(loss)
-        lr, tok, val = series(lr_tag), series(tokens_tag), series(val_loss_tag)
-        kwargs: dict[str, Any] = dict(
-            name=name or path.parent.name,
-            n_params=n_params if n_params is not None else scalar(DEFAULT_TAGS["n_params"]),
-            batch_size=batch_size if batch_size is not None else scalar(DEFAULT_TAGS["batch_size"]),
-            tokens_per_sample=(
-                tokens_per_sample if tokens_per_sample is not None else scalar(DEFAULT_TAGS["tokens_per_sample"])
-            ),
-            step=steps,
-            loss=[loss[s] for s in steps],
-            lr=[lr.get(s, math.nan) for s in steps],
-            meta={"source": str(path), "loss_tag": loss_tag},
-        )
-        if tok and all(s in tok for s in steps):
-            kwargs["tokens"] = [tok[s] for s in steps]
-        if val:
-            kwargs["val_step"] = sorted(val)
-            kwargs["val_loss"] = [val[s] for s in kwargs["val_step"]]
-        return cls(**kwargs)
+        n_loss = len(reader.series["loss"]) + reader.duplicates.get("loss", 0)
+        if len(reader.series["loss"]) == 1 and n_loss > 1:
+            raise ValueError(f"{path}: the {step_column!r} column does not advance: all {n_loss} {loss_tag!r} "
+                             f"values are at step {next(iter(reader.series['loss']))}; pass the right "
+                             "step column")
+        return reader.build(cls, str(path), loss_tag, name=name or path.parent.name, n_params=n_params,
+                            batch_size=batch_size, tokens_per_sample=tokens_per_sample)
 
     # ------------------------------------------------------------- discovery
     @classmethod
@@ -563,49 +569,308 @@ class RunHistory:
         raise ValueError(f"{path}: not a history.json, .csv or TensorBoard event file")
 
     @classmethod
-    def load_many(cls, paths: str | os.PathLike | Iterable[str | os.PathLike], **kwargs: Any) -> list[RunHistory]:
-        """Find and load every run under the given files or folders (searched recursively).
+    def load_many(cls, paths: str | os.PathLike | Iterable[str | os.PathLike], *, report: bool = False,
+                  **kwargs: Any) -> list[RunHistory] | tuple[list[RunHistory], LoadReport]:
+        """Find and load every run under the given files or folders (searched recursively); one training is one run.
 
-        A folder that holds ``scaling/history.json`` (or ``history.json``) is one run, read from that file, and
-        its TensorBoard/CSV logs are not read again; other folders with event files or a ``metrics.csv`` are
-        runs of their own. Sub-folders named ``by_tokens`` or ``forecast`` (this project's auxiliary runs) are
-        skipped.
+        A folder that holds ``scaling/history.json`` (or ``history.json``) is read from that file, and its own
+        TensorBoard/CSV logs are not read again; other folders with event files or a ``metrics.csv`` are read from
+        those; runs nested in another run's folder are found too. Sub-folders named ``by_tokens``, ``forecast`` or
+        ``checkpoints`` (this project's auxiliary TensorBoard runs and Lightning's checkpoints) are not searched;
+        they are listed in the report.
+
+        Pieces of one training are merged into one run (:func:`merge_runs`): a killed and resumed run (several
+        version folders, or several history files of one run name) and one training logged by several loggers
+        (TensorBoard and CSV). Pieces belong together when their sizes agree and their losses agree at their
+        first common steps, or when a piece that starts after step 0 (a resume) continues a piece in a sibling
+        folder. Every merge is reported with a :class:`~lightning_scaling.warnings.DataWarning` and in
+        ``meta["merged_from"]``/``meta["duplicate_steps"]`` of the merged run.
+
+        Args:
+            paths: Files or folders.
+            report: Also return a :class:`LoadReport` (what was read, skipped and merged).
+            **kwargs: Reader options for :meth:`load` (tags, sizes).
+
+        Returns:
+            The runs, or ``(runs, report)`` with ``report=True``.
 
         Raises:
+            FileNotFoundError: a path does not exist.
             ValueError: no run found, or a found run could not be read (the message names the folder).
+
+        Example::
+
+            >>> import tempfile
+            >>> root = Path(tempfile.mkdtemp())
+            >>> whole = RunHistory(name="r", step=range(10), loss=[3.0 - 0.1 * i for i in range(10)])
+            >>> _ = whole.truncate(6).to_json(root / "version_0" / "history.json")  # killed at step 6
+            >>> _ = whole.to_json(root / "version_1" / "history.json")  # resumed from a checkpoint
+            >>> runs, rep = RunHistory.load_many(root, report=True)  # doctest: +SKIP
+            >>> len(runs), len(runs[0]), rep.merged  # doctest: +SKIP
+            (1, 10, {'r': [...]})
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        paths = list(paths)
         found: list[Path] = []
+        skipped: list[str] = []
         for root in map(Path, paths):
             if not root.exists():
                 raise FileNotFoundError(f"{root} does not exist")
             if root.is_file():
                 found.append(root)
                 continue
-            found.extend(_discover(root))
+            found.extend(_discover(root, skipped))
         if not found:
             raise ValueError(
                 "no runs found under " + ", ".join(map(str, paths)) + " (looked for history.json, TensorBoard "
                 "event files and metrics.csv)"
             )
-        runs = []
+        pieces = []
         for p in found:
             try:
-                runs.append(cls.load(p, **kwargs))
+                pieces.append((p, cls.load(p, **kwargs)))
             except ValueError as err:
                 raise ValueError(f"could not read run at {p}: {err}") from None
-        return runs
+        runs, merged = _group_pieces(pieces)
+        rep = LoadReport(read=[str(p) for p in found], skipped=skipped, merged=merged)
+        if merged:
+            what = "; ".join(f"{name!r} <- {', '.join(srcs)}" for name, srcs in merged.items())
+            _data_warning(f"load_many: {len(found)} sources are {len(runs)} trainings; merged pieces of one "
+                          f"training (resumed or logged twice): {what}")
+        return (runs, rep) if report else runs
 
 
-def _discover(root: Path) -> list[Path]:
+@dataclasses.dataclass
+class LoadReport:
+    """What :meth:`RunHistory.load_many` did.
+
+    Attributes:
+        read: Every source read (history file, event folder, ``metrics.csv`` folder).
+        skipped: Auxiliary folders not searched (``by_tokens``, ``forecast``, ``checkpoints``).
+        merged: Run name -> the sources merged into that one run.
+    """
+
+    read: list[str]
+    skipped: list[str]
+    merged: dict[str, list[str]]
+
+
+def _source_rank(path: Path) -> int:
+    """Preference among copies of one training: this project's history file, then TensorBoard, then CSV."""
+    if path.suffix == ".json" or (path.is_dir() and (path / "scaling" / HISTORY_FILENAME).exists()):
+        return 0
+    if path.is_dir() and any(p.name.startswith("events.out.tfevents") for p in path.iterdir()):
+        return 1
+    return 2
+
+
+def _sizes_agree(a: RunHistory, b: RunHistory) -> bool:
+    for key in ("n_params", "batch_size", "tokens_per_sample"):
+        x, y = getattr(a, key), getattr(b, key)
+        if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-6):
+            return False
+    return True
+
+
+def _same_training(pa: Path, a: RunHistory, pb: Path, b: RunHistory, both_files: bool) -> bool:
+    if not len(a) or not len(b) or not _sizes_agree(a, b):
+        return False
+    if a.name != b.name and both_files:
+        return False  # history files carry the run's name, which a resume keeps: other names, other runs
+    common, ia, ib = np.intersect1d(a.step, b.step, assume_unique=True, return_indices=True)
+    if common.size:
+        # A resumed history repeats its restored prefix bit for bit; two loggers of one training agree to
+        # float32 precision. Different trainings (other seed, data or model) differ from their first steps on.
+        la, lb = a.loss[ia[:8]], b.loss[ib[:8]]
+        if np.allclose(la, lb, rtol=1e-5, atol=0.0, equal_nan=True):
+            return True
+    first, later = (a, b) if a.step[0] <= b.step[0] else (b, a)
+    # A resume starts after step 0 (at its checkpoint) and continues a piece of its sibling folder.
+    siblings = _run_folder(pa).parent == _run_folder(pb).parent
+    return siblings and later.step[0] > 0 and first.step[0] < later.step[0] <= first.step[-1] + 1
+
+
+def _run_folder(path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    return folder.parent if folder.name == "scaling" else folder
+
+
+def _group_pieces(pieces: list[tuple[Path, RunHistory]]) -> tuple[list[RunHistory], dict[str, list[str]]]:
+    parent = list(range(len(pieces)))
+    ranks = [_source_rank(p) for p, _ in pieces]
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(pieces)):
+        for j in range(i + 1, len(pieces)):
+            if root(i) != root(j) and _same_training(*pieces[i], *pieces[j], ranks[i] == ranks[j] == 0):
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    runs, merged = [], {}
+    for members in groups.values():
+        if len(members) == 1:
+            runs.append(pieces[members[0]][1])
+            continue
+        run = merge_runs([pieces[i][1] for i in members], ranks=[ranks[i] for i in members])
+        run.meta["merged_from"] = [str(pieces[i][0]) for i in members]
+        merged[run.name] = run.meta["merged_from"]
+        runs.append(run)
+    return runs, merged
+
+
+def merge_runs(pieces: Sequence[RunHistory], ranks: Sequence[int] | None = None) -> RunHistory:
+    """Merge pieces of one training into one history in step order.
+
+    Where pieces share a step, the piece that reaches further wins (a resumed run recomputes the steps between
+    its checkpoint and the kill; the resumed values are the ones the final model came from); between pieces
+    that end at the same step (one training logged twice) the lower ``rank`` wins (0: history file, 1:
+    TensorBoard, 2: CSV). Sizes and the planned schedule come from the winning piece, else any piece that has
+    them. The number of repeated steps is stored in ``meta["duplicate_steps"]``.
+
+    Args:
+        pieces: Histories of one training.
+        ranks: Source preference per piece (lower wins ties); default all equal.
+
+    Example::
+
+        >>> a = RunHistory(name="r", step=[0, 1, 2, 3], loss=[4.0, 3.0, 2.5, 2.4])
+        >>> b = RunHistory(name="r", step=[2, 3, 4], loss=[2.5, 2.3, 2.2])
+        >>> m = merge_runs([a, b])
+        >>> m.step.tolist(), m.loss.tolist(), m.meta["duplicate_steps"]
+        ([0, 1, 2, 3, 4], [4.0, 3.0, 2.5, 2.3, 2.2], 2)
+    """
+    ranks = list(ranks) if ranks is not None else [0] * len(pieces)
+    # Weakest first, so that later (stronger) pieces overwrite shared steps.
+    order = sorted(range(len(pieces)), key=lambda i: (int(pieces[i].step[-1]) if len(pieces[i]) else -1, -ranks[i]))
+    ordered = [pieces[i] for i in order]
+    best = ordered[-1]
+    kwargs: dict[str, Any] = {"name": min(pieces, key=lambda p: int(p.step[0]) if len(p) else 0).name}
+    for key in ("n_params", "batch_size", "tokens_per_sample"):
+        kwargs[key] = next((getattr(p, key) for p in reversed(ordered) if getattr(p, key) is not None), None)
+    kwargs["planned_lr"] = next((p.planned_lr for p in reversed(ordered) if p.planned_lr is not None), None)
+    per_step = _last_wins([p.step for p in ordered], [[getattr(p, k) for k in _PER_STEP[1:]] for p in ordered])
+    kwargs.update(zip(_PER_STEP, per_step))
+    for step_key, value_keys in (("val_step", ("val_loss",)), ("gns_step", _GNS_VALUES)):
+        have = [p for p in ordered if getattr(p, step_key) is not None]
+        if have:
+            cols = _last_wins([getattr(p, step_key) for p in have], [[getattr(p, k) for k in value_keys] for p in have])
+            kwargs.update(zip((step_key, *value_keys), cols))
+    total = sum(len(p) for p in pieces)
+    kwargs["meta"] = {**best.meta, "duplicate_steps": total - len(kwargs["step"])}
+    return RunHistory(**kwargs)
+
+
+def _last_wins(steps: Sequence[np.ndarray], columns: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Concatenate pieces; for each step keep the row of the last piece that has it; sort by step."""
+    step = np.concatenate(steps)
+    # np.unique keeps the first occurrence: reverse so that the last piece's row comes first.
+    _, first = np.unique(step[::-1], return_index=True)
+    keep = step.size - 1 - first
+    cols = [np.concatenate([c[j] for c in columns])[keep] for j in range(len(columns[0]))]
+    return [step[keep], *cols]
+
+
+def _data_warning(message: str) -> None:
+    from lightning_scaling.warnings import DataWarning
+
+    warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def _wanted_tags(loss: str, lr: str | None, tokens: str | None, val: str | None) -> dict[str, str]:
+    """Reader series key -> tag/column name, for the tags a log reader reads."""
+    keys = {"loss": loss, "lr": lr, "tokens": tokens, "val": val}
+    keys.update({k: DEFAULT_TAGS[k] for k in ("n_params", "batch_size", "tokens_per_sample", *_GNS_VALUES)})
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+class _SeriesReader:
+    """Collects ``step -> value`` series from a log (later values win, repeats counted) and builds the history."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, dict[int, float]] = {}
+        self.duplicates: dict[str, int] = {}
+
+    def add(self, key: str, step: int, value: float) -> None:
+        d = self.series.setdefault(key, {})
+        if step in d:
+            self.duplicates[key] = self.duplicates.get(key, 0) + 1
+        d[step] = value
+
+    def _scalar(self, key: str, given: float | None) -> float | None:
+        if given is not None:
+            return given
+        values = self.series.get(key)
+        return values[max(values)] if values else None
+
+    def build(self, cls: type[RunHistory], source: str, loss_tag: str, *, name: str, n_params: float | None,
+              batch_size: float | None, tokens_per_sample: float | None) -> RunHistory:
+        loss = self.series["loss"]
+        steps = sorted(loss)
+        lr, tok, val = (self.series.get(k, {}) for k in ("lr", "tokens", "val"))
+        meta: dict[str, Any] = {"source": source, "loss_tag": loss_tag}
+        kwargs: dict[str, Any] = dict(
+            name=name, n_params=self._scalar("n_params", n_params),
+            batch_size=self._scalar("batch_size", batch_size),
+            tokens_per_sample=self._scalar("tokens_per_sample", tokens_per_sample),
+            step=steps, loss=[loss[s] for s in steps], lr=[lr.get(s, math.nan) for s in steps], meta=meta,
+        )
+        if tok and all(s in tok for s in steps):
+            kwargs["tokens"] = [tok[s] for s in steps]
+        if val:
+            kwargs["val_step"] = sorted(val)
+            kwargs["val_loss"] = [val[s] for s in kwargs["val_step"]]
+        gns = {key: self.series.get(key, {}) for key in _GNS_VALUES}
+        if gns["gns_b_simple"]:
+            kwargs["gns_step"] = sorted(gns["gns_b_simple"])
+            for key in _GNS_VALUES:
+                kwargs[key] = [gns[key].get(s, math.nan) for s in kwargs["gns_step"]]
+        n_dup = self.duplicates.get("loss", 0)
+        if n_dup:
+            meta["duplicate_steps"] = n_dup
+            _data_warning(f"{source}: {n_dup} steps of {loss_tag!r} were logged more than once (a resumed run "
+                          "re-logging?); kept the last value logged for each")
+        return cls(**kwargs)
+
+
+def _scan_event_file(path: Path) -> tuple[int, int]:
+    """(complete TFRecord records, bytes after the last complete one) of an event file, from its framing.
+
+    A record is a little-endian uint64 length, a uint32 CRC, the payload and a uint32 CRC; a writer killed
+    mid-record or a truncated copy leaves an incomplete record at the end, which the loaders skip silently.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return 0, 0
+    n, pos = 0, 0
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        while pos + 12 <= size:
+            (length,) = struct.unpack_from("<Q", mm, pos)
+            end = pos + 16 + length
+            if end > size:
+                break
+            n, pos = n + 1, end
+    return n, size - pos
+
+
+_AUXILIARY = ("by_tokens", "forecast", "checkpoints")
+
+
+def _discover(root: Path, skipped: list[str]) -> list[Path]:
+    """Run sources under ``root``; auxiliary folders are not searched and appended to ``skipped``."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("by_tokens", "forecast", "checkpoints"))
         here = Path(dirpath)
+        skipped.extend(str(here / d) for d in sorted(dirnames) if d in _AUXILIARY)
+        dirnames[:] = sorted(d for d in dirnames if d not in _AUXILIARY)
         if (here / "scaling" / HISTORY_FILENAME).exists():
-            out.append(here / "scaling" / HISTORY_FILENAME)
-            dirnames[:] = []  # one run: its own history wins over its event files
+            out.append(here / "scaling" / HISTORY_FILENAME)  # its own history wins over its event files
         elif here.name == "scaling" and HISTORY_FILENAME in filenames:
             continue  # found from the parent
         elif HISTORY_FILENAME in filenames:
@@ -615,18 +880,118 @@ def _discover(root: Path) -> list[Path]:
     return out
 
 
-def _encode_array(arr: np.ndarray) -> list[Any]:
+class AppendArray:
+    """An append-only numpy column (1-D, or 2-D with a fixed row width) with amortised O(1) appends.
+
+    Recorders of 1M-step runs keep their columns in these instead of Python lists: 8 bytes per value instead of
+    ~32, and :meth:`view` gives the recorded values without copying. Values once appended never change, so a view
+    stays valid (a full buffer is replaced by a larger copy, never written over).
+
+    Example::
+
+        >>> col = AppendArray(np.int64)
+        >>> col.extend([1, 2]); col.extend([3])
+        >>> col.view().tolist(), len(col)
+        ([1, 2, 3], 3)
+    """
+
+    def __init__(self, dtype: Any, width: int | None = None, values: Any = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.width = width
+        self._buf = np.empty((16,) if width is None else (16, width), self.dtype)
+        self._n = 0
+        if values is not None:
+            self.extend(values)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def extend(self, values: Any) -> None:
+        """Append values (rows for a 2-D column)."""
+        arr = np.asarray(values, dtype=self.dtype)
+        arr = arr.reshape((-1,) if self.width is None else (-1, self.width))
+        end = self._n + arr.shape[0]
+        if end > self._buf.shape[0]:
+            grown = np.empty((max(end, 2 * self._buf.shape[0]),) + self._buf.shape[1:], self.dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n:end] = arr
+        self._n = end
+
+    def view(self) -> np.ndarray:
+        """The values appended so far (a read-only view, no copy)."""
+        out = self._buf[: self._n]
+        out.flags.writeable = False
+        return out
+
+
+# Arrays at least this long are stored packed in JSON (byte-shuffled float64/int64, zlib, base64): a 1M-step
+# history is ~20 MB instead of ~100 MB of decimal text, and reads back bit-identical.
+_PACK_MIN = 4096
+
+
+def _pack(arr: np.ndarray) -> dict[str, Any]:
+    kind = "int64" if arr.dtype.kind in "iu" else "float64"
+    data = arr.astype("<i8" if kind == "int64" else "<f8")
+    if kind == "int64":
+        data = np.diff(data, prepend=np.int64(0))  # steps: constant deltas compress to almost nothing
+    shuffled = data.view(np.uint8).reshape(-1, 8).T.copy()  # byte planes: smooth values compress far better
+    payload = base64.b64encode(zlib.compress(shuffled.tobytes(), 6)).decode("ascii")
+    return {"packed": f"{kind}-shuffle-zlib-base64", "size": int(arr.size), "data": payload}
+
+
+def _unpack(obj: Mapping[str, Any]) -> np.ndarray:
+    kind = str(obj.get("packed", ""))
+    if kind not in ("int64-shuffle-zlib-base64", "float64-shuffle-zlib-base64"):
+        raise ValueError(f"unknown packed array encoding {kind!r}")
+    try:
+        size = int(obj["size"])
+        raw = zlib.decompressobj().decompress(base64.b64decode(obj["data"], validate=True), 8 * size + 1)
+    except (KeyError, TypeError, ValueError, zlib.error, binascii.Error) as err:
+        raise ValueError(f"packed array is corrupt: {err}") from None
+    if len(raw) != 8 * size:
+        raise ValueError(f"packed array is corrupt: {len(raw)} bytes for {size} values")
+    data = np.frombuffer(raw, np.uint8).reshape(8, size).T.copy().view("<i8" if kind[:5] == "int64" else "<f8")
+    data = data.ravel()
+    return np.cumsum(data).astype(np.int64) if kind[:5] == "int64" else data.astype(np.float64)
+
+
+def _encode_array(arr: np.ndarray) -> list[Any] | dict[str, Any]:
+    if arr.ndim == 1 and arr.size >= _PACK_MIN:
+        return _pack(arr)
     if arr.dtype.kind in "iu":
         return arr.tolist()
     return [v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
             for v in arr.tolist()]
 
 
-def _decode_array(values: Sequence[Any]) -> np.ndarray:
-    conv = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf, None: math.nan}
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return np.asarray(values, dtype=np.int64)
-    return np.asarray([conv.get(v, v) if not isinstance(v, (int, float)) else v for v in values], dtype=np.float64)
+_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _decode_array(values: Sequence[Any] | Mapping[str, Any], name: str = "array") -> np.ndarray:
+    """A JSON list of numbers (``null``/``"NaN"``/``"Infinity"`` allowed) or a packed array, as numpy.
+
+    Raises:
+        ValueError: anything else in the list (a nested list, a dict, a bool, other strings).
+    """
+    if isinstance(values, Mapping):
+        return _unpack(values)
+    if all(type(v) is int for v in values):
+        try:
+            return np.asarray(values, dtype=np.int64)
+        except OverflowError:
+            raise ValueError(f"`{name}` holds an integer too large for int64") from None
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        if v is None:
+            out[i] = math.nan
+        elif type(v) in (int, float):
+            out[i] = v
+        elif isinstance(v, str) and v in _SPECIAL:
+            out[i] = _SPECIAL[v]
+        else:
+            raise ValueError(f"`{name}`[{i}] is {type(v).__name__} {str(v)[:40]!r}, not a number")
+    return out
 
 
 def _json_default(obj: Any) -> Any:
@@ -639,6 +1004,13 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable; keep RunHistory.meta to plain values")
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse FIFOs, devices and sockets before opening them: reading one can hang or never end."""
+    mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is a device
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, device or socket?); refusing to read it")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -267,9 +267,9 @@ class ForecastEarlyStopping(Callback):
         more than ``margin``: the band's lower bound for the final loss is above ``baseline + margin``.
 
     A check counts only after ``min_fraction`` of the run and when a new forecast is available; ``patience``
-    consecutive positive checks stop the run. The decision is reduced over ranks with
-    ``strategy.reduce_boolean_decision`` (stop only if every rank with a new forecast agrees), then
-    ``trainer.should_stop`` is set. The reason is kept in :attr:`stopped_reason` and reported with
+    consecutive positive checks stop the run. Under DDP, rank 0 decides from its own forecast and broadcasts
+    the decision (one collective on every rank at every check step), so all ranks count patience on the same
+    forecasts and identical seeded runs stop at the same step; then ``trainer.should_stop`` is set. The reason is kept in :attr:`stopped_reason` and reported with
     ``rank_zero_info``.
 
     Args:
@@ -505,28 +505,31 @@ class ForecastEarlyStopping(Callback):
             return None, None
         return fc, _current_loss(fc)
 
-    def _check(self, trainer: pl.Trainer, step: int) -> None:
+    def _decide(self, trainer: pl.Trainer, step: int) -> tuple[int | None, bool, str | None]:
+        """This rank's verdict: (``observed_until`` of a new forecast or ``None``, positive, reason)."""
         assert self._rule is not None
         fc, current = self._latest_forecast(trainer)
-        is_new = fc is not None and int(fc.observed_until) != self._last_used
-        reason = None
-        if is_new:
-            try:
-                if self._paired_ref is not None:
-                    self._rule.criteria["baseline_loss"] = self._paired_ref.at(int(fc.observed_until))
-                reason = self._rule.check(fc, current_step=step, current_loss=current)
-            except Exception as err:
-                self._warning_cache.warn(f"ForecastEarlyStopping: check failed ({type(err).__name__}: {err}).")
-                is_new = False
-        strategy = trainer.strategy
-        # Every rank calls both reductions at the same step; a rank without a new forecast abstains (votes yes
-        # in the all-agree reduction), and nothing is counted when no rank has one.
-        any_new = strategy.reduce_boolean_decision(bool(is_new), all=False)
-        positive = strategy.reduce_boolean_decision(bool(reason is not None) if is_new else True, all=True)
-        if not any_new:
-            return
-        if is_new:
-            self._last_used = int(fc.observed_until)
+        if fc is None or int(fc.observed_until) == self._last_used:
+            return None, False, None
+        try:
+            if self._paired_ref is not None:
+                self._rule.criteria["baseline_loss"] = self._paired_ref.at(int(fc.observed_until))
+            reason = self._rule.check(fc, current_step=step, current_loss=current)
+        except Exception as err:
+            self._warning_cache.warn(f"ForecastEarlyStopping: check failed ({type(err).__name__}: {err}).")
+            return None, False, None
+        return int(fc.observed_until), reason is not None, reason
+
+    def _check(self, trainer: pl.Trainer, step: int) -> None:
+        assert self._rule is not None
+        # Rank 0 decides from its own forecast and every rank takes its decision: ranks refit in the background
+        # at different moments, so their latest forecasts differ in age, and counting patience on a mix of them
+        # made identical seeded runs stop at different steps. One broadcast, on every rank at every check step.
+        decision = self._decide(trainer, step) if trainer.is_global_zero else None
+        observed, positive, reason = trainer.strategy.broadcast(decision, src=0)
+        if observed is None:
+            return  # no new forecast on rank 0: nothing is counted
+        self._last_used = observed
         stop_reason = self._rule.record(positive, reason)
         if positive and self.verbose:
             rank_zero_debug(f"ForecastEarlyStopping: positive check {self._rule.wait_count}/{self.patience} at "

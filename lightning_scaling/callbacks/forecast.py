@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
 from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time
+from lightning_scaling.warnings import ForecastWarning
 
 if TYPE_CHECKING:
     from lightning_scaling.forecast import Forecast
@@ -504,7 +505,8 @@ class ScalingForecast(Callback):
         if key not in self._warning_cache:
             self._warning_cache.warn(
                 f"ScalingForecast: refit at step {step} failed ({key}: {err}); keeping the last good forecast. "
-                f"Further {key} failures are not reported."
+                f"Further {key} failures are not reported.",
+                category=ForecastWarning,
             )
             # WarningCache keys on the message; remember the kind so that other messages of it stay silent.
             self._warning_cache.add(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -18,9 +19,22 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
 from typing_extensions import override
 
-from lightning_scaling.history import HISTORY_FILENAME, RunHistory
+from lightning_scaling.history import HISTORY_FILENAME, AppendArray, RunHistory
 
 __all__ = ["LossTrajectory", "count_non_embedding_params", "default_batch_size"]
+
+_GNS_KEYS = ("step", "b_simple", "grad_sq_norm", "trace_sigma")
+
+
+def _tensor(column: AppendArray) -> torch.Tensor:
+    """A checkpointable CPU tensor copy of a column."""
+    return torch.from_numpy(column.view().copy())
+
+
+def _numpy(values: Any) -> np.ndarray:
+    """Saved state (a tensor, or the lists of version-1 checkpoints) as numpy."""
+    return values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
 
 # Schedules longer than this are not simulated at train start (it costs ~10 µs per step in Python).
 _MAX_SIMULATED_STEPS = 2_000_000
@@ -140,24 +154,27 @@ class LossTrajectory(Callback):
         self.n_params = n_params
         self.flush_every_n_steps = flush_every_n_steps
         self.name = name
+        self._name_arg = name  # the state key's part: the resolved name may come from a logger version
         self.save_dir = save_dir
         self.log_by_tokens = log_by_tokens
         self.val_loss_key = val_loss_key
         self._warning_cache = WarningCache()
         self._by_tokens_writer: Any = None
+        self._writer_thread: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
-        # Host-side, flushed records (global over ranks).
-        self._step: list[int] = []
-        self._loss: list[float] = []
-        self._samples: list[float] = []  # cumulative, before the step
-        self._tokens: list[float] = []
-        self._lr: list[list[float]] = []
+        # Host-side, flushed records (global over ranks), in numpy columns: a 1M-step run stays ~50 MB.
+        self._step = AppendArray(np.int64)
+        self._loss = AppendArray(np.float64)
+        self._samples = AppendArray(np.float64)  # cumulative, before the step
+        self._tokens = AppendArray(np.float64)
+        self._lr = AppendArray(np.float64, width=1)  # one column per parameter group
         self._samples_total = 0.0
         self._tokens_total = 0.0
-        self._gns: dict[str, list[float]] = {"step": [], "b_simple": [], "grad_sq_norm": [], "trace_sigma": []}
-        self._val: dict[str, list[float]] = {"step": [], "loss": []}
+        self._gns = {k: AppendArray(np.int64 if k == "step" else np.float64) for k in _GNS_KEYS}
+        self._val = {k: AppendArray(np.int64 if k == "step" else np.float64) for k in ("step", "loss")}
         self._planned_lr: list[float] | None = None
         self._batch_size: float | None = None
         self._n_logged = 0
@@ -177,7 +194,8 @@ class LossTrajectory(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        # Constructor arguments only: a resumed run gets a new logger version, and its state must still match.
+        return self._generate_state_key(name=self._name_arg)
 
     # ----------------------------------------------------------------- public API
     @property
@@ -196,30 +214,25 @@ class LossTrajectory(Callback):
         trainer = self._trainer()
         if trainer is None or trainer.world_size == 1:
             self._flush(trainer=None)  # no collective: other ranks may not be reading the history now
-        lr = np.array([g[0] if g else math.nan for g in self._lr], dtype=np.float64)
+        lr_groups = self._lr.view()
         meta: dict[str, Any] = {}
-        if self._lr and len(self._lr[0]) > 1:
-            meta["lr_groups"] = self._lr
+        if lr_groups.shape[1] > 1:
+            meta["lr_groups"] = lr_groups.tolist()
         kwargs: dict[str, Any] = {}
-        if self._gns["step"]:
-            kwargs.update(
-                gns_step=self._gns["step"],
-                gns_b_simple=self._gns["b_simple"],
-                gns_grad_sq_norm=self._gns["grad_sq_norm"],
-                gns_trace_sigma=self._gns["trace_sigma"],
-            )
-        if self._val["step"]:
-            kwargs.update(val_step=self._val["step"], val_loss=self._val["loss"])
+        if len(self._gns["step"]):
+            kwargs.update({f"gns_{k}": v.view().copy() for k, v in self._gns.items()})
+        if len(self._val["step"]):
+            kwargs.update(val_step=self._val["step"].view().copy(), val_loss=self._val["loss"].view().copy())
         return RunHistory(
             name=self.name or "run",
             n_params=self.n_params,
             batch_size=self._batch_size,
             tokens_per_sample=self.tokens_per_sample,
-            step=np.asarray(self._step, dtype=np.int64),
-            loss=np.asarray(self._loss, dtype=np.float64),
-            samples=np.asarray(self._samples, dtype=np.float64),
-            tokens=np.asarray(self._tokens, dtype=np.float64) if self._counts_tokens else None,
-            lr=lr,
+            step=self._step.view().copy(),  # copies: the caller may change them, and the recorder must not
+            loss=self._loss.view().copy(),
+            samples=self._samples.view().copy(),
+            tokens=self._tokens.view().copy() if self._counts_tokens else None,
+            lr=lr_groups[:, 0].copy(),
             planned_lr=self._planned_lr,
             meta=meta,
             **kwargs,
@@ -227,13 +240,11 @@ class LossTrajectory(Callback):
 
     def record_gns(self, step: int, b_simple: float, grad_sq_norm: float, trace_sigma: float) -> None:
         """Append a gradient-noise-scale reading (called by :class:`GradientNoiseScale` at its log interval)."""
-        steps = self._gns["step"]
-        if steps and step <= steps[-1]:
+        steps = self._gns["step"].view()
+        if steps.size and step <= steps[-1]:
             return  # a resumed run may re-log a step it already has
-        steps.append(int(step))
-        self._gns["b_simple"].append(float(b_simple))
-        self._gns["grad_sq_norm"].append(float(grad_sq_norm))
-        self._gns["trace_sigma"].append(float(trace_sigma))
+        for key, value in zip(_GNS_KEYS, (step, b_simple, grad_sq_norm, trace_sigma)):
+            self._gns[key].extend([value])
 
     @property
     def _counts_tokens(self) -> bool:
@@ -323,15 +334,16 @@ class LossTrajectory(Callback):
         if value is None:
             return
         step = trainer.global_step
-        if self._val["step"] and step <= self._val["step"][-1]:
+        steps = self._val["step"].view()
+        if steps.size and step <= steps[-1]:
             return
-        self._val["step"].append(int(step))
-        self._val["loss"].append(float(value))  # once per validation run, not per step
+        self._val["step"].extend([step])
+        self._val["loss"].extend([float(value)])  # once per validation run, not per step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
-        path = self._write(trainer)
+        path = self._write(trainer, wait=True)
         if path is not None:
             rank_zero_info(f"LossTrajectory: history of {len(self._step)} steps written to {path}")
         self._close_writer()
@@ -340,7 +352,7 @@ class LossTrajectory(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         try:  # keep what was recorded; never mask the user's exception
             self._flush(trainer=None)
-            self._write(trainer)
+            self._write(trainer, wait=True)
         except Exception:
             pass
         self._close_writer()
@@ -348,46 +360,47 @@ class LossTrajectory(Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        self._write(trainer)
+        self._write(trainer, wait=False)  # off the training thread: a 1M-step JSON takes seconds
 
     @override
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank when a checkpoint is dumped, so the collective flush is safe here.
         self._flush(self._trainer())
+        # CPU tensors, not lists: compact (8 bytes a value), fast to save, and torch.load(weights_only=True) reads them.
         return {
-            "version": 1,
-            "step": list(self._step),
-            "loss": list(self._loss),
-            "samples": list(self._samples),
-            "tokens": list(self._tokens),
-            "lr": [list(g) for g in self._lr],
+            "version": 2,
+            "step": _tensor(self._step),
+            "loss": _tensor(self._loss),
+            "samples": _tensor(self._samples),
+            "tokens": _tensor(self._tokens),
+            "lr": _tensor(self._lr),
             "samples_total": self._samples_total,
             "tokens_total": self._tokens_total,
             "batch_size": self._batch_size,
             "n_params": self.n_params,
             "name": self.name,
-            "gns": {k: list(v) for k, v in self._gns.items()},
-            "val": {k: list(v) for k, v in self._val.items()},
+            "gns": {k: _tensor(v) for k, v in self._gns.items()},
+            "val": {k: _tensor(v) for k, v in self._val.items()},
             "n_logged": self._n_logged,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reset_state()
-        self._step = list(state_dict.get("step", []))
-        self._loss = list(state_dict.get("loss", []))
-        self._samples = list(state_dict.get("samples", []))
-        self._tokens = list(state_dict.get("tokens", []))
-        self._lr = [list(g) for g in state_dict.get("lr", [])]
+        for key in ("step", "loss", "samples", "tokens"):
+            getattr(self, f"_{key}").extend(_numpy(state_dict.get(key, [])))
+        self._append_lr(state_dict.get("lr", []))
         self._samples_total = float(state_dict.get("samples_total", 0.0))
         self._tokens_total = float(state_dict.get("tokens_total", 0.0))
         self._batch_size = state_dict.get("batch_size")
         if self.n_params is None:
             self.n_params = state_dict.get("n_params")
-        if self.name is None:
-            self.name = state_dict.get("name")
-        self._gns.update({k: list(v) for k, v in state_dict.get("gns", {}).items()})
-        self._val.update({k: list(v) for k, v in state_dict.get("val", {}).items()})
+        if self._name_arg is None and state_dict.get("name"):
+            self.name = state_dict["name"]  # setup() named it after the new logger version; keep one run name
+        for store, saved in ((self._gns, state_dict.get("gns", {})), (self._val, state_dict.get("val", {}))):
+            for key, values in saved.items():
+                if key in store:
+                    store[key].extend(_numpy(values))
         self._n_logged = int(state_dict.get("n_logged", len(self._step)))
 
     @override
@@ -401,8 +414,14 @@ class LossTrajectory(Callback):
         return ref() if ref is not None else None
 
     def _flush(self, trainer: pl.Trainer | None) -> None:
-        """Move pending records to the host; under DDP (``trainer`` given) reduce them over ranks first."""
+        """Move pending records to the host; under DDP (``trainer`` given) reduce them over ranks first.
+
+        With a ``trainer`` it also logs every record not logged yet, including those an earlier flush without a
+        trainer (a read of :attr:`history`) moved, so the checkpointed ``n_logged`` is exact.
+        """
         if not self._pending_loss:
+            if trainer is not None and self._n_logged < len(self._step):
+                self._log(trainer)
             return
         losses = torch.stack(self._pending_loss)
         counts = torch.tensor(self._pending_counts, dtype=torch.float64)
@@ -411,20 +430,21 @@ class LossTrajectory(Callback):
             # One all-reduce per chunk, on every rank (the flush points are the same step on all ranks).
             losses = trainer.strategy.reduce(losses.clone(), reduce_op="mean")
             counts = trainer.strategy.reduce(counts.to(losses.device), reduce_op="sum").cpu()
-        host_loss = losses.cpu().double().tolist()
-        for i, (step, loss, lr) in enumerate(zip(self._pending_step, host_loss, self._pending_lr)):
-            samples, tokens = counts[i].tolist()
-            self._step.append(step)
-            self._loss.append(loss)
-            self._samples.append(self._samples_total)
-            self._tokens.append(self._tokens_total if self._counts_tokens else math.nan)
-            self._lr.append(lr)
-            self._samples_total += samples
-            self._tokens_total += tokens
-            if self._batch_size is None and samples > 0:
-                self._batch_size = samples
+        host_loss = losses.cpu().double().numpy()
+        counts = counts.numpy()
+        # Cumulative counts *before* each step: the running totals shifted by one step.
+        before = np.cumsum(counts, axis=0) - counts + [self._samples_total, self._tokens_total]
+        self._step.extend(self._pending_step)
+        self._loss.extend(host_loss)
+        self._samples.extend(before[:, 0])
+        self._tokens.extend(before[:, 1] if self._counts_tokens else np.full(len(host_loss), math.nan))
+        self._append_lr(self._pending_lr)
+        self._samples_total += float(counts[:, 0].sum())
+        self._tokens_total += float(counts[:, 1].sum())
+        if self._batch_size is None and np.any(counts[:, 0] > 0):
+            self._batch_size = float(counts[np.argmax(counts[:, 0] > 0), 0])
         self._pending_loss, self._pending_counts, self._pending_step, self._pending_lr = [], [], [], []
-        n_bad = sum(1 for v in host_loss if not math.isfinite(v))
+        n_bad = int(np.sum(~np.isfinite(host_loss)))
         if n_bad:
             self._warning_cache.warn(
                 f"LossTrajectory: {n_bad} non-finite loss value(s) recorded (kept and flagged in the history)."
@@ -435,26 +455,28 @@ class LossTrajectory(Callback):
     def _log(self, trainer: pl.Trainer) -> None:
         if not trainer.loggers or not trainer.is_global_zero:
             return
-        if self._n_logged == 0 and self._step:
+        start = self._n_logged
+        step, loss, samples = (c.view()[start:].tolist() for c in (self._step, self._loss, self._samples))
+        lr, tokens = self._lr.view()[start:, 0].tolist(), self._tokens.view()[start:].tolist()
+        if self._n_logged == 0 and step:
             sizes = {"scaling/n_params": self.n_params, "scaling/batch_size": self._batch_size,
                      "scaling/tokens_per_sample": self.tokens_per_sample}
             sizes = {k: float(v) for k, v in sizes.items() if v is not None}
             for lg in trainer.loggers:
-                lg.log_metrics(sizes, step=self._step[0])
-        start = self._n_logged
-        for i in range(start, len(self._step)):
-            metrics = {"scaling/loss": self._loss[i], "scaling/samples": self._samples[i]}
-            if self._lr[i]:
-                metrics["scaling/lr"] = self._lr[i][0]
+                lg.log_metrics(sizes, step=step[0])
+        for i in range(len(step)):
+            metrics = {"scaling/loss": loss[i], "scaling/samples": samples[i]}
+            if math.isfinite(lr[i]):
+                metrics["scaling/lr"] = lr[i]
             if self._counts_tokens:
-                metrics["scaling/tokens"] = self._tokens[i]
+                metrics["scaling/tokens"] = tokens[i]
             for lg in trainer.loggers:
-                lg.log_metrics(metrics, step=self._step[i])
+                lg.log_metrics(metrics, step=step[i])
         writer = self._tokens_writer(trainer)
         if writer is not None:
-            for i in range(start, len(self._step)):
-                if math.isfinite(self._loss[i]):
-                    writer.add_scalar("scaling/loss", self._loss[i], global_step=int(self._tokens[i]))
+            for i in range(len(step)):
+                if math.isfinite(loss[i]):
+                    writer.add_scalar("scaling/loss", loss[i], global_step=int(tokens[i]))
             writer.flush()
         self._n_logged = len(self._step)
 
@@ -483,12 +505,50 @@ class LossTrajectory(Callback):
         base = Path(self.save_dir) if self.save_dir else Path(trainer.log_dir or trainer.default_root_dir) / "scaling"
         return base / HISTORY_FILENAME
 
-    def _write(self, trainer: pl.Trainer) -> Path | None:
-        if not trainer.is_global_zero or not (self._step or self._pending_loss):
+    def _write(self, trainer: pl.Trainer, *, wait: bool) -> Path | None:
+        """Write ``history.json`` (rank 0): now, or (``wait=False``) from a snapshot in a writer thread."""
+        if not trainer.is_global_zero or not (len(self._step) or self._pending_loss):
             return None
         path = getattr(self, "_history_path", None) or self.history_path(trainer)
-        self.history.to_json(path)
+        history = self.history  # a snapshot (copies), taken on the training thread
+        self._join_writer()  # one write at a time, in order
+        if wait:
+            history.to_json(path)
+        else:
+            self._writer_thread = threading.Thread(target=self._write_in_thread, args=(history, path),
+                                                   name="LossTrajectory-history", daemon=True)
+            self._writer_thread.start()
         return path
+
+    def _write_in_thread(self, history: RunHistory, path: Path) -> None:
+        try:
+            history.to_json(path)  # atomic: a process killed mid-write leaves the previous file
+        except Exception as err:  # reported on the training thread by the next write
+            self._writer_error = err
+
+    def _join_writer(self) -> None:
+        if self._writer_thread is not None:
+            self._writer_thread.join()
+            self._writer_thread = None
+        if self._writer_error is not None:
+            err, self._writer_error = self._writer_error, None
+            self._warning_cache.warn(f"LossTrajectory: writing history.json failed ({err}); retrying at the next "
+                                     "checkpoint.")
+
+    def _append_lr(self, rows: Any) -> None:
+        """Append per-group LR rows (ragged lists or a 2-D array), widening the columns when groups appear."""
+        arr = _numpy(rows) if isinstance(rows, (torch.Tensor, np.ndarray)) else None
+        if arr is None or arr.ndim != 2:  # ragged lists (pending rows, version-1 checkpoints); [] = unknown
+            rows = [list(r) for r in rows]
+            arr = np.full((len(rows), max(map(len, rows), default=1)), math.nan)
+            for i, r in enumerate(rows):
+                arr[i, : len(r)] = r
+        width = max(self._lr.width, arr.shape[1])
+        if width > self._lr.width:  # a parameter group was added: earlier rows get NaN for it
+            old = self._lr.view()
+            self._lr = AppendArray(np.float64, width=width)
+            self._lr.extend(np.pad(old, ((0, 0), (0, width - old.shape[1])), constant_values=math.nan))
+        self._lr.extend(np.pad(arr, ((0, 0), (0, width - arr.shape[1])), constant_values=math.nan))
 
     def _simulate_schedule(self, trainer: pl.Trainer) -> list[float] | None:
         """Per-step LR of optimizer 0's first group from step 0 to max_steps - 1, by stepping copies of the
@@ -502,7 +562,7 @@ class LossTrajectory(Callback):
         optimizer = trainer.optimizers[0]
         configs = [c for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is optimizer]
         current = trainer.global_step
-        past = [g[0] if g else math.nan for g in self._lr[:current]] if len(self._lr) >= current else []
+        past = self._lr.view()[:current, 0].tolist() if len(self._lr) >= current else []
         lr_now = float(optimizer.param_groups[0]["lr"])
         if not configs:
             return (past if len(past) == current else [lr_now] * current) + [lr_now] * (max_steps - current)
