@@ -253,7 +253,7 @@ def lodo_choose(scores: dict[Any, dict[str, float]]) -> dict[str, Any]:
     Example::
 
         >>> lodo_choose({0.01: {"A": 0.0, "B": 0.5, "C": 0.4}, 0.02: {"A": 0.9, "B": 0.1, "C": 0.2}})
-        {'A': 0.02, 'B': 0.01, 'C': 0.02}
+        {'A': 0.02, 'B': 0.01, 'C': 0.01}
     """
     values = list(scores)
     datasets = sorted({d for v in values for d in scores[v]})
