@@ -194,10 +194,14 @@ class CriticalBatchFit:
     Attributes:
         b_star: ``B_*`` in samples (``b_star * tokens_per_sample`` tokens).
         alpha_b: ``alpha_B``; ``inf`` means a constant critical batch ``b_star``.
-        table: per loss level: ``loss``, ``s_min``, ``e_min`` (samples), ``b_crit`` (samples) and ``n_params``
-            (NaN rows are levels whose hyperbola fit failed).
+        table: per loss level: ``loss``, ``s_min``, ``e_min`` (samples), ``b_crit`` (samples), ``n_params``
+            (NaN rows are levels whose hyperbola fit failed), and for fitted laws ``fitted`` (1 where the level
+            entered the power law) and ``residual`` (``log(b_crit / law)``).
         tokens_per_sample: tokens per sample when known.
         source: how it was obtained (``"hyperbola"``, ``"gns"``, ``"joint"`` or ``"given"``).
+        alpha_b_interval: 90% bootstrap interval of ``alpha_b`` over the sweep's runs, when fitted from a sweep.
+        min_loss: the lowest loss level the law was fitted at (NaN if unknown); below it B_crit(L) is
+            extrapolated, and :class:`ScalingLaw` predictions that reach below it warn.
 
     Example::
 
@@ -211,6 +215,8 @@ class CriticalBatchFit:
     table: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     tokens_per_sample: float | None = None
     source: str = "given"
+    alpha_b_interval: tuple[float, float] | None = None
+    min_loss: float = float("nan")
 
     def __call__(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in samples at ``loss``."""
@@ -226,6 +232,8 @@ class CriticalBatchFit:
         """JSON-able dict (``inf`` written as the string ``"inf"``)."""
         return {"b_star": self.b_star, "alpha_b": _json_float(self.alpha_b),
                 "tokens_per_sample": self.tokens_per_sample, "source": self.source,
+                "alpha_b_interval": None if self.alpha_b_interval is None else list(self.alpha_b_interval),
+                "min_loss": _json_float(self.min_loss),
                 "table": {k: [_json_float(v) for v in np.asarray(a, dtype=float)] for k, a in self.table.items()}}
 
     @classmethod
@@ -233,7 +241,10 @@ class CriticalBatchFit:
         """Inverse of :meth:`to_dict`."""
         return cls(b_star=float(data["b_star"]), alpha_b=float(data["alpha_b"]),
                    table={k: np.asarray(v, dtype=float) for k, v in data.get("table", {}).items()},
-                   tokens_per_sample=data.get("tokens_per_sample"), source=data.get("source", "given"))
+                   tokens_per_sample=data.get("tokens_per_sample"), source=data.get("source", "given"),
+                   alpha_b_interval=None if data.get("alpha_b_interval") is None
+                   else tuple(float(v) for v in data["alpha_b_interval"]),
+                   min_loss=float(data.get("min_loss", "nan")))
 
 
 def _normal_quantile(level: float) -> float:
@@ -374,11 +385,32 @@ def _hyperbolas(table: _CrossingTable, rows: np.ndarray | None = None) -> dict[s
             "n_params": np.full(k, table.n_params)}
 
 
-def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray) -> tuple[float, float]:
+# B_crit(L) flattens at the high losses of early training (Kaplan Fig. 10; the CPU study's sweep), and a law is
+# used where the larger model trains, below every level of the sweep: the power law is fitted on the lower part
+# of the levels' log-loss range only (at least _LOW_LEVELS_MIN levels).
+_LOW_LEVELS_FRACTION = 1 / 3
+_LOW_LEVELS_MIN = 4
+
+
+def _low_end(loss: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Usable levels in the lower ``_LOW_LEVELS_FRACTION`` of their log-loss range (at least the lowest 4)."""
+    ll = np.log(np.where(ok, loss, np.nan))
+    lo, hi = np.nanmin(ll), np.nanmax(ll)
+    keep = ok & (ll <= lo + _LOW_LEVELS_FRACTION * (hi - lo) + 1e-12)
+    if keep.sum() < _LOW_LEVELS_MIN:
+        order = np.argsort(np.where(ok, ll, np.inf))[:_LOW_LEVELS_MIN]
+        keep = np.zeros_like(ok)
+        keep[order[ok[order]]] = True
+    return keep
+
+
+def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray, *, low_end: bool = False) -> tuple[float, float]:
     ok = np.isfinite(b_crit) & (b_crit > 0) & np.isfinite(loss) & (loss > 0)
     if ok.sum() < 2 or np.unique(loss[ok]).size < 2:
         raise ValueError(f"only {int(ok.sum())} loss level(s) gave a usable hyperbola fit (need >= 2 at distinct "
                          "losses): use runs at >= 3 batch sizes spanning B_crit, or pass levels=")
+    if low_end:
+        ok = _low_end(loss, ok)
     slope, intercept = np.polyfit(np.log(loss[ok]), np.log(b_crit[ok]), 1)
     if slope >= 0:
         raise ValueError(f"B_crit does not fall with the loss (log-log slope {slope:.3g} >= 0); the law "
@@ -393,15 +425,22 @@ def _group_by_size(runs: Sequence[RunHistory]) -> list[list[RunHistory]]:
     return list(groups.values())
 
 
+_BCRIT_BOOTSTRAP = 50
+
+
 def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | None = None,
                             tokens_per_sample: float | None = None, n_levels: int = 12,
-                            warmup_steps: int | str | None = "auto") -> CriticalBatchFit:
+                            warmup_steps: int | str | None = "auto",
+                            n_bootstrap: int = _BCRIT_BOOTSTRAP) -> CriticalBatchFit:
     """Fit ``B_crit(L) = B_* / L^(1/alpha_B)`` from runs at several batch sizes.
 
     Runs are grouped by model size (Kaplan found B_crit depends on L, not N, so the levels of all groups are
     pooled into one power law). Per group and loss level the first step ``S`` reaching the level on the smoothed,
     monotone curve (:func:`smooth_monotone`) gives one point per run; a weighted regression of ``S`` on ``1/B``
-    fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``.
+    fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is fitted on the
+    levels in the lower third of the log-loss range (at least 4): at the high losses of early training B_crit
+    flattens, and the law is used below the sweep's levels, where a larger model trains. ``table["residual"]``
+    holds every level's ``log(B_crit / law)``, ``alpha_b_interval`` a bootstrap interval over the runs.
 
     Args:
         runs: histories with ``batch_size`` set, at >= 2 (better >= 4, over >= 1 decade) batch sizes per size.
@@ -410,6 +449,7 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         n_levels: number of default levels.
         warmup_steps: steps to drop at the start of each run (``"auto"``: end of LR warmup; see
             :func:`fit_scaling_law`).
+        n_bootstrap: resamples of the runs for ``alpha_b_interval`` (0: none).
 
     Returns:
         A :class:`CriticalBatchFit` (batch sizes in samples).
@@ -431,6 +471,8 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         (0.3, 1.0)
     """
     runs = _check_runs(runs, "fit_critical_batch_size")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     missing = [r.name for r in runs if r.batch_size is None]
     if missing:
         raise ValueError(f"runs without batch_size: {missing}; set RunHistory.batch_size (samples per step)")
@@ -443,16 +485,35 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         raise ValueError("fit_critical_batch_size needs runs of one model size at >= 2 distinct batch sizes; got "
                          f"batch sizes {sorted({r.batch_size for r in runs})} over sizes "
                          f"{sorted({r.n_params for r in runs if r.n_params is not None})}")
-    return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample))
+    return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample),
+                                 n_bootstrap=n_bootstrap)
 
 
 def _critical_from_tables(tables: Sequence[_CrossingTable], *, tokens_per_sample: float | None,
-                          rows: Sequence[np.ndarray] | None = None) -> CriticalBatchFit:
+                          rows: Sequence[np.ndarray] | None = None, n_bootstrap: int = 0) -> CriticalBatchFit:
+    """Hyperbolas per level, the power law through the low-loss levels, residuals, and an interval on alpha_B."""
     parts = [_hyperbolas(t, None if rows is None else rows[i]) for i, t in enumerate(tables)]
     table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    b_star, alpha_b = _power_law_b_crit(table["loss"], table["b_crit"])
+    b_star, alpha_b = _power_law_b_crit(table["loss"], table["b_crit"], low_end=True)
+    ok = np.isfinite(table["b_crit"]) & (table["b_crit"] > 0)
+    fitted = _low_end(table["loss"], ok)
+    with np.errstate(all="ignore"):
+        table["residual"] = np.log(table["b_crit"] / laws.critical_batch(table["loss"], b_star=b_star,
+                                                                          alpha_b=alpha_b))
+    table["fitted"] = fitted.astype(float)
+    rng = np.random.default_rng(0)
+    alphas = []
+    for _ in range(n_bootstrap):  # resample each sweep's runs: the noise of the crossing steps
+        try:
+            alphas.append(_critical_from_tables(
+                tables, tokens_per_sample=None, rows=[rng.integers(0, t.batch.size, t.batch.size) for t in tables]
+            ).alpha_b)
+        except ValueError:
+            continue
+    interval = tuple(float(v) for v in np.percentile(alphas, [5, 95])) if len(alphas) >= 10 else None
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
-                            source="hyperbola")
+                            source="hyperbola", alpha_b_interval=interval,
+                            min_loss=float(np.min(table["loss"][fitted])))
 
 
 def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | None) -> CriticalBatchFit | None:
@@ -482,7 +543,7 @@ def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | No
         # No usable trend in L: a constant critical batch (alpha_B = inf) at the median measurement.
         b_star, alpha_b = float(np.median(b)), float("inf")
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
-                            source="gns")
+                            source="gns", min_loss=float(np.min(loss)))
 
 
 def _critical_from_joint(bins: Sequence[tuple[np.ndarray, np.ndarray, float, float]],
@@ -697,7 +758,7 @@ class ScalingLaw:
                  tokens_per_sample: float | None = None, bootstrap: ArrayLike | None = None,
                  info: FitInfo | None = None, loss_cap: float = float("inf"),
                  fitted_batch_sizes: Sequence[float] | None = None, schedule: ArrayLike | None = None,
-                 model_error: Mapping[str, float] | None = None) -> None:
+                 model_error: Mapping[str, float] | None = None, bcrit_min_loss: float | None = None) -> None:
         missing = [k for k in _PARAM_NAMES[:6] if k not in params]
         if missing:
             raise ValueError(f"ScalingLaw params miss {missing}")
@@ -710,7 +771,10 @@ class ScalingLaw:
         self.fitted_batch_sizes = None if fitted_batch_sizes is None else [float(b) for b in fitted_batch_sizes]
         self.schedule = None if schedule is None else np.asarray(schedule, dtype=np.float64).ravel()
         self.model_error = dict(model_error or {})
+        self.bcrit_min_loss = None if bcrit_min_loss is None or not math.isfinite(bcrit_min_loss) \
+            else float(bcrit_min_loss)
         self._warned_batch = False
+        self._warned_range = False
 
     def __repr__(self) -> str:
         p = ", ".join(f"{k}={v:.4g}" for k, v in self.params.items())
@@ -784,8 +848,27 @@ class ScalingLaw:
         lr = self.schedule if lr_schedule is None else _as_schedule(lr_schedule)
         p = self.params
         s_eff, a = schedule_features(lr, steps, lam=p["anneal_lambda"])
-        out = laws.loss_n_s_b(n_params, s_eff, batch_size, **self._kw) * np.exp(-p["anneal"] * a)
-        return np.minimum(out, self.loss_cap)
+        # B_crit is a function of the current (annealed) loss L = f L', f = exp(-c a): with B_crit(f L') =
+        # B_crit(L') f^(-1/alpha_B), L' solves the constant-LR law at the batch B f^(1/alpha_B).
+        f = np.exp(-p["anneal"] * a)
+        b_eff = np.asarray(batch_size, dtype=float) * f ** (1.0 / p["alpha_b"]) if p["anneal"] else batch_size
+        out = np.minimum(laws.loss_n_s_b(n_params, s_eff, b_eff, **self._kw) * f, self.loss_cap)
+        self._check_bcrit_range(out)
+        return out
+
+    def _check_bcrit_range(self, loss: np.ndarray) -> None:
+        """Warn once when a prediction needs B_crit(L) below the lowest loss level it was fitted at."""
+        if self._warned_range or self.bcrit_min_loss is None or not self.models_batch_size:
+            return
+        with np.errstate(all="ignore"):
+            low = float(np.nanmin(loss)) if np.size(loss) and np.isfinite(loss).any() else float("inf")
+        if low < self.bcrit_min_loss:
+            from lightning_scaling.warnings import FitWarning
+
+            self._warned_range = True
+            warnings.warn(f"this prediction reaches loss {low:.4g}, below the lowest level ({self.bcrit_min_loss:.4g})"
+                          " at which B_crit(L) was measured: the critical batch there is the power law extrapolated"
+                          "; a batch sweep that trains further pins it down", FitWarning, stacklevel=3)
 
     def min_loss(self, n_params: ArrayLike) -> np.ndarray:
         """Lowest loss a model of ``n_params`` reaches (infinite steps): ``e + (n_c/N)^alpha_n``."""
@@ -844,7 +927,7 @@ class ScalingLaw:
             law = ScalingLaw(self.params, form=self.form, tokens_per_sample=tokens_per_sample,
                              bootstrap=self.bootstrap, info=self.info, loss_cap=self.loss_cap,
                              fitted_batch_sizes=self.fitted_batch_sizes, schedule=self.schedule,
-                             model_error=self.model_error)
+                             model_error=self.model_error, bcrit_min_loss=self.bcrit_min_loss)
             return law.compute_optimal(compute, level=level)
         if self.tokens_per_sample is None:
             raise ValueError("compute_optimal needs tokens_per_sample to convert FLOPs (6*N*tokens) to steps: pass "
@@ -880,8 +963,8 @@ class ScalingLaw:
         """A copy with other constants (no bootstrap)."""
         law = ScalingLaw({**self.params, **params}, form=self.form, tokens_per_sample=self.tokens_per_sample,
                          info=self.info, loss_cap=self.loss_cap, fitted_batch_sizes=self.fitted_batch_sizes,
-                         schedule=self.schedule, model_error=self.model_error)
-        law._warned_batch = True  # the bootstrap evaluates many copies: the caller's law already warned
+                         schedule=self.schedule, model_error=self.model_error, bcrit_min_loss=self.bcrit_min_loss)
+        law._warned_batch = law._warned_range = True  # the bootstrap evaluates copies: the caller's law warns
         return law
 
     def interval(self, method: str, *args: Any, level: float = 0.9, **kwargs: Any) -> Any:
@@ -985,7 +1068,7 @@ class ScalingLaw:
                 "tokens_per_sample": self.tokens_per_sample, "loss_cap": _json_float(self.loss_cap),
                 "bootstrap": self.bootstrap.tolist(), "info": info, "fitted_batch_sizes": self.fitted_batch_sizes,
                 "schedule": None if self.schedule is None else self.schedule.tolist(),
-                "model_error": self.model_error}
+                "model_error": self.model_error, "bcrit_min_loss": self.bcrit_min_loss}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScalingLaw:
@@ -996,7 +1079,8 @@ class ScalingLaw:
         return cls(data["params"], form=data.get("form"), tokens_per_sample=data.get("tokens_per_sample"),
                    bootstrap=data.get("bootstrap") or None, info=info,
                    loss_cap=float(data.get("loss_cap", "inf")), fitted_batch_sizes=data.get("fitted_batch_sizes"),
-                   schedule=data.get("schedule"), model_error=data.get("model_error"))
+                   schedule=data.get("schedule"), model_error=data.get("model_error"),
+                   bcrit_min_loss=data.get("bcrit_min_loss"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1301,7 +1385,7 @@ def _resolve_critical(runs: Sequence[RunHistory], data: _Binned, critical_batch:
     sweep_error = None
     if tables:
         try:
-            return _critical_from_tables(tables, tokens_per_sample=tps), tables
+            return _critical_from_tables(tables, tokens_per_sample=tps, n_bootstrap=_BCRIT_BOOTSTRAP), tables
         except ValueError as err:  # an unusable sweep: fall back to the GNS record if there is one
             sweep_error = err
     fallback = _critical_from_gns(runs, tps) or _critical_from_joint(data.bins, tps)
@@ -1535,7 +1619,7 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     cap = max(float(np.nanmax(np.where(np.isfinite(r.loss), r.loss, np.nan))) for r in runs)
     law = ScalingLaw(params, form=chosen, tokens_per_sample=tps, bootstrap=np.array(rows_boot) if rows_boot else None,
                      info=info, loss_cap=cap, fitted_batch_sizes=sorted({float(r.batch_size) for r in runs}),
-                     schedule=_shared_schedule(data.scheds), model_error=calibration)
+                     schedule=_shared_schedule(data.scheds), model_error=calibration, bcrit_min_loss=cb.min_loss)
     longest = max(runs, key=lambda r: float(r.step[-1]))
     probe = (sizes[-1], float(longest.step[-1]), float(longest.batch_size))
     return _judged(law, theta, res.bounds, lay.names, _dropped_losses(runs), total=sum(len(r) for r in runs),
@@ -1574,9 +1658,11 @@ def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, fl
     bad = [k for k in ("n_c", "s_c") if not (math.isfinite(law.params[k]) and 0 < law.params[k] < 1e100)]
     if bad:
         problems.append(f"constant(s) {', '.join(bad)} are degenerate ({', '.join(f'{law.params[k]:.3g}' for k in bad)})")
+    warned = law._warned_batch, law._warned_range
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pred = float(np.asarray(law.predict_loss(*probe)).ravel()[0])
+    law._warned_batch, law._warned_range = warned  # the probe is no prediction of the user's: keep their warnings
     if not (math.isfinite(pred) and pred > 0):
         problems.append(f"it predicts a loss of {pred} inside the data (N={probe[0]:g}, S={probe[1]:g})")
     n_drop = sum(dropped.values())
