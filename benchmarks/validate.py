@@ -46,7 +46,9 @@ from lightning_scaling.backtest import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TASKS = ("forecast", "reference", "cooldown", "cross_size", "schedule", "batch", "bcrit", "nqs", "porian")
+TASKS = ("forecast", "reference", "cooldown", "cross_size", "schedule", "intervals", "batch", "bcrit", "nqs",
+         "porian")
+MODEL_ERROR_FLOORS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)  # candidates for fitting.MODEL_ERROR_FLOOR (task intervals)
 QUICK_PREFIXES = (0.3, 0.5)
 QUICK_CURVES = 3  # per dataset and schedule in --quick
 
@@ -337,6 +339,55 @@ def task_schedule(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
     return {"rows": rows, "table": table}
 
 
+def _interval_holds(law: Any, run: RunHistory, lr: Any, floor: float) -> bool:
+    """Whether the 90% interval of the final-window loss holds the actual one with the model-error floor ``floor``."""
+    from lightning_scaling import fitting
+
+    s = run.step.astype(np.float64)
+    fin = final_window(run.step) & np.isfinite(run.loss)
+    saved, fitting.MODEL_ERROR_FLOOR = fitting.MODEL_ERROR_FLOOR, floor
+    try:
+        lo, hi = law.interval("predict_loss", run.n_params, s[fin], run.batch_size, lr_schedule=lr, level=0.9)
+    finally:
+        fitting.MODEL_ERROR_FLOOR = saved
+    return bool(np.mean(lo) <= run.loss[fin].mean() <= np.mean(hi))
+
+
+def task_intervals(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
+    """Coverage of the 90% intervals of held-out final losses (cross-size and schedule cases) per model-error floor.
+
+    The floor is the one constant of the intervals; each dataset is scored at the floor :func:`lodo_choose` picks
+    on the *other* datasets (score ``|coverage - 0.9|``), and the pooled coverage is over those rows.
+    """
+    from lightning_scaling.backtest import _fit, run_schedule
+
+    cov: dict[float, dict[str, list[bool]]] = {f: defaultdict(list) for f in MODEL_ERROR_FLOORS}
+    cases = [(n, c, tr, te, False) for n, c, tr, te in _cross_cases(datasets)]
+    cases += [(n, c, tr, te, True) for n, c, tr, te in _schedule_cases(datasets)]
+    for name, case, train, test, scheduled in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                law, _ = _fit(train, n_bootstrap=20 if quick else 100)
+            except (ValueError, RuntimeError):
+                continue
+            for t in test:
+                lr = run_schedule(t)[0] if scheduled else None
+                for f in MODEL_ERROR_FLOORS:
+                    cov[f][name].append(_interval_holds(law, t, lr, f))
+    per = {f: {d: float(np.mean(v)) for d, v in by.items()} for f, by in cov.items()}
+    choice = lodo_choose({f: {d: abs(c - 0.9) for d, c in by.items()} for f, by in per.items()})
+    pooled = [x for d, f in choice.items() for x in cov[f][d]]
+    overall = {f: float(np.mean([abs(c - 0.9) for c in by.values()])) for f, by in per.items()}
+    table = {"by_floor": per, "lodo_floor": choice, "lodo_coverage": {d: per[f][d] for d, f in choice.items()},
+             "default_floor": min(overall, key=overall.get),  # all datasets: the value fitting.py ships
+             "pooled_coverage": float(np.mean(pooled)) if pooled else float("nan"), "n": len(pooled)}
+    print(f"[intervals] LODO floors {choice} (all datasets: {table['default_floor']}); coverage " + ", ".join(
+        f"{d} {c:.0%}" for d, c in table["lodo_coverage"].items()) + f"; pooled {table['pooled_coverage']:.0%} "
+        f"of {len(pooled)}", flush=True)
+    return {"rows": [], "table": {"all": table}}
+
+
 def task_batch(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
     """CPU study: one sweep batch size held out of the fit (ladder + rest of the sweep), its curve predicted."""
     ds = next((d for d in datasets if d.name == "CPU study"), None)
@@ -460,7 +511,7 @@ def task_porian(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
 
 TASK_FNS: dict[str, Callable[[Sequence[sd.Dataset], bool], dict]] = {
     "forecast": task_forecast, "reference": task_reference, "cooldown": task_cooldown,
-    "cross_size": task_cross_size, "schedule": task_schedule, "batch": task_batch, "bcrit": task_bcrit, "nqs": task_nqs,
+    "cross_size": task_cross_size, "schedule": task_schedule, "intervals": task_intervals, "batch": task_batch, "bcrit": task_bcrit, "nqs": task_nqs,
     "porian": task_porian}
 
 

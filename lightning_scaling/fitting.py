@@ -1140,8 +1140,8 @@ def _run_schedule(run: RunHistory) -> np.ndarray | None:
     lr, _ = run_schedule(run)
     if lr is None or lr.size == 0 or not lr.max() > 0:
         return None
-    tail = lr[lr_warmup(lr):]
-    return None if np.ptp(tail) <= 1e-6 * lr.max() else np.asarray(lr, dtype=np.float64)
+    tail = lr[lr_warmup(lr):]  # from the first step within 1e-3 of the peak: the same tolerance marks "constant"
+    return None if tail.min() >= (1.0 - 1e-3) * lr.max() else np.asarray(lr, dtype=np.float64)
 
 
 def _shared_schedule(scheds: Sequence[np.ndarray | None]) -> np.ndarray | None:

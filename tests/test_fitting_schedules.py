@@ -135,6 +135,7 @@ def test_fit_measures_its_own_held_out_size_error():
     runs = [run(n, "constant", seed=i) for i, n in enumerate((1e6, 2e6, 4e6, 8e6))]
     law = fit_scaling_law(runs, critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=0)
     me = law.model_error
+    assert law.params["anneal"] == 0.0 and law.schedule is None  # warmup then constant: no annealing term
     assert me["n_sizes"] == 1 and me["n_max"] == 8e6 and me["distance"] == pytest.approx(np.log(2))
     assert 0 <= me["sigma"] < 0.01  # the data follow the law: it predicts its own larger size well
     two = fit_scaling_law(runs[:2], critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=0)
