@@ -1443,14 +1443,18 @@ def _choose_form(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float
         warnings.warn("form='auto' needs >= 3 model sizes to validate on the largest; using 'kaplan'",
                       UserWarning, stacklevel=4)
         return "kaplan", {}
-    fit_idx, test_idx = _size_split(runs, sizes, len(sizes) - 1)
+    fit_idx, test_idx = _size_split(runs, sizes, _inner_split(len(sizes)))
     train, test = _subset(pts, fit_idx), _subset(pts, test_idx)
     validation = {}
     for name in ("kaplan", "kaplan+irreducible"):
         lay = _Layout(irreducible=name != "kaplan", anneal=anneal)
-        theta, _, _ = _optimise(train, lay, n_starts=n_starts)
-        validation[name] = float(np.mean(np.abs(np.exp(_log_pred(theta, test, lay)[0] - test.log_loss) - 1.0)))
+        validation[name] = float(np.sqrt(np.mean(_held_out_error(train, test, lay, n_starts) ** 2)))
     return min(validation, key=validation.get), validation
+
+
+def _inner_split(n_sizes: int) -> int:
+    """Sizes fitted when a fit validates itself: the smaller two thirds (>= 2, leaving >= 1 to predict)."""
+    return min(max(2, int(round(n_sizes * 2 / 3))), n_sizes - 1)
 
 
 def _calibrate(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float], lay: _Layout,
@@ -1464,9 +1468,7 @@ def _calibrate(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float],
     """
     if len(sizes) < 3:
         return {"sigma": 0.0, "distance": 0.0, "n_max": float(sizes[-1]), "n_sizes": 0}
-    k = max(2, int(round(len(sizes) * 2 / 3)))
-    if k >= len(sizes):
-        k = len(sizes) - 1
+    k = _inner_split(len(sizes))
     fit_idx, test_idx = _size_split(runs, sizes, k)
     err = _held_out_error(_subset(pts, fit_idx), _subset(pts, test_idx), lay, n_starts)
     return {"sigma": float(np.sqrt(np.mean(err**2))), "distance": float(math.log(sizes[-1] / sizes[k - 1])),
