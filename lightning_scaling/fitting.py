@@ -711,9 +711,10 @@ def _as_schedule(lr: ArrayLike) -> np.ndarray:
 
 
 # Relative model error added to every loss interval, in quadrature with the fit's own held-out error
-# (ScalingLaw.interval): the floor for fits too small to measure it. Chosen leave-one-dataset-out by
-# benchmarks/validate.py (task cross_size, `lodo_choose`).
-MODEL_ERROR_FLOOR = 0.01
+# (ScalingLaw.interval): what a fit cannot see on its own sizes (a held-out size trained with another LR or batch,
+# a fit of 2 sizes). benchmarks/validate.py, task intervals: the value closest to 90% coverage over all datasets
+# (MPL, Schaipp, Gemstones); each dataset's reported coverage uses the value chosen without it (`lodo_choose`).
+MODEL_ERROR_FLOOR = 0.025
 
 
 class ScalingLaw:

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lightning_scaling import RunHistory, laws
+from lightning_scaling import RunHistory, fitting, laws
 from lightning_scaling.fitting import (
     CriticalBatchFit,
     ScalingLaw,
@@ -124,7 +124,7 @@ def test_model_error_widens_loss_intervals_with_extrapolation_distance():
     assert law.bootstrap.shape == (5, len(ScalingLaw.PARAM_NAMES))
     centre = law.predict_loss(1e7, 1000, 64)
     lo, hi = law.interval("predict_loss", 1e7, 1000, 64, level=0.9)
-    half = 1.6449 * float(np.hypot(0.02, 0.01)) * centre  # no bootstrap spread: the model error alone
+    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR)) * centre  # no bootstrap spread: the model error alone
     assert hi - centre == pytest.approx(half, rel=1e-3) and centre - lo == pytest.approx(half, rel=1e-3)
     far_lo, far_hi = law.interval("predict_loss", 1e7 * np.e**3, 1000, 64, level=0.9)
     far = law.predict_loss(1e7 * np.e**3, 1000, 64)
