@@ -1120,17 +1120,24 @@ def schedule_features(lr: ArrayLike | None, steps: ArrayLike, *, lam: float = 0.
     from lightning_scaling.forecast import momentum_sums
 
     eta = np.asarray(lr, dtype=np.float64).ravel()
-    need = int(math.ceil(float(np.nanmax(s)))) if s.size and np.isfinite(s).any() else 1
-    if eta.size < need:
-        eta = np.concatenate([eta, np.full(need - eta.size, eta[-1])])
-    peak = float(eta.max())
+    peak = float(eta.max()) if eta.size else 0.0
     if not peak > 0:
         return s.copy(), np.zeros_like(s)
-    grid = np.arange(1, eta.size + 1)
+    eta = np.concatenate([eta, eta[-1:]])  # one step past the end: the last momentum increment below
+    n = eta.size - 1
+    grid = np.arange(1, n + 2)
     s1, s2 = momentum_sums(eta, grid, lam=lam)
-    x = np.concatenate([[0.0], grid])
-    return (np.interp(s, x, np.concatenate([[0.0], s1])) / peak,
-            np.interp(s, x, np.concatenate([[0.0], s2])) * (1.0 - lam) / peak)
+    x = np.concatenate([[0.0], grid[:-1]])
+    s1_in = np.interp(s, x, np.concatenate([[0.0], s1[:-1]]))
+    s2_in = np.interp(s, x, np.concatenate([[0.0], s2[:-1]]))
+    # Past the end the LR stays at its last value: S1 grows linearly and the momentum decays geometrically, in
+    # closed form (no per-step arrays for a prediction a million steps out).
+    over = np.maximum(np.nan_to_num(s, nan=0.0) - n, 0.0)
+    m_last = s2[-1] - s2[-2]
+    s1_out = s1[-2] + eta[-1] * over
+    s2_out = s2[-2] + m_last * (1.0 - lam ** over) / (1.0 - lam)
+    past = s > n
+    return (np.where(past, s1_out, s1_in) / peak, np.where(past, s2_out, s2_in) * (1.0 - lam) / peak)
 
 
 def _run_schedule(run: RunHistory) -> np.ndarray | None:

@@ -73,6 +73,11 @@ def test_schedule_features_constant_and_single_drop():
     s, a = schedule_features(lr, [50, 80], lam=0.9)
     assert s[0] == pytest.approx(20 + 15) and s[1] == pytest.approx(35 + 15)  # past the end: the last LR
     assert a[0] == pytest.approx(0.5 * (1 - 0.9**30), rel=1e-9)
+    decay = np.r_[np.ones(20), np.linspace(1.0, 0.2, 30)]  # past the end: closed form = padding with the last LR
+    padded = schedule_features(np.r_[decay, np.full(40, 0.2)], [49, 60, 90], lam=0.9)
+    np.testing.assert_allclose(schedule_features(decay, [49, 60, 90], lam=0.9), padded, rtol=1e-12)
+    s, a = schedule_features(decay, [1e12], lam=0.9)  # no per-step arrays a trillion steps out
+    assert a[0] == pytest.approx(0.8) and s[0] == pytest.approx(0.2 * 1e12, rel=1e-9)
     s, a = schedule_features(None, [3, 7])
     assert s.tolist() == [3.0, 7.0] and not a.any()
 
