@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("forecast", "reference", "cooldown", "cross_size", "schedule", "intervals", "batch", "bcrit", "nqs",
          "porian")
-MODEL_ERROR_FLOORS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)  # candidates for fitting.MODEL_ERROR_FLOOR (task intervals)
+# Candidates for fitting.MODEL_ERROR_FLOOR (task intervals).
+MODEL_ERROR_FLOORS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)
 QUICK_PREFIXES = (0.3, 0.5)
 QUICK_CURVES = 3  # per dataset and schedule in --quick
 
@@ -334,8 +335,8 @@ def task_schedule(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
             "per_run": {r["run"]: (r["final_err"], r["curve_err"]) for r in rs}}}
         t = table[name][case]
         print(f"[schedule] {name} {case}: final worst {t['final_worst']:.2%} curve worst {t['curve_worst']:.2%} "
-              f"cover {t['coverage']:.0%}; " + ", ".join(f"{k} {v[0]:+.2%}/{v[1]:.2%}" for k, v in t["per_run"].items()),
-              flush=True)
+              f"cover {t['coverage']:.0%}; " + ", ".join(f"{k} {v[0]:+.2%}/{v[1]:.2%}"
+                                                         for k, v in t["per_run"].items()), flush=True)
     return {"rows": rows, "table": table}
 
 
@@ -511,8 +512,8 @@ def task_porian(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
 
 TASK_FNS: dict[str, Callable[[Sequence[sd.Dataset], bool], dict]] = {
     "forecast": task_forecast, "reference": task_reference, "cooldown": task_cooldown,
-    "cross_size": task_cross_size, "schedule": task_schedule, "intervals": task_intervals, "batch": task_batch, "bcrit": task_bcrit, "nqs": task_nqs,
-    "porian": task_porian}
+    "cross_size": task_cross_size, "schedule": task_schedule, "intervals": task_intervals, "batch": task_batch,
+    "bcrit": task_bcrit, "nqs": task_nqs, "porian": task_porian}
 
 
 # ================================================================================================================

@@ -129,7 +129,8 @@ def test_model_error_widens_loss_intervals_with_extrapolation_distance():
     assert law.bootstrap.shape == (5, len(ScalingLaw.PARAM_NAMES))
     centre = law.predict_loss(1e7, 1000, 64)
     lo, hi = law.interval("predict_loss", 1e7, 1000, 64, level=0.9)
-    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR)) * centre  # no bootstrap spread: the model error alone
+    # No bootstrap spread: the model error alone.
+    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR)) * centre
     assert hi - centre == pytest.approx(half, rel=1e-3) and centre - lo == pytest.approx(half, rel=1e-3)
     far_lo, far_hi = law.interval("predict_loss", 1e7 * np.e**3, 1000, 64, level=0.9)
     far = law.predict_loss(1e7 * np.e**3, 1000, 64)
