@@ -36,6 +36,7 @@ import suite_data as sd  # noqa: E402
 from lightning_scaling import RunHistory  # noqa: E402
 from lightning_scaling.backtest import (  # noqa: E402
     PREFIXES,
+    curve_error,
     final_window,
     holdout_cross_size,
     keep_gap_baseline,
@@ -45,7 +46,10 @@ from lightning_scaling.backtest import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TASKS = ("forecast", "reference", "cooldown", "cross_size", "batch", "bcrit", "nqs", "porian")
+TASKS = ("forecast", "reference", "cooldown", "cross_size", "schedule", "intervals", "batch", "bcrit", "nqs",
+         "porian")
+# Candidates for fitting.MODEL_ERROR_FLOOR (task intervals).
+MODEL_ERROR_FLOORS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)
 QUICK_PREFIXES = (0.3, 0.5)
 QUICK_CURVES = 3  # per dataset and schedule in --quick
 
@@ -243,6 +247,148 @@ def task_cross_size(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
     return {"rows": rows, "table": dict(table)}
 
 
+def lodo_choose(scores: dict[Any, dict[str, float]]) -> dict[str, Any]:
+    """Leave one dataset out: for each dataset, the value with the lowest mean score on the *other* datasets.
+
+    ``scores[value][dataset]`` is lower-is-better; a dataset scored under no other dataset's values gets the
+    value best overall. Ties go to the first value in ``scores``.
+
+    Example::
+
+        >>> lodo_choose({0.01: {"A": 0.0, "B": 0.5, "C": 0.4}, 0.02: {"A": 0.9, "B": 0.1, "C": 0.2}})
+        {'A': 0.02, 'B': 0.01, 'C': 0.01}
+    """
+    values = list(scores)
+    datasets = sorted({d for v in values for d in scores[v]})
+    out = {}
+    for d in datasets:
+        def other_mean(v: Any, held: str = d) -> float:
+            xs = [x for k, x in scores[v].items() if k != held and math.isfinite(x)]
+            return float(np.mean(xs)) if xs else float("inf")
+        out[d] = min(values, key=other_mean)
+    return out
+
+
+def _schedule_cases(datasets: Sequence[sd.Dataset]) -> list[tuple[str, str, list[RunHistory], list[RunHistory]]]:
+    """(dataset, case, train, test): smaller sizes under any mix of schedules, held-out sizes under a decay."""
+    cases = []
+    for ds in datasets:
+        if ds.name == "MPL":  # Luo et al.'s fit schedules of the two smaller models -> the 400M test decays
+            train = [c for c in ds.curves if c.meta["size"] != 400
+                     and c.name.split("_", 1)[1] in ("cosine_24000", "constant_24000", "wsdcon_9")]
+            test = [c for c in ds.curves if c.meta["size"] == 400
+                    and c.name.split("_", 1)[1] in ("cosine_72000", "wsd_20000_24000", "wsdld_20000_24000")]
+            cases.append((ds.name, "25M+100M (cosine, constant, two-stage) -> 400M decays", train, test))
+        elif ds.name == "CPU study":
+            ladder = [c for c in ds.curves if c.batch_size == 16 and c.meta.get("role") != "sweep"]
+            sizes = sorted({c.n_params for c in ladder})
+            if len(sizes) < 3:
+                continue
+            k = int(round(len(sizes) * 2 / 3))
+            train = [c for c in ladder if c.n_params in sizes[:k]]
+            train += [c for c in ds.curves if c.meta.get("role") == "sweep"]
+            test = [c for c in ladder if c.n_params in sizes[k:] and c.meta.get("schedule") in ("cosine", "wsd")]
+            cases.append((ds.name, "all schedules -> held-out sizes, cosine and WSD", train, test))
+    return [c for c in cases if c[2] and c[3]]
+
+
+def _score_schedule(law: Any, run: RunHistory, level: float = 0.9) -> dict[str, Any]:
+    """The held-out run's whole curve predicted under its own LR schedule (``lr_schedule=``)."""
+    from lightning_scaling.backtest import run_schedule
+
+    lr, _ = run_schedule(run)
+    s = run.step.astype(np.float64)
+    ok = np.isfinite(run.loss) & (s >= 0.1 * s[-1]) & (s > 0)
+    fin = final_window(run.step) & ok
+    pred = law.predict_loss(run.n_params, s[ok], run.batch_size, lr_schedule=lr)
+    pf = law.predict_loss(run.n_params, s[fin], run.batch_size, lr_schedule=lr)
+    actual = float(run.loss[fin].mean())
+    row = {"run": run.name, "n_params": run.n_params, "schedule": run.meta.get("schedule"), "actual": actual,
+           "predicted": float(pf.mean()), "final_err": float(pf.mean() / actual - 1),
+           "curve_err": curve_error(pred, run.loss[ok]), "covered": None, "error": None}
+    if len(law.bootstrap):
+        lo, hi = law.interval("predict_loss", run.n_params, s[fin], run.batch_size, lr_schedule=lr, level=level)
+        row["interval"] = (float(np.mean(lo)), float(np.mean(hi)))
+        row["covered"] = bool(row["interval"][0] <= actual <= row["interval"][1])
+    return row
+
+
+def task_schedule(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
+    """Held-out sizes under a decayed schedule: ``predict_loss(..., lr_schedule=)`` of the default fit."""
+    from lightning_scaling.fitting import fit_scaling_law
+
+    rows, table = [], {}
+    for name, case, train, test in _schedule_cases(datasets):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                law = fit_scaling_law(train, n_bootstrap=20 if quick else 100)
+            except ValueError:  # one batch size: the batch effect is not modelled (as backtest._fit does)
+                law = fit_scaling_law(train, critical_batch="none", n_bootstrap=20 if quick else 100)
+            rs = [_score_schedule(law, t) | {"dataset": name, "case": case} for t in test]
+        rows += rs
+        cov = [r["covered"] for r in rs if r["covered"] is not None]
+        table[name] = {case: {
+            "n": len(rs), "final_worst": max(abs(r["final_err"]) for r in rs),
+            "final_largest": abs(max(rs, key=lambda r: r["n_params"])["final_err"]),
+            "curve_worst": max(r["curve_err"] for r in rs), "coverage": float(np.mean(cov)) if cov else float("nan"),
+            "per_run": {r["run"]: (r["final_err"], r["curve_err"]) for r in rs}}}
+        t = table[name][case]
+        print(f"[schedule] {name} {case}: final worst {t['final_worst']:.2%} curve worst {t['curve_worst']:.2%} "
+              f"cover {t['coverage']:.0%}; " + ", ".join(f"{k} {v[0]:+.2%}/{v[1]:.2%}"
+                                                         for k, v in t["per_run"].items()), flush=True)
+    return {"rows": rows, "table": table}
+
+
+def _interval_holds(law: Any, run: RunHistory, lr: Any, floor: float) -> bool:
+    """Whether the 90% interval of the final-window loss holds the actual one with the model-error floor ``floor``."""
+    from lightning_scaling import fitting
+
+    s = run.step.astype(np.float64)
+    fin = final_window(run.step) & np.isfinite(run.loss)
+    saved, fitting.MODEL_ERROR_FLOOR = fitting.MODEL_ERROR_FLOOR, floor
+    try:
+        lo, hi = law.interval("predict_loss", run.n_params, s[fin], run.batch_size, lr_schedule=lr, level=0.9)
+    finally:
+        fitting.MODEL_ERROR_FLOOR = saved
+    return bool(np.mean(lo) <= run.loss[fin].mean() <= np.mean(hi))
+
+
+def task_intervals(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
+    """Coverage of the 90% intervals of held-out final losses (cross-size and schedule cases) per model-error floor.
+
+    The floor is the one constant of the intervals; each dataset is scored at the floor :func:`lodo_choose` picks
+    on the *other* datasets (score ``|coverage - 0.9|``), and the pooled coverage is over those rows.
+    """
+    from lightning_scaling.backtest import _fit, run_schedule
+
+    cov: dict[float, dict[str, list[bool]]] = {f: defaultdict(list) for f in MODEL_ERROR_FLOORS}
+    cases = [] if quick else [(n, c, tr, te, False) for n, c, tr, te in _cross_cases(datasets)]  # --quick: < 2 min
+    cases += [(n, c, tr, te, True) for n, c, tr, te in _schedule_cases(datasets)]
+    for name, case, train, test, scheduled in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                law, _ = _fit(train, n_bootstrap=20 if quick else 100)
+            except (ValueError, RuntimeError):
+                continue
+            for t in test:
+                lr = run_schedule(t)[0] if scheduled else None
+                for f in MODEL_ERROR_FLOORS:
+                    cov[f][name].append(_interval_holds(law, t, lr, f))
+    per = {f: {d: float(np.mean(v)) for d, v in by.items()} for f, by in cov.items()}
+    choice = lodo_choose({f: {d: abs(c - 0.9) for d, c in by.items()} for f, by in per.items()})
+    pooled = [x for d, f in choice.items() for x in cov[f][d]]
+    overall = {f: float(np.mean([abs(c - 0.9) for c in by.values()])) for f, by in per.items()}
+    table = {"by_floor": per, "lodo_floor": choice, "lodo_coverage": {d: per[f][d] for d, f in choice.items()},
+             "default_floor": min(overall, key=overall.get),  # all datasets: the value fitting.py ships
+             "pooled_coverage": float(np.mean(pooled)) if pooled else float("nan"), "n": len(pooled)}
+    print(f"[intervals] LODO floors {choice} (all datasets: {table['default_floor']}); coverage " + ", ".join(
+        f"{d} {c:.0%}" for d, c in table["lodo_coverage"].items()) + f"; pooled {table['pooled_coverage']:.0%} "
+        f"of {len(pooled)}", flush=True)
+    return {"rows": [], "table": {"all": table}}
+
+
 def task_batch(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
     """CPU study: one sweep batch size held out of the fit (ladder + rest of the sweep), its curve predicted."""
     ds = next((d for d in datasets if d.name == "CPU study"), None)
@@ -366,8 +512,8 @@ def task_porian(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
 
 TASK_FNS: dict[str, Callable[[Sequence[sd.Dataset], bool], dict]] = {
     "forecast": task_forecast, "reference": task_reference, "cooldown": task_cooldown,
-    "cross_size": task_cross_size, "batch": task_batch, "bcrit": task_bcrit, "nqs": task_nqs,
-    "porian": task_porian}
+    "cross_size": task_cross_size, "schedule": task_schedule, "intervals": task_intervals, "batch": task_batch,
+    "bcrit": task_bcrit, "nqs": task_nqs, "porian": task_porian}
 
 
 # ================================================================================================================

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize
+from scipy.special import ndtri
 
 try:  # scipy >= 1.12
     from scipy.optimize import isotonic_regression
@@ -71,7 +72,8 @@ __all__ = [
 ]
 
 _HUBER_DELTA = 1e-3
-_PARAM_NAMES = ("n_c", "alpha_n", "s_c", "alpha_s", "b_star", "alpha_b", "e")
+_PARAM_NAMES = ("n_c", "alpha_n", "s_c", "alpha_s", "b_star", "alpha_b", "e", "anneal", "anneal_lambda")
+_PARAM_DEFAULTS = {"e": 0.0, "anneal": 0.0, "anneal_lambda": 0.999}
 
 
 # ================================================================================================================
@@ -192,10 +194,14 @@ class CriticalBatchFit:
     Attributes:
         b_star: ``B_*`` in samples (``b_star * tokens_per_sample`` tokens).
         alpha_b: ``alpha_B``; ``inf`` means a constant critical batch ``b_star``.
-        table: per loss level: ``loss``, ``s_min``, ``e_min`` (samples), ``b_crit`` (samples) and ``n_params``
-            (NaN rows are levels whose hyperbola fit failed).
+        table: per loss level: ``loss``, ``s_min``, ``e_min`` (samples), ``b_crit`` (samples), ``n_params``
+            (NaN rows are levels whose hyperbola fit failed), and for fitted laws ``fitted`` (1 where the level
+            entered the power law) and ``residual`` (``log(b_crit / law)``).
         tokens_per_sample: tokens per sample when known.
         source: how it was obtained (``"hyperbola"``, ``"gns"``, ``"joint"`` or ``"given"``).
+        alpha_b_interval: 90% bootstrap interval of ``alpha_b`` over the sweep's runs, when fitted from a sweep.
+        min_loss: the lowest loss level the law was fitted at (NaN if unknown); below it B_crit(L) is
+            extrapolated, and :class:`ScalingLaw` predictions that reach below it warn.
 
     Example::
 
@@ -209,6 +215,8 @@ class CriticalBatchFit:
     table: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     tokens_per_sample: float | None = None
     source: str = "given"
+    alpha_b_interval: tuple[float, float] | None = None
+    min_loss: float = float("nan")
 
     def __call__(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in samples at ``loss``."""
@@ -224,6 +232,8 @@ class CriticalBatchFit:
         """JSON-able dict (``inf`` written as the string ``"inf"``)."""
         return {"b_star": self.b_star, "alpha_b": _json_float(self.alpha_b),
                 "tokens_per_sample": self.tokens_per_sample, "source": self.source,
+                "alpha_b_interval": None if self.alpha_b_interval is None else list(self.alpha_b_interval),
+                "min_loss": _json_float(self.min_loss),
                 "table": {k: [_json_float(v) for v in np.asarray(a, dtype=float)] for k, a in self.table.items()}}
 
     @classmethod
@@ -231,7 +241,17 @@ class CriticalBatchFit:
         """Inverse of :meth:`to_dict`."""
         return cls(b_star=float(data["b_star"]), alpha_b=float(data["alpha_b"]),
                    table={k: np.asarray(v, dtype=float) for k, v in data.get("table", {}).items()},
-                   tokens_per_sample=data.get("tokens_per_sample"), source=data.get("source", "given"))
+                   tokens_per_sample=data.get("tokens_per_sample"), source=data.get("source", "given"),
+                   alpha_b_interval=None if data.get("alpha_b_interval") is None
+                   else tuple(float(v) for v in data["alpha_b_interval"]),
+                   min_loss=float(data.get("min_loss", "nan")))
+
+
+def _normal_quantile(level: float) -> float:
+    """Half-width of a central ``level`` interval of a standard normal (1.645 at 0.9)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    return float(ndtri((1.0 + level) / 2.0))
 
 
 def _exp(x: float) -> float:
@@ -261,10 +281,11 @@ def _warmup_end(run: RunHistory, warmup_steps: int | str | None, *, transient: b
 
     ``"auto"``: the step at which the recorded LR first reaches 99.9% of its maximum (the end of a linear warmup)
     and at least 1% of the run's last step; with ``transient`` (the L(N, S_min) power-law fit) twice that step and
-    at least 5% of the run. Level crossings (B_crit) need no power law, so they keep the early levels. The loss keeps falling faster than any power law for a while
-    after the LR peaks (Adam's moment estimates and the initial descent settle), and log-step binning gives those
-    early steps as much weight as the late ones; on real curves (Schaipp et al. 2025 constant-LR runs, 33M-152M ->
-    208M) dropping this transient cut the held-out final-loss error from 0.40% to 0.11%.
+    at least 5% of the run. Level crossings (B_crit) need no power law, so they keep the early levels. The loss
+    keeps falling faster than any power law for a while after the LR peaks (Adam's moment estimates and the
+    initial descent settle), and log-step binning gives those early steps as much weight as the late ones; on real
+    curves (Schaipp et al. 2025 constant-LR runs, 33M-152M -> 208M) dropping this transient cut the held-out
+    final-loss error from 0.40% to 0.11%.
     """
     if warmup_steps is None:
         return 0
@@ -365,11 +386,32 @@ def _hyperbolas(table: _CrossingTable, rows: np.ndarray | None = None) -> dict[s
             "n_params": np.full(k, table.n_params)}
 
 
-def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray) -> tuple[float, float]:
+# B_crit(L) flattens at the high losses of early training (Kaplan Fig. 10; the CPU study's sweep), and a law is
+# used where the larger model trains, below every level of the sweep: the power law is fitted on the lower part
+# of the levels' log-loss range only (at least _LOW_LEVELS_MIN levels).
+_LOW_LEVELS_FRACTION = 1 / 3
+_LOW_LEVELS_MIN = 4
+
+
+def _low_end(loss: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Usable levels in the lower ``_LOW_LEVELS_FRACTION`` of their log-loss range (at least the lowest 4)."""
+    ll = np.log(np.where(ok, loss, np.nan))
+    lo, hi = np.nanmin(ll), np.nanmax(ll)
+    keep = ok & (ll <= lo + _LOW_LEVELS_FRACTION * (hi - lo) + 1e-12)
+    if keep.sum() < _LOW_LEVELS_MIN:
+        order = np.argsort(np.where(ok, ll, np.inf))[:_LOW_LEVELS_MIN]
+        keep = np.zeros_like(ok)
+        keep[order[ok[order]]] = True
+    return keep
+
+
+def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray, *, low_end: bool = False) -> tuple[float, float]:
     ok = np.isfinite(b_crit) & (b_crit > 0) & np.isfinite(loss) & (loss > 0)
     if ok.sum() < 2 or np.unique(loss[ok]).size < 2:
         raise ValueError(f"only {int(ok.sum())} loss level(s) gave a usable hyperbola fit (need >= 2 at distinct "
                          "losses): use runs at >= 3 batch sizes spanning B_crit, or pass levels=")
+    if low_end:
+        ok = _low_end(loss, ok)
     slope, intercept = np.polyfit(np.log(loss[ok]), np.log(b_crit[ok]), 1)
     if slope >= 0:
         raise ValueError(f"B_crit does not fall with the loss (log-log slope {slope:.3g} >= 0); the law "
@@ -384,15 +426,22 @@ def _group_by_size(runs: Sequence[RunHistory]) -> list[list[RunHistory]]:
     return list(groups.values())
 
 
+_BCRIT_BOOTSTRAP = 50
+
+
 def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | None = None,
                             tokens_per_sample: float | None = None, n_levels: int = 12,
-                            warmup_steps: int | str | None = "auto") -> CriticalBatchFit:
+                            warmup_steps: int | str | None = "auto",
+                            n_bootstrap: int = _BCRIT_BOOTSTRAP) -> CriticalBatchFit:
     """Fit ``B_crit(L) = B_* / L^(1/alpha_B)`` from runs at several batch sizes.
 
     Runs are grouped by model size (Kaplan found B_crit depends on L, not N, so the levels of all groups are
     pooled into one power law). Per group and loss level the first step ``S`` reaching the level on the smoothed,
     monotone curve (:func:`smooth_monotone`) gives one point per run; a weighted regression of ``S`` on ``1/B``
-    fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``.
+    fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is fitted on the
+    levels in the lower third of the log-loss range (at least 4): at the high losses of early training B_crit
+    flattens, and the law is used below the sweep's levels, where a larger model trains. ``table["residual"]``
+    holds every level's ``log(B_crit / law)``, ``alpha_b_interval`` a bootstrap interval over the runs.
 
     Args:
         runs: histories with ``batch_size`` set, at >= 2 (better >= 4, over >= 1 decade) batch sizes per size.
@@ -401,6 +450,7 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         n_levels: number of default levels.
         warmup_steps: steps to drop at the start of each run (``"auto"``: end of LR warmup; see
             :func:`fit_scaling_law`).
+        n_bootstrap: resamples of the runs for ``alpha_b_interval`` (0: none).
 
     Returns:
         A :class:`CriticalBatchFit` (batch sizes in samples).
@@ -422,6 +472,8 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         (0.3, 1.0)
     """
     runs = _check_runs(runs, "fit_critical_batch_size")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     missing = [r.name for r in runs if r.batch_size is None]
     if missing:
         raise ValueError(f"runs without batch_size: {missing}; set RunHistory.batch_size (samples per step)")
@@ -434,16 +486,35 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         raise ValueError("fit_critical_batch_size needs runs of one model size at >= 2 distinct batch sizes; got "
                          f"batch sizes {sorted({r.batch_size for r in runs})} over sizes "
                          f"{sorted({r.n_params for r in runs if r.n_params is not None})}")
-    return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample))
+    return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample),
+                                 n_bootstrap=n_bootstrap)
 
 
 def _critical_from_tables(tables: Sequence[_CrossingTable], *, tokens_per_sample: float | None,
-                          rows: Sequence[np.ndarray] | None = None) -> CriticalBatchFit:
+                          rows: Sequence[np.ndarray] | None = None, n_bootstrap: int = 0) -> CriticalBatchFit:
+    """Hyperbolas per level, the power law through the low-loss levels, residuals, and an interval on alpha_B."""
     parts = [_hyperbolas(t, None if rows is None else rows[i]) for i, t in enumerate(tables)]
     table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    b_star, alpha_b = _power_law_b_crit(table["loss"], table["b_crit"])
+    b_star, alpha_b = _power_law_b_crit(table["loss"], table["b_crit"], low_end=True)
+    ok = np.isfinite(table["b_crit"]) & (table["b_crit"] > 0)
+    fitted = _low_end(table["loss"], ok)
+    with np.errstate(all="ignore"):
+        table["residual"] = np.log(table["b_crit"] / laws.critical_batch(table["loss"], b_star=b_star,
+                                                                          alpha_b=alpha_b))
+    table["fitted"] = fitted.astype(float)
+    rng = np.random.default_rng(0)
+    alphas = []
+    for _ in range(n_bootstrap):  # resample each sweep's runs: the noise of the crossing steps
+        try:
+            alphas.append(_critical_from_tables(
+                tables, tokens_per_sample=None, rows=[rng.integers(0, t.batch.size, t.batch.size) for t in tables]
+            ).alpha_b)
+        except ValueError:
+            continue
+    interval = tuple(float(v) for v in np.percentile(alphas, [5, 95])) if len(alphas) >= 10 else None
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
-                            source="hyperbola")
+                            source="hyperbola", alpha_b_interval=interval,
+                            min_loss=float(np.min(table["loss"][fitted])))
 
 
 def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | None) -> CriticalBatchFit | None:
@@ -466,14 +537,14 @@ def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | No
              "n_params": np.full(loss.size, np.nan)}
     warnings.warn("critical batch from the gradient noise scale B_simple: a proxy that can sit far below the true "
                   "critical batch under Adam; validate it with a batch-size sweep (fit_critical_batch_size)",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=5)
     try:
         b_star, alpha_b = _power_law_b_crit(loss, b)
     except ValueError:
         # No usable trend in L: a constant critical batch (alpha_B = inf) at the median measurement.
         b_star, alpha_b = float(np.median(b)), float("inf")
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
-                            source="gns")
+                            source="gns", min_loss=float(np.min(loss)))
 
 
 def _critical_from_joint(bins: Sequence[tuple[np.ndarray, np.ndarray, float, float]],
@@ -499,7 +570,7 @@ def _critical_from_joint(bins: Sequence[tuple[np.ndarray, np.ndarray, float, flo
         return None
     warnings.warn("critical batch fitted jointly with L(N, S, B) from the curves at their different batch sizes "
                   "(no usable batch sweep at one size): weakly identified; a batch sweep at one size "
-                  "(fit_critical_batch_size) pins it down", UserWarning, stacklevel=3)
+                  "(fit_critical_batch_size) pins it down", UserWarning, stacklevel=5)
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, tokens_per_sample=tokens_per_sample, source="joint")
 
 
@@ -621,6 +692,33 @@ class ComputeOptimal:
         return getattr(self, key)
 
 
+def _bootstrap_rows(bootstrap: ArrayLike | None) -> np.ndarray:
+    """Bootstrap parameter sets as ``(n, len(PARAM_NAMES))``; rows saved before the annealing columns get them."""
+    boot = np.empty((0, len(_PARAM_NAMES))) if bootstrap is None else np.asarray(bootstrap, dtype=float)
+    if boot.ndim == 2 and boot.shape[1] == 7:
+        boot = np.column_stack([boot, np.zeros(len(boot)), np.full(len(boot), _PARAM_DEFAULTS["anneal_lambda"])])
+    return boot.reshape(-1, len(_PARAM_NAMES))
+
+
+def _as_schedule(lr: ArrayLike) -> np.ndarray:
+    try:
+        arr = np.asarray(lr, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"lr_schedule must be a sequence of learning rates, got {type(lr).__name__}") from None
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0) or not arr.max() > 0:
+        raise ValueError("lr_schedule must be a non-empty sequence of finite, non-negative learning rates with a "
+                         "positive peak")
+    return arr
+
+
+# Relative model error added to every loss interval, in quadrature with the fit's own held-out error
+# (ScalingLaw.interval): what a fit cannot see on its own sizes (a held-out size trained with another LR or batch,
+# a fit of 2 sizes). benchmarks/validate.py, task intervals: the value closest to 90% coverage over all datasets
+# (MPL, Schaipp, Gemstones, CPU study); each dataset's reported coverage uses the value chosen without it
+# (`lodo_choose`: 0.015 for MPL, Schaipp and Gemstones, 0.025 for the CPU study).
+MODEL_ERROR_FLOOR = 0.015
+
+
 class ScalingLaw:
     """A fitted ``L(N, S, B)`` law with bootstrap uncertainty (returned by :func:`fit_scaling_law`).
 
@@ -662,19 +760,24 @@ class ScalingLaw:
     def __init__(self, params: Mapping[str, float], *, form: str | None = None,
                  tokens_per_sample: float | None = None, bootstrap: ArrayLike | None = None,
                  info: FitInfo | None = None, loss_cap: float = float("inf"),
-                 fitted_batch_sizes: Sequence[float] | None = None) -> None:
+                 fitted_batch_sizes: Sequence[float] | None = None, schedule: ArrayLike | None = None,
+                 model_error: Mapping[str, float] | None = None, bcrit_min_loss: float | None = None) -> None:
         missing = [k for k in _PARAM_NAMES[:6] if k not in params]
         if missing:
             raise ValueError(f"ScalingLaw params miss {missing}")
-        self.params: dict[str, float] = {k: float(params.get(k, 0.0)) for k in _PARAM_NAMES}
+        self.params: dict[str, float] = {k: float(params.get(k, _PARAM_DEFAULTS.get(k, 0.0))) for k in _PARAM_NAMES}
         self.form = form or ("kaplan" if self.params["e"] == 0 else "kaplan+irreducible")
         self.tokens_per_sample = None if tokens_per_sample is None else float(tokens_per_sample)
-        boot = np.empty((0, len(_PARAM_NAMES))) if bootstrap is None else np.asarray(bootstrap, dtype=float)
-        self.bootstrap = boot.reshape(-1, len(_PARAM_NAMES))
+        self.bootstrap = _bootstrap_rows(bootstrap)
         self.info = info
         self.loss_cap = float(loss_cap)
         self.fitted_batch_sizes = None if fitted_batch_sizes is None else [float(b) for b in fitted_batch_sizes]
+        self.schedule = None if schedule is None else np.asarray(schedule, dtype=np.float64).ravel()
+        self.model_error = dict(model_error or {})
+        self.bcrit_min_loss = None if bcrit_min_loss is None or not math.isfinite(bcrit_min_loss) \
+            else float(bcrit_min_loss)
         self._warned_batch = False
+        self._warned_range = False
 
     def __repr__(self) -> str:
         p = ", ".join(f"{k}={v:.4g}" for k, v in self.params.items())
@@ -683,7 +786,7 @@ class ScalingLaw:
     # ------------------------------------------------------------------ predictions
     @property
     def _kw(self) -> dict[str, float]:
-        return dict(self.params)
+        return {k: v for k, v in self.params.items() if k not in ("anneal", "anneal_lambda")}
 
     @property
     def _kw_ns(self) -> dict[str, float]:
@@ -719,12 +822,23 @@ class ScalingLaw:
                           " (samples): the batch size effect is not modelled, so other batch sizes get the same "
                           "per-step curve", UserWarning, stacklevel=3)
 
-    def predict_loss(self, n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike) -> np.ndarray:
+    def predict_loss(self, n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
+                     lr_schedule: ArrayLike | None = None) -> np.ndarray:
         """Loss after ``steps`` optimizer steps at ``batch_size`` samples (the full trajectory; broadcasts).
 
-        Solves the implicit ``L = L(N, S_min(S, B, B_crit(L)))`` per point (unique root; see
-        :func:`lightning_scaling.laws.loss_n_s_b`), capped at :attr:`loss_cap`. ``steps`` counts optimizer updates
-        applied (``RunHistory.step``); ``batch_size`` is in samples per optimizer step (not tokens).
+        Solves the implicit ``L = L(N, S_min(S_eff, B, B_crit(L)))`` per point (unique root; see
+        :func:`lightning_scaling.laws.loss_n_s_b`), times the annealing factor ``exp(-anneal * a)``, capped at
+        :attr:`loss_cap`. ``S_eff`` and ``a`` come from the LR schedule (:func:`schedule_features`): the area under
+        the LR relative to its peak and the annealed fraction of the peak LR, so a cosine or WSD schedule is
+        predicted from a law fitted on any mix of schedules. ``steps`` counts optimizer updates applied
+        (``RunHistory.step``); ``batch_size`` is in samples per optimizer step (not tokens).
+
+        Args:
+            n_params, steps, batch_size: where to predict (broadcast together).
+            lr_schedule: the per-step LR (``lr_schedule[i]`` used by update ``i``; any scale: only its shape
+                relative to the peak matters; steps past its end continue at its last value). ``None``: the
+                schedule every fitted run shared (:attr:`schedule`, e.g. a ladder trained with one cosine recipe),
+                or a constant LR when they did not share one.
 
         Example::
 
@@ -734,8 +848,30 @@ class ScalingLaw:
             True
         """
         self._check_batch(batch_size)
-        out = laws.loss_n_s_b(n_params, steps, batch_size, **self._kw)
-        return np.minimum(out, self.loss_cap)
+        lr = self.schedule if lr_schedule is None else _as_schedule(lr_schedule)
+        p = self.params
+        s_eff, a = schedule_features(lr, steps, lam=p["anneal_lambda"])
+        # B_crit is a function of the current (annealed) loss L = f L', f = exp(-c a): with B_crit(f L') =
+        # B_crit(L') f^(-1/alpha_B), L' solves the constant-LR law at the batch B f^(1/alpha_B).
+        f = np.exp(-p["anneal"] * a)
+        b_eff = np.asarray(batch_size, dtype=float) * f ** (1.0 / p["alpha_b"]) if p["anneal"] else batch_size
+        out = np.minimum(laws.loss_n_s_b(n_params, s_eff, b_eff, **self._kw) * f, self.loss_cap)
+        self._check_bcrit_range(out)
+        return out
+
+    def _check_bcrit_range(self, loss: np.ndarray) -> None:
+        """Warn once when a prediction needs B_crit(L) below the lowest loss level it was fitted at."""
+        if self._warned_range or self.bcrit_min_loss is None or not self.models_batch_size:
+            return
+        with np.errstate(all="ignore"):
+            low = float(np.nanmin(loss)) if np.size(loss) and np.isfinite(loss).any() else float("inf")
+        if low < self.bcrit_min_loss:
+            from lightning_scaling.warnings import FitWarning
+
+            self._warned_range = True
+            warnings.warn(f"this prediction reaches loss {low:.4g}, below the lowest level ({self.bcrit_min_loss:.4g})"
+                          " at which B_crit(L) was measured: the critical batch there is the power law extrapolated"
+                          "; a batch sweep that trains further pins it down", FitWarning, stacklevel=3)
 
     def min_loss(self, n_params: ArrayLike) -> np.ndarray:
         """Lowest loss a model of ``n_params`` reaches (infinite steps): ``e + (n_c/N)^alpha_n``."""
@@ -793,7 +929,8 @@ class ScalingLaw:
                 raise ValueError(f"tokens_per_sample must be a positive number, got {tokens_per_sample!r}")
             law = ScalingLaw(self.params, form=self.form, tokens_per_sample=tokens_per_sample,
                              bootstrap=self.bootstrap, info=self.info, loss_cap=self.loss_cap,
-                             fitted_batch_sizes=self.fitted_batch_sizes)
+                             fitted_batch_sizes=self.fitted_batch_sizes, schedule=self.schedule,
+                             model_error=self.model_error, bcrit_min_loss=self.bcrit_min_loss)
             return law.compute_optimal(compute, level=level)
         if self.tokens_per_sample is None:
             raise ValueError("compute_optimal needs tokens_per_sample to convert FLOPs (6*N*tokens) to steps: pass "
@@ -828,8 +965,9 @@ class ScalingLaw:
     def with_params(self, params: Mapping[str, float]) -> ScalingLaw:
         """A copy with other constants (no bootstrap)."""
         law = ScalingLaw({**self.params, **params}, form=self.form, tokens_per_sample=self.tokens_per_sample,
-                         info=self.info, loss_cap=self.loss_cap, fitted_batch_sizes=self.fitted_batch_sizes)
-        law._warned_batch = True  # the bootstrap evaluates many copies: the caller's law already warned
+                         info=self.info, loss_cap=self.loss_cap, fitted_batch_sizes=self.fitted_batch_sizes,
+                         schedule=self.schedule, model_error=self.model_error, bcrit_min_loss=self.bcrit_min_loss)
+        law._warned_batch = law._warned_range = True  # the bootstrap evaluates copies: the caller's law warns
         return law
 
     def interval(self, method: str, *args: Any, level: float = 0.9, **kwargs: Any) -> Any:
@@ -871,7 +1009,37 @@ class ScalingLaw:
 
         if isinstance(outs[0], tuple):
             return tuple(band([o[i] for o in outs]) for i in range(len(outs[0])))
-        return band(outs)
+        lo, hi = band(outs)
+        if method in ("predict_loss", "min_loss"):
+            # Bootstrap spread (noise) and model error (what the fit missed on its own larger sizes) add in
+            # quadrature around the point prediction.
+            centre = np.asarray(getattr(self, method)(*args, **kwargs), dtype=float)
+            half = _normal_quantile(level) * self.model_sigma(args[0]) * centre
+            lo = centre - np.hypot(np.maximum(centre - lo, 0.0), half)
+            hi = centre + np.hypot(np.maximum(hi - centre, 0.0), half)
+        return lo, hi
+
+    def model_sigma(self, n_params: ArrayLike) -> np.ndarray:
+        """Relative model error of a loss prediction at ``n_params`` (one standard deviation).
+
+        ``hypot(sigma, MODEL_ERROR_FLOOR)`` with ``sigma`` the RMS error the fit made predicting its own larger
+        sizes from its smaller ones (:attr:`model_error`), grown linearly with the extrapolation distance in
+        ``log N`` beyond the largest fitted size (in units of the distance that error was measured over).
+
+        Example::
+
+            >>> law = ScalingLaw(dict(n_c=1e10, alpha_n=0.08, s_c=200.0, alpha_s=0.7, b_star=2e4, alpha_b=0.3),
+            ...                  model_error={"sigma": 0.02, "distance": 1.0, "n_max": 1e7})
+            >>> round(float(law.model_sigma(1e7) / law.model_sigma(np.exp(2.0) * 1e7)), 3)
+            0.5
+        """
+        me = self.model_error
+        base = math.hypot(float(me.get("sigma", 0.0)), MODEL_ERROR_FLOOR)
+        n = np.asarray(n_params, dtype=float)
+        dist, n_max = float(me.get("distance", 0.0)), float(me.get("n_max", 0.0))
+        if not (dist > 0 and n_max > 0):
+            return np.full(n.shape, base)
+        return base * np.maximum(1.0, np.log(np.maximum(n, n_max) / n_max) / dist)
 
     def param_intervals(self, *, level: float = 0.9) -> dict[str, tuple[float, float]]:
         """Bootstrap percentile intervals of the constants (empty without bootstrap)."""
@@ -901,7 +1069,9 @@ class ScalingLaw:
             info = {k: getattr(self.info, k) for k in self.info.__dataclass_fields__}
         return {"type": "ScalingLaw", "form": self.form, "params": dict(self.params),
                 "tokens_per_sample": self.tokens_per_sample, "loss_cap": _json_float(self.loss_cap),
-                "bootstrap": self.bootstrap.tolist(), "info": info, "fitted_batch_sizes": self.fitted_batch_sizes}
+                "bootstrap": self.bootstrap.tolist(), "info": info, "fitted_batch_sizes": self.fitted_batch_sizes,
+                "schedule": None if self.schedule is None else self.schedule.tolist(),
+                "model_error": self.model_error, "bcrit_min_loss": self.bcrit_min_loss}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScalingLaw:
@@ -911,13 +1081,92 @@ class ScalingLaw:
             info = FitInfo(**{k: tuple(v) if k in ("at_bounds", "messages") else v for k, v in data["info"].items()})
         return cls(data["params"], form=data.get("form"), tokens_per_sample=data.get("tokens_per_sample"),
                    bootstrap=data.get("bootstrap") or None, info=info,
-                   loss_cap=float(data.get("loss_cap", "inf")), fitted_batch_sizes=data.get("fitted_batch_sizes"))
+                   loss_cap=float(data.get("loss_cap", "inf")), fitted_batch_sizes=data.get("fitted_batch_sizes"),
+                   schedule=data.get("schedule"), model_error=data.get("model_error"),
+                   bcrit_min_loss=data.get("bcrit_min_loss"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LR schedules: effective steps and the annealing fraction (Tissue et al. 2024 sums, science.md section 4.1)
+# ------------------------------------------------------------------------------------------------------------------
+_LAMBDAS = (0.99, 0.995, 0.999)  # annealing-momentum decays tried by a fit on decayed runs (best objective wins)
+
+
+def schedule_features(lr: ArrayLike | None, steps: ArrayLike, *, lam: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
+    """Effective steps ``S1 / eta_max`` and annealed fraction ``(1 - lam) S2 / eta_max`` after ``steps`` updates.
+
+    ``S1`` (the area under the LR, warmup counted at the peak) and ``S2`` (the annealing momentum) are those of
+    :func:`lightning_scaling.forecast.momentum_sums`. At a constant LR the effective steps are the steps and the
+    fraction is 0; after a long decay to ``eta_min`` the fraction approaches ``1 - eta_min / eta_max``. Steps past
+    the end of ``lr`` continue at its last value. ``lr=None`` means a constant LR.
+
+    Args:
+        lr: per-step LR (``lr[i]`` used by update ``i``), or None.
+        steps: optimizer steps (floats allowed: interpolated).
+        lam: momentum decay ``lambda``.
+
+    Returns:
+        ``(effective_steps, annealed_fraction)`` arrays shaped like ``steps``.
+
+    Example::
+
+        >>> s, a = schedule_features(np.r_[np.ones(100), np.full(100, 0.1)], [100, 200], lam=0.9)
+        >>> s.round(1).tolist(), a.round(3).tolist()
+        ([100.0, 110.0], [0.0, 0.9])
+    """
+    s = np.asarray(steps, dtype=np.float64)
+    if lr is None:
+        return s.copy(), np.zeros_like(s)
+    if not 0.0 < lam < 1.0:
+        raise ValueError(f"lam must be in (0, 1), got {lam!r}")
+    from lightning_scaling.forecast import momentum_sums
+
+    eta = np.asarray(lr, dtype=np.float64).ravel()
+    peak = float(eta.max()) if eta.size else 0.0
+    if not peak > 0:
+        return s.copy(), np.zeros_like(s)
+    eta = np.concatenate([eta, eta[-1:]])  # one step past the end: the last momentum increment below
+    n = eta.size - 1
+    grid = np.arange(1, n + 2)
+    s1, s2 = momentum_sums(eta, grid, lam=lam)
+    x = np.concatenate([[0.0], grid[:-1]])
+    s1_in = np.interp(s, x, np.concatenate([[0.0], s1[:-1]]))
+    s2_in = np.interp(s, x, np.concatenate([[0.0], s2[:-1]]))
+    # Past the end the LR stays at its last value: S1 grows linearly and the momentum decays geometrically, in
+    # closed form (no per-step arrays for a prediction a million steps out).
+    over = np.maximum(np.nan_to_num(s, nan=0.0) - n, 0.0)
+    m_last = s2[-1] - s2[-2]
+    s1_out = s1[-2] + eta[-1] * over
+    s2_out = s2[-2] + m_last * (1.0 - lam ** over) / (1.0 - lam)
+    past = s > n
+    return (np.where(past, s1_out, s1_in) / peak, np.where(past, s2_out, s2_in) * (1.0 - lam) / peak)
+
+
+def _run_schedule(run: RunHistory) -> np.ndarray | None:
+    """The run's per-step LR (recorded ``planned_lr`` or ``lr``; None without one or when it is constant)."""
+    from lightning_scaling.backtest import run_schedule  # the suite's own reading of a run's schedule
+    from lightning_scaling.forecast import warmup_steps as lr_warmup
+
+    lr, _ = run_schedule(run)
+    if lr is None or lr.size == 0 or not lr.max() > 0:
+        return None
+    tail = lr[lr_warmup(lr):]  # from the first step within 1e-3 of the peak: the same tolerance marks "constant"
+    return None if tail.min() >= (1.0 - 1e-3) * lr.max() else np.asarray(lr, dtype=np.float64)
+
+
+def _shared_schedule(scheds: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The fitted runs' common LR schedule (relative to its peak) when they all used one decayed schedule."""
+    if not scheds or any(s is None for s in scheds) or len({s.size for s in scheds}) > 1:
+        return None
+    rel = [s / s.max() for s in scheds]
+    return rel[0] if all(np.allclose(r, rel[0], rtol=1e-6, atol=1e-9) for r in rel[1:]) else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Objective: summed Huber on log loss, in decorrelated parameters
-#   theta = (a_n, alpha_n, a_s, alpha_s[, e]) with size term exp(a_n - alpha_n u), u = log(N/N_ref),
-#   and step term exp(a_s - alpha_s v), v = log(S_min/S_ref): a_n, a_s are the terms' logs at the reference point.
+#   theta = (a_n, alpha_n, a_s, alpha_s[, e][, c]) with size term exp(a_n - alpha_n u), u = log(N/N_ref), step
+#   term exp(a_s - alpha_s v), v = log(S_min/S_ref) (a_n, a_s: the terms' logs at the reference point), and the
+#   annealing factor exp(-c a), a the annealed fraction of schedule_features.
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Points:
@@ -927,63 +1176,103 @@ class _Points:
     n_ref: float
     s_ref: float
     run_index: np.ndarray
+    anneal: np.ndarray
 
 
-def _huber_objective(theta: np.ndarray, pts: _Points, irreducible: bool) -> tuple[float, np.ndarray]:
-    a_n, alpha_n, a_s, alpha_s = theta[:4]
-    e = theta[4] if irreducible else 0.0
-    tn = np.exp(a_n - alpha_n * pts.u)
-    ts = np.exp(a_s - alpha_s * pts.v)
-    pred = e + tn + ts
-    r = np.log(pred) - pts.log_loss
+@dataclass(frozen=True)
+class _Layout:
+    """Which optional parameters theta holds: the irreducible loss ``e`` and the annealing coefficient ``c``."""
+
+    irreducible: bool
+    anneal: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("a_n", "alpha_n", "a_s", "alpha_s") + ("e",) * self.irreducible + ("anneal",) * self.anneal
+
+
+def _take(pts: _Points, sel: np.ndarray) -> _Points:
+    return _Points(u=pts.u[sel], v=pts.v[sel], log_loss=pts.log_loss[sel], n_ref=pts.n_ref, s_ref=pts.s_ref,
+                   run_index=pts.run_index[sel], anneal=pts.anneal[sel])
+
+
+def _huber(r: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed Huber loss (delta ``_HUBER_DELTA``) of residuals ``r`` and its derivative per residual."""
     absr = np.abs(r)
     small = absr <= _HUBER_DELTA
-    # Summed (not averaged) Huber: O(1) gradients, so L-BFGS does not stop at its start (Besiroglu et al. 2024).
     f = float(np.sum(np.where(small, 0.5 * r * r, _HUBER_DELTA * (absr - 0.5 * _HUBER_DELTA))))
-    psi = np.where(small, r, _HUBER_DELTA * np.sign(r)) / pred
+    return f, np.where(small, r, _HUBER_DELTA * np.sign(r))
+
+
+def _log_pred(theta: np.ndarray, pts: _Points, lay: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(log prediction, size term, step term, e + size + step)`` at the points."""
+    a_n, alpha_n, a_s, alpha_s = theta[:4]
+    e = theta[4] if lay.irreducible else 0.0
+    c = theta[-1] if lay.anneal else 0.0
+    tn = np.exp(a_n - alpha_n * pts.u)
+    ts = np.exp(a_s - alpha_s * pts.v)
+    base = e + tn + ts
+    return np.log(base) - c * pts.anneal, tn, ts, base
+
+
+def _huber_objective(theta: np.ndarray, pts: _Points, lay: _Layout) -> tuple[float, np.ndarray]:
+    logp, tn, ts, base = _log_pred(theta, pts, lay)
+    # Summed (not averaged) Huber: O(1) gradients, so L-BFGS does not stop at its start (Besiroglu et al. 2024).
+    f, dr = _huber(logp - pts.log_loss)
+    psi = dr / base
     g = [np.sum(psi * tn), -np.sum(psi * tn * pts.u), np.sum(psi * ts), -np.sum(psi * ts * pts.v)]
-    if irreducible:
+    if lay.irreducible:
         g.append(np.sum(psi))
+    if lay.anneal:
+        g.append(-np.sum(dr * pts.anneal))
     return f, np.asarray(g)
 
 
-def _theta_to_params(theta: np.ndarray, pts: _Points, irreducible: bool) -> dict[str, float]:
+def _theta_to_params(theta: np.ndarray, pts: _Points, lay: _Layout, lam: float) -> dict[str, float]:
     a_n, alpha_n, a_s, alpha_s = map(float, theta[:4])
     return {"n_c": pts.n_ref * _exp(a_n / alpha_n), "alpha_n": alpha_n,
             "s_c": pts.s_ref * _exp(a_s / alpha_s), "alpha_s": alpha_s,
-            "e": float(theta[4]) if irreducible else 0.0}
+            "e": float(theta[4]) if lay.irreducible else 0.0,
+            "anneal": float(theta[-1]) if lay.anneal else 0.0, "anneal_lambda": lam}
 
 
-def _optimise(pts: _Points, irreducible: bool, *, n_starts: int,
+def _multistart(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], grid: Sequence[np.ndarray],
+                bounds: Sequence[tuple[float, float]], n_starts: int) -> Any:
+    """L-BFGS-B from the ``n_starts`` best points of ``grid``: the one optimiser of every L(N, S, B) fit."""
+    lo, hi = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+    grid = [np.clip(g, lo, hi) for g in grid]
+    vals = np.array([objective(t)[0] for t in grid]) if len(grid) > 1 else np.zeros(1)
+    best = None
+    for i in np.argsort(vals, kind="stable")[:n_starts]:
+        res = minimize(objective, grid[i], jac=True, method="L-BFGS-B", bounds=bounds,
+                       options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
+        res.start, res.bounds = grid[i], list(bounds)
+        if best is None or res.fun < best.fun:
+            best = res
+    best.n_grid = len(grid)
+    return best
+
+
+def _optimise(pts: _Points, lay: _Layout, *, n_starts: int,
               x0: np.ndarray | None = None) -> tuple[np.ndarray, Any, int]:
     lmin = float(np.exp(pts.log_loss.min()))
     lmed = float(np.exp(np.median(pts.log_loss)))
     bounds = [(-30.0, math.log(10 * lmed)), (1e-3, 3.0), (-30.0, math.log(10 * lmed)), (1e-2, 6.0)]
-    if irreducible:
-        bounds.append((0.0, 0.999 * lmin))
+    bounds += [(0.0, 0.999 * lmin)] * lay.irreducible + [(0.0, 3.0)] * lay.anneal
     if x0 is not None:
-        starts = [np.clip(x0, [b[0] for b in bounds], [b[1] for b in bounds])]
-        n_grid = 1
+        grid = [x0]
     else:
         grid = []
-        for ef in ((0.0,) if not irreducible else (0.0, 0.3, 0.6, 0.85)):
+        for ef in ((0.0,) if not lay.irreducible else (0.0, 0.3, 0.6, 0.85)):
             rest = lmed - ef * lmin
             for an in (0.03, 0.08, 0.2, 0.5):
                 for as_ in (0.3, 0.6, 1.0, 1.8):
                     for split in (0.5, 0.8, 0.95):
-                        th = [math.log(split * rest), an, math.log((1 - split) * rest), as_]
-                        grid.append(np.array(th + ([ef * lmin] if irreducible else [])))
-        n_grid = len(grid)
-        vals = np.array([_huber_objective(t, pts, irreducible)[0] for t in grid])
-        starts = [grid[i] for i in np.argsort(vals)[:n_starts]]
-    best = None
-    for st in starts:
-        res = minimize(_huber_objective, st, args=(pts, irreducible), jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
-        res.start, res.bounds = st, bounds
-        if best is None or res.fun < best.fun:
-            best = res
-    return best.x, best, n_grid
+                        for c in ((0.0,) if not lay.anneal else (0.05, 0.3)):
+                            th = [math.log(split * rest), an, math.log((1 - split) * rest), as_]
+                            grid.append(np.array(th + [ef * lmin] * lay.irreducible + [c] * lay.anneal))
+    res = _multistart(lambda t: _huber_objective(t, pts, lay), grid, bounds, n_starts)
+    return res.x, res, res.n_grid
 
 
 def _bin_runs(runs: Sequence[RunHistory], *, warmup_steps: int | str | None,
@@ -1007,25 +1296,38 @@ def _bin_runs(runs: Sequence[RunHistory], *, warmup_steps: int | str | None,
     return out
 
 
-def _collect_points(bins: Sequence[tuple[np.ndarray, np.ndarray, float, float]], cb: CriticalBatchFit,
-                    ref: tuple[float, float] | None = None) -> _Points:
-    """Fit points ``(log N, log S_min, log L)`` with ``S_min = S / (1 + B_crit(L)/B)``."""
-    n = np.concatenate([np.full(bs.size, nn) for bs, _, nn, _ in bins])
-    smin = np.concatenate([laws.s_min(bs, bb, cb(bl)) for bs, bl, _, bb in bins])
-    loss = np.concatenate([bl for _, bl, _, _ in bins])
-    idx = np.concatenate([np.full(bs.size, i) for i, (bs, _, _, _) in enumerate(bins)])
+@dataclass
+class _Binned:
+    """The binned runs of a fit with their LR schedules (None: constant) and the annealing decay in use."""
+
+    bins: list[tuple[np.ndarray, np.ndarray, float, float]]
+    scheds: list[np.ndarray | None]
+    lam: float = 0.999
+
+    @property
+    def decayed(self) -> bool:
+        return any(s is not None for s in self.scheds)
+
+
+def _collect_points(data: _Binned, cb: CriticalBatchFit, ref: tuple[float, float] | None = None,
+                    lam: float | None = None) -> _Points:
+    """Fit points ``(log N, log S_min, log L, a)`` with ``S_min = S_eff / (1 + B_crit(L)/B)``."""
+    lam = data.lam if lam is None else lam
+    feats = [schedule_features(sc, bs, lam=lam) for (bs, *_), sc in zip(data.bins, data.scheds)]
+    n = np.concatenate([np.full(bs.size, nn) for bs, _, nn, _ in data.bins])
+    smin = np.concatenate([laws.s_min(f[0], bb, cb(bl)) for (_, bl, _, bb), f in zip(data.bins, feats)])
+    loss = np.concatenate([bl for _, bl, _, _ in data.bins])
+    idx = np.concatenate([np.full(bs.size, i) for i, (bs, _, _, _) in enumerate(data.bins)])
     if ref is None:
         ref = (float(np.exp(np.mean(np.log(n)))), float(np.exp(np.mean(np.log(smin)))))
     n_ref, s_ref = ref
     return _Points(u=np.log(n / n_ref), v=np.log(smin / s_ref), log_loss=np.log(loss), n_ref=n_ref, s_ref=s_ref,
-                   run_index=idx)
+                   run_index=idx, anneal=np.concatenate([f[1] for f in feats]))
 
 
 def _subset(pts: _Points, rows: np.ndarray) -> _Points:
     """Points of the given run indices (with repeats, for the bootstrap), same reference point."""
-    sel = np.concatenate([np.flatnonzero(pts.run_index == i) for i in rows])
-    return _Points(u=pts.u[sel], v=pts.v[sel], log_loss=pts.log_loss[sel], n_ref=pts.n_ref, s_ref=pts.s_ref,
-                   run_index=pts.run_index[sel])
+    return _take(pts, np.concatenate([np.flatnonzero(pts.run_index == i) for i in rows]))
 
 
 def _block_resample(pts: _Points, rng: np.random.Generator, block: int = 8) -> _Points:
@@ -1036,9 +1338,7 @@ def _block_resample(pts: _Points, rng: np.random.Generator, block: int = 8) -> _
         b = min(block, idx.size)
         starts = rng.integers(0, idx.size - b + 1, -(-idx.size // b))
         sel.append(np.concatenate([idx[s:s + b] for s in starts])[:idx.size])
-    sel = np.concatenate(sel)
-    return _Points(u=pts.u[sel], v=pts.v[sel], log_loss=pts.log_loss[sel], n_ref=pts.n_ref, s_ref=pts.s_ref,
-                   run_index=pts.run_index[sel])
+    return _take(pts, np.concatenate(sel))
 
 
 def _val_view(run: RunHistory) -> RunHistory:
@@ -1050,7 +1350,8 @@ def _val_view(run: RunHistory) -> RunHistory:
         ok = np.isfinite(run.lr)
         lr = np.interp(run.val_step, run.step[ok], run.lr[ok])
     return RunHistory(name=run.name, n_params=run.n_params, batch_size=run.batch_size,
-                      tokens_per_sample=run.tokens_per_sample, step=run.val_step, loss=run.val_loss, lr=lr)
+                      tokens_per_sample=run.tokens_per_sample, step=run.val_step, loss=run.val_loss, lr=lr,
+                      planned_lr=run.planned_lr)
 
 
 def _check_token_units(runs: Sequence[RunHistory], tps: float | None) -> None:
@@ -1069,6 +1370,158 @@ def _check_token_units(runs: Sequence[RunHistory], tps: float | None) -> None:
                           "batch_size must be in samples (sequences) per optimizer step, not tokens, and "
                           "tokens_per_sample the tokens per sample", UserWarning, stacklevel=3)
             return
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# fit_scaling_law stages: resolve the critical batch, bin the runs, choose the form, fit, calibrate, bootstrap
+# ------------------------------------------------------------------------------------------------------------------
+_NO_BCRIT_HELP = (
+    " Either pass critical_batch='none' to fit L(N, S) at the batch size used (predictions then hold for that batch "
+    "only; min_tokens/compute_optimal need B_crit), or a critical batch: critical_batch=fit_critical_batch_size(sweep)"
+    " from runs of one size at >= 3 batch sizes, a (b_star, alpha_b) pair or a constant in samples; or include such a"
+    " sweep in runs, or record the gradient noise scale (GradientNoiseScale callback -> gns_b_simple)")
+
+
+def _resolve_critical(runs: Sequence[RunHistory], data: _Binned, critical_batch: Any, tps: float | None,
+                      level_kwargs: Mapping[str, Any] | None,
+                      warmup_steps: int | str | None) -> tuple[CriticalBatchFit, list[_CrossingTable]]:
+    """Stage 1: B_crit(L) given, from a batch sweep in the runs, from the GNS record, or jointly fitted."""
+    if critical_batch is not None:
+        return _as_critical(critical_batch, tps), []
+    kw = dict(level_kwargs or {})
+    tables = [_crossing_table(g, levels=kw.get("levels"), n_levels=kw.get("n_levels", 12),
+                              warmup_steps=kw.get("warmup_steps", warmup_steps))
+              for g in _group_by_size(runs) if len({r.batch_size for r in g}) >= 2]
+    sweep_error = None
+    if tables:
+        try:
+            return _critical_from_tables(tables, tokens_per_sample=tps, n_bootstrap=_BCRIT_BOOTSTRAP), tables
+        except ValueError as err:  # an unusable sweep: fall back to the GNS record if there is one
+            sweep_error = err
+    fallback = _critical_from_gns(runs, tps) or _critical_from_joint(data.bins, tps)
+    if fallback is None:
+        why = f" (the batch sweep failed: {sweep_error})" if sweep_error else ""
+        batches = sorted({float(r.batch_size) for r in runs})
+        raise ValueError("no critical batch size available" + why + f" (runs use batch sizes {batches} samples and "
+                         "record no gradient noise scale)." + _NO_BCRIT_HELP)
+    if sweep_error is not None:
+        using = "the recorded gradient noise scale" if fallback.source == "gns" else "a joint fit of L(N, S, B)"
+        warnings.warn(f"batch-size sweep unusable ({sweep_error}); using {using}", UserWarning, stacklevel=4)
+    return fallback, []
+
+
+def _fit_points(data: _Binned, cb: CriticalBatchFit, lay: _Layout, n_starts: int,
+                ref: tuple[float, float] | None = None) -> tuple[np.ndarray, Any, int, _Points]:
+    """Stage 4: the multi-start fit; with an annealing term also the momentum decay (best objective of _LAMBDAS).
+
+    Sets ``data.lam`` to the decay chosen. The effective steps do not depend on it, so the points' reference is
+    the same for every decay and the objectives compare.
+    """
+    best = None
+    for lam in (_LAMBDAS if lay.anneal else (data.lam,)):
+        pts = _collect_points(data, cb, ref, lam=lam)
+        theta, res, n_grid = _optimise(pts, lay, n_starts=n_starts)
+        if best is None or res.fun < best[1].fun:
+            best = (theta, res, n_grid, pts, lam)
+    data.lam = best[4]
+    return best[:4]
+
+
+def _held_out_error(train: _Points, test: _Points, lay: _Layout, n_starts: int) -> np.ndarray:
+    """Fit ``train``, relative error on the last quarter of each ``test`` run's points (their final losses)."""
+    theta, _, _ = _optimise(train, lay, n_starts=n_starts)
+    errs = []
+    for i in np.unique(test.run_index):
+        sub = _take(test, test.run_index == i)
+        tail = slice(-max(1, sub.u.size // 4), None)
+        errs.append(float(np.mean(np.exp(_log_pred(theta, sub, lay)[0][tail] - sub.log_loss[tail]) - 1.0)))
+    return np.asarray(errs)
+
+
+def _size_split(runs: Sequence[RunHistory], sizes: Sequence[float], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run indices of the ``k`` smallest sizes and of the rest."""
+    small = np.array([float(r.n_params) in set(sizes[:k]) for r in runs])
+    return np.flatnonzero(small), np.flatnonzero(~small)
+
+
+def _choose_form(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float], form: str, anneal: bool,
+                 n_starts: int) -> tuple[str, dict[str, float]]:
+    """Stage 3: ``form="auto"`` keeps the form that predicts the largest fitted size better from the others."""
+    if form != "auto":
+        return form, {}
+    if len(sizes) < 3:
+        warnings.warn("form='auto' needs >= 3 model sizes to validate on the largest; using 'kaplan'",
+                      UserWarning, stacklevel=4)
+        return "kaplan", {}
+    fit_idx, test_idx = _size_split(runs, sizes, _inner_split(len(sizes)))
+    train, test = _subset(pts, fit_idx), _subset(pts, test_idx)
+    validation = {}
+    for name in ("kaplan", "kaplan+irreducible"):
+        lay = _Layout(irreducible=name != "kaplan", anneal=anneal)
+        validation[name] = float(np.sqrt(np.mean(_held_out_error(train, test, lay, n_starts) ** 2)))
+    return min(validation, key=validation.get), validation
+
+
+def _inner_split(n_sizes: int) -> int:
+    """Sizes fitted when a fit validates itself: the smaller two thirds (>= 2, leaving >= 1 to predict)."""
+    return min(max(2, int(round(n_sizes * 2 / 3))), n_sizes - 1)
+
+
+def _calibrate(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float], lay: _Layout,
+               n_starts: int) -> dict[str, float]:
+    """Stage 5: the model error the fit makes on its own larger sizes, for prediction intervals.
+
+    The suite's protocol replayed inside the fit: fit the smaller two thirds of the sizes, predict the final
+    losses of the rest. ``sigma`` is the RMS relative error, ``distance`` the log-size span it extrapolated over
+    (``log(N_max / N_fit_max)``) and ``n_max`` the largest fitted size; :meth:`ScalingLaw.interval` scales sigma
+    with the extrapolation distance of a prediction. Resampling runs (the bootstrap) only measures noise.
+    """
+    if len(sizes) < 3:
+        return {"sigma": 0.0, "distance": 0.0, "n_max": float(sizes[-1]), "n_sizes": 0}
+    k = _inner_split(len(sizes))
+    fit_idx, test_idx = _size_split(runs, sizes, k)
+    err = _held_out_error(_subset(pts, fit_idx), _subset(pts, test_idx), lay, n_starts)
+    return {"sigma": float(np.sqrt(np.mean(err**2))), "distance": float(math.log(sizes[-1] / sizes[k - 1])),
+            "n_max": float(sizes[-1]), "n_sizes": len(sizes) - k}
+
+
+def _bootstrap(runs: Sequence[RunHistory], data: _Binned, pts: _Points, cb: CriticalBatchFit,
+               tables: Sequence[_CrossingTable], lay: _Layout, theta: np.ndarray, tps: float | None,
+               n_bootstrap: int, seed: int | None) -> list[list[float]]:
+    """Stage 6: parameter sets refitted on resampled runs (B_crit refitted too when it came from a sweep)."""
+    rng = np.random.default_rng(seed)
+    rows_boot: list[list[float]] = []
+    n_runs = len(runs)
+
+    def row(th: np.ndarray, sub: _Points, c: CriticalBatchFit) -> list[float]:
+        p = {**_theta_to_params(th, sub, lay, data.lam), "b_star": c.b_star, "alpha_b": c.alpha_b}
+        return [p[k] for k in _PARAM_NAMES]
+
+    while n_runs < 4 and len(rows_boot) < n_bootstrap:
+        sub = _block_resample(pts, rng)
+        rows_boot.append(row(_optimise(sub, lay, n_starts=1, x0=theta)[0], sub, cb))
+    attempts = 0
+    members = [np.array([j for j, r in enumerate(runs) if r.n_params == t.n_params]) for t in tables]
+    while n_runs >= 4 and len(rows_boot) < n_bootstrap and attempts < 3 * n_bootstrap:
+        attempts += 1
+        rows = rng.integers(0, n_runs, n_runs)
+        if len({float(runs[i].n_params) for i in rows}) < 2:
+            continue
+        cb_b, sub = cb, None
+        if tables:
+            # Refit B_crit on the resampled runs of each batch sweep, then recompute S_min for all points.
+            try:
+                picked = [np.concatenate([np.flatnonzero(m == i) for i in rows if i in m]) if m.size else m
+                          for m in members]
+                cb_b = _critical_from_tables(tables, tokens_per_sample=tps,
+                                             rows=[p if p.size else np.arange(len(m)) for p, m in zip(picked, members)])
+                sub = _subset(_collect_points(data, cb_b, ref=(pts.n_ref, pts.s_ref)), rows)
+            except ValueError:
+                continue
+        if sub is None:
+            sub = _subset(pts, rows)
+        rows_boot.append(row(_optimise(sub, lay, n_starts=1, x0=theta)[0], sub, cb_b))
+    return rows_boot
 
 
 @_blas_one_thread
@@ -1158,113 +1611,31 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     tps = _tokens_per_sample(runs, tokens_per_sample)
     _check_token_units(runs, tps)
 
-    bins = _bin_runs(runs, warmup_steps=warmup_steps, points_per_run=points_per_run)
-
-    # --- critical batch source
-    tables: list[_CrossingTable] = []
-    if critical_batch is not None:
-        cb = _as_critical(critical_batch, tps)
-    else:
-        kw = dict(level_kwargs or {})
-        for group in _group_by_size(runs):
-            if len({r.batch_size for r in group}) >= 2:
-                tables.append(_crossing_table(group, levels=kw.get("levels"), n_levels=kw.get("n_levels", 12),
-                                              warmup_steps=kw.get("warmup_steps", warmup_steps)))
-        sweep_error = None
-        if tables:
-            try:
-                cb = _critical_from_tables(tables, tokens_per_sample=tps)
-            except ValueError as err:  # an unusable sweep: fall back to the GNS record if there is one
-                sweep_error, tables = err, []
-        if not tables:
-            fallback = _critical_from_gns(runs, tps) or _critical_from_joint(bins, tps)
-            if fallback is None:
-                why = f" (the batch sweep failed: {sweep_error})" if sweep_error else ""
-                batches = sorted({float(r.batch_size) for r in runs})
-                raise ValueError(
-                    "no critical batch size available" + why + f" (runs use batch sizes {batches} samples and record "
-                    "no gradient noise scale). Either pass critical_batch='none' to fit L(N, S) at the batch size "
-                    "used (predictions then hold for that batch only; min_tokens/compute_optimal need B_crit), or "
-                    "a critical batch: critical_batch=fit_critical_batch_size(sweep) from runs of one size at >= 3 "
-                    "batch sizes, a (b_star, alpha_b) pair or a constant in samples; or include such a sweep in "
-                    "runs, or record the gradient noise scale (GradientNoiseScale callback -> gns_b_simple)")
-            if sweep_error is not None:
-                using = ("the recorded gradient noise scale" if fallback.source == "gns"
-                         else "a joint fit of L(N, S, B)")
-                warnings.warn(f"batch-size sweep unusable ({sweep_error}); using {using}", UserWarning, stacklevel=2)
-            cb = fallback
-
-    pts = _collect_points(bins, cb)
-    cap = max(float(np.nanmax(np.where(np.isfinite(r.loss), r.loss, np.nan))) for r in runs)
-
-    # --- form choice by leave-the-largest-model-out validation
-    validation: dict[str, float] = {}
-    chosen = form
-    if form == "auto":
-        if len(sizes) < 3:
-            warnings.warn("form='auto' needs >= 3 model sizes to validate on the largest; using 'kaplan'",
-                          UserWarning, stacklevel=2)
-            chosen = "kaplan"
-        else:
-            largest = np.array([float(r.n_params) == sizes[-1] for r in runs])
-            train = _subset(pts, np.flatnonzero(~largest))
-            test = _subset(pts, np.flatnonzero(largest))
-            for name in ("kaplan", "kaplan+irreducible"):
-                irr = name != "kaplan"
-                theta, _, _ = _optimise(train, irr, n_starts=n_starts)
-                tn = np.exp(theta[0] - theta[1] * test.u)
-                ts = np.exp(theta[2] - theta[3] * test.v)
-                pred = (theta[4] if irr else 0.0) + tn + ts
-                validation[name] = float(np.mean(np.abs(pred / np.exp(test.log_loss) - 1.0)))
-            chosen = min(validation, key=validation.get)
-    irreducible = chosen == "kaplan+irreducible"
-
-    theta, res, n_grid = _optimise(pts, irreducible, n_starts=n_starts)
-    params = {**_theta_to_params(theta, pts, irreducible), "b_star": cb.b_star, "alpha_b": cb.alpha_b}
-
-    # --- bootstrap over runs
-    rng = np.random.default_rng(seed)
-    rows_boot = []
-    n_runs = len(runs)
-    attempts = 0
-    while n_runs < 4 and len(rows_boot) < n_bootstrap:
-        sub = _block_resample(pts, rng)
-        th_b, _, _ = _optimise(sub, irreducible, n_starts=1, x0=theta)
-        pb = {**_theta_to_params(th_b, sub, irreducible), "b_star": cb.b_star, "alpha_b": cb.alpha_b}
-        rows_boot.append([pb[k] for k in _PARAM_NAMES])
-    while n_runs >= 4 and len(rows_boot) < n_bootstrap and attempts < 3 * n_bootstrap:
-        attempts += 1
-        rows = rng.integers(0, n_runs, n_runs)
-        if len({float(runs[i].n_params) for i in rows}) < 2:
-            continue
-        cb_b, sub = cb, None
-        if tables:
-            # Refit B_crit on the resampled runs of each batch sweep, then recompute S_min for all points.
-            try:
-                members = [np.array([j for j, r in enumerate(runs) if r.n_params == t.n_params]) for t in tables]
-                picked = [np.concatenate([np.flatnonzero(m == i) for i in rows if i in m]) if m.size else m
-                          for m in members]
-                cb_b = _critical_from_tables(tables, tokens_per_sample=tps,
-                                             rows=[p if p.size else np.arange(len(m)) for p, m in zip(picked, members)])
-                sub = _subset(_collect_points(bins, cb_b, ref=(pts.n_ref, pts.s_ref)), rows)
-            except ValueError:
-                continue
-        if sub is None:
-            sub = _subset(pts, rows)
-        th_b, _, _ = _optimise(sub, irreducible, n_starts=1, x0=theta)
-        pb = {**_theta_to_params(th_b, sub, irreducible), "b_star": cb_b.b_star, "alpha_b": cb_b.alpha_b}
-        rows_boot.append([pb[k] for k in _PARAM_NAMES])
+    data = _Binned(_bin_runs(runs, warmup_steps=warmup_steps, points_per_run=points_per_run),
+                   [_run_schedule(r) for r in runs])
+    cb, tables = _resolve_critical(runs, data, critical_batch, tps, level_kwargs, warmup_steps)
+    anneal = data.decayed
+    if anneal and form == "auto":  # judge the forms at the momentum decay a Kaplan fit chooses
+        _fit_points(data, cb, _Layout(irreducible=False, anneal=True), n_starts)
+    chosen, validation = _choose_form(_collect_points(data, cb), runs, sizes, form, anneal, n_starts)
+    lay = _Layout(irreducible=chosen == "kaplan+irreducible", anneal=anneal)
+    theta, res, n_grid, pts = _fit_points(data, cb, lay, n_starts)
+    params = {**_theta_to_params(theta, pts, lay, data.lam), "b_star": cb.b_star, "alpha_b": cb.alpha_b}
+    calibration = _calibrate(pts, runs, sizes, lay, n_starts)
+    rows_boot = _bootstrap(runs, data, pts, cb, tables, lay, theta, tps, n_bootstrap, seed)
 
     info = FitInfo(success=bool(res.success), message=str(res.message), nfev=int(res.nfev), nit=int(res.nit),
                    objective=float(res.fun), n_starts=n_starts, n_grid=n_grid, n_points=int(pts.u.size),
-                   n_runs=n_runs, moved=bool(np.any(np.abs(res.x - res.start) > 1e-8)), form=chosen,
+                   n_runs=len(runs), moved=bool(np.any(np.abs(res.x - res.start) > 1e-8)), form=chosen,
                    critical_batch_source=cb.source, validation=validation, n_bootstrap=len(rows_boot))
+    cap = max(float(np.nanmax(np.where(np.isfinite(r.loss), r.loss, np.nan))) for r in runs)
     law = ScalingLaw(params, form=chosen, tokens_per_sample=tps, bootstrap=np.array(rows_boot) if rows_boot else None,
-                     info=info, loss_cap=cap, fitted_batch_sizes=sorted({float(r.batch_size) for r in runs}))
+                     info=info, loss_cap=cap, fitted_batch_sizes=sorted({float(r.batch_size) for r in runs}),
+                     schedule=_shared_schedule(data.scheds), model_error=calibration, bcrit_min_loss=cb.min_loss)
     longest = max(runs, key=lambda r: float(r.step[-1]))
     probe = (sizes[-1], float(longest.step[-1]), float(longest.batch_size))
-    return _judged(law, theta, res.bounds, ("a_n", "alpha_n", "a_s", "alpha_s", "e"), _dropped_losses(runs),
-                   total=sum(len(r) for r in runs), probe=probe)
+    return _judged(law, theta, res.bounds, lay.names, _dropped_losses(runs), total=sum(len(r) for r in runs),
+                   probe=probe)
 
 
 def _dropped_losses(runs: Sequence[RunHistory]) -> dict[str, int]:
@@ -1300,9 +1671,11 @@ def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, fl
     if bad:
         values = ", ".join(f"{law.params[k]:.3g}" for k in bad)
         problems.append(f"constant(s) {', '.join(bad)} are degenerate ({values})")
+    warned = law._warned_batch, law._warned_range
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pred = float(np.asarray(law.predict_loss(*probe)).ravel()[0])
+    law._warned_batch, law._warned_range = warned  # the probe is no prediction of the user's: keep their warnings
     if not (math.isfinite(pred) and pred > 0):
         problems.append(f"it predicts a loss of {pred} inside the data (N={probe[0]:g}, S={probe[1]:g})")
     n_drop = sum(dropped.values())
@@ -1420,14 +1793,7 @@ def fit_loss_n_s_b(n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
                     for ab in (0.2, 0.5):
                         grid.append(np.array([math.log(0.7 * rest), an, math.log(0.3 * rest), as_, lb, ab]
                                              + ([ef * lmin] if irr else [])))
-    vals = np.array([obj(t)[0] for t in grid])
-    best = None
-    for i in np.argsort(vals)[:n_starts]:
-        res = minimize(obj, grid[i], jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
-        res.start = grid[i]
-        if best is None or res.fun < best.fun:
-            best = res
+    best = _multistart(obj, grid, bounds, n_starts)
     info = FitInfo(success=bool(best.success), message=str(best.message), nfev=int(best.nfev), nit=int(best.nit),
                    objective=float(best.fun), n_starts=n_starts, n_grid=len(grid), n_points=int(n.size),
                    n_runs=int(n.size), moved=bool(np.any(np.abs(best.x - best.start) > 1e-8)), form=form,

@@ -112,7 +112,7 @@ def test_fit_scaling_law_recovers_constants(law):
     assert p["alpha_b"] == pytest.approx(TRUE["alpha_b"], abs=0.015)
     assert p["b_star"] == pytest.approx(TRUE["b_star"], rel=0.1)
     assert p["e"] == 0.0
-    assert law.info.n_bootstrap == 60 and law.bootstrap.shape == (60, 7)
+    assert law.info.n_bootstrap == 60 and law.bootstrap.shape == (60, len(ScalingLaw.PARAM_NAMES))
     lo, hi = law.param_intervals(level=0.99)["alpha_n"]
     assert lo < TRUE["alpha_n"] < hi
     assert law.stderr["alpha_n"] > 0

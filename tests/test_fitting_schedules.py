@@ -1,0 +1,193 @@
+"""fit_scaling_law under any LR schedule, calibrated loss intervals, and B_crit(L) fitted at the low-loss end."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from lightning_scaling import RunHistory, fitting, laws
+from lightning_scaling.fitting import (
+    CriticalBatchFit,
+    ScalingLaw,
+    fit_critical_batch_size,
+    fit_scaling_law,
+    schedule_features,
+)
+from lightning_scaling.warnings import FitWarning
+
+K = dict(n_c=1e10, alpha_n=0.08, s_c=300.0, alpha_s=0.7, b_star=5e4, alpha_b=0.3)
+ANNEAL, LAM, STEPS, WARMUP = 0.08, 0.99, 3000, 60
+
+
+def schedule(kind: str, steps: int = STEPS) -> np.ndarray:
+    """Linear warmup, then constant, cosine to 10% or WSD (20% linear cooldown to 0)."""
+    i = np.arange(steps, dtype=float)
+    lr = np.ones(steps)
+    if kind == "cosine":
+        lr = 0.1 + 0.45 * (1 + np.cos(np.pi * np.clip((i - WARMUP) / (steps - WARMUP), 0, 1)))
+    elif kind == "wsd":
+        lr = np.clip((steps - i) / (0.2 * steps), 0.0, 1.0)
+    lr[:WARMUP] = (i[:WARMUP] + 1) / WARMUP
+    return 1e-3 * lr
+
+
+def law_loss(n: float, lr: np.ndarray, s: np.ndarray, batch: float) -> np.ndarray:
+    """``L = f L(N, S_eff, B)`` with ``f = exp(-c a)`` and B_crit at the annealed loss ``L`` itself."""
+    s_eff, a = schedule_features(lr, s, lam=LAM)
+    f = np.exp(-ANNEAL * a)
+    return f * laws.loss_n_s_b(n, s_eff, batch * f ** (1 / K["alpha_b"]), **K)
+
+
+def run(n: float, kind: str, *, seed: int = 0, batch: int = 64) -> RunHistory:
+    """A run of the schedule-aware law: L(N, S_eff, B) exp(-c a), with 0.3% noise."""
+    lr = schedule(kind)
+    s = np.arange(1, STEPS + 1)
+    clean = np.minimum(law_loss(n, lr, s, batch), 10.0)
+    noise = np.exp(np.random.default_rng(seed).normal(0.0, 0.003, s.size))
+    return RunHistory(name=f"n{n:g}_{kind}", n_params=n, batch_size=batch, tokens_per_sample=128, step=s,
+                      loss=clean * noise, lr=lr[s - 1], planned_lr=lr)
+
+
+def truth(n: float, kind: str) -> np.ndarray:
+    return law_loss(n, schedule(kind), np.arange(1, STEPS + 1), 64)
+
+
+SIZES = (1e6, 3e6, 1e7)
+
+
+@pytest.fixture(scope="module")
+def mixed_law() -> ScalingLaw:
+    runs = [run(n, kind, seed=i) for i, (n, kind) in enumerate((n, k) for n in SIZES for k in ("constant", "cosine"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_scaling_law(runs, critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=20)
+
+
+def test_schedule_features_constant_and_single_drop():
+    s, a = schedule_features(np.full(50, 2e-3), [10, 50])
+    np.testing.assert_allclose(s, [10.0, 50.0], rtol=1e-12)
+    assert not a.any()
+    lr = np.r_[np.ones(20), np.full(30, 0.5)]  # one drop of half the peak at step 20
+    s, a = schedule_features(lr, [50, 80], lam=0.9)
+    assert s[0] == pytest.approx(20 + 15) and s[1] == pytest.approx(35 + 15)  # past the end: the last LR
+    assert a[0] == pytest.approx(0.5 * (1 - 0.9**30), rel=1e-9)
+    decay = np.r_[np.ones(20), np.linspace(1.0, 0.2, 30)]  # past the end: closed form = padding with the last LR
+    padded = schedule_features(np.r_[decay, np.full(40, 0.2)], [49, 60, 90], lam=0.9)
+    np.testing.assert_allclose(schedule_features(decay, [49, 60, 90], lam=0.9), padded, rtol=1e-12)
+    s, a = schedule_features(decay, [1e12], lam=0.9)  # no per-step arrays a trillion steps out
+    assert a[0] == pytest.approx(0.8) and s[0] == pytest.approx(0.2 * 1e12, rel=1e-9)
+    s, a = schedule_features(None, [3, 7])
+    assert s.tolist() == [3.0, 7.0] and not a.any()
+
+
+def test_schedule_features_and_predict_loss_reject_bad_input(mixed_law):
+    with pytest.raises(ValueError, match=r"lam must be in \(0, 1\)"):
+        schedule_features(np.ones(10), [5], lam=1.0)
+    with pytest.raises(ValueError, match="lr_schedule must be a non-empty sequence"):
+        mixed_law.predict_loss(1e7, [10], 64, lr_schedule=[-1.0, 1.0])
+    with pytest.raises(ValueError, match="lr_schedule must be a sequence of learning rates"):
+        mixed_law.predict_loss(1e7, [10], 64, lr_schedule=object())
+
+
+def test_mixed_schedules_fit_recovers_the_annealing_term(mixed_law):
+    p = mixed_law.params
+    assert p["anneal_lambda"] == LAM
+    assert p["anneal"] == pytest.approx(ANNEAL, rel=0.15)
+    assert p["alpha_s"] == pytest.approx(K["alpha_s"], rel=0.1)
+    assert mixed_law.schedule is None  # constant and cosine runs share no schedule: None means constant
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_predicts_a_larger_model_under_an_unseen_decay(mixed_law, kind):
+    s = np.arange(1, STEPS + 1)
+    pred = mixed_law.predict_loss(3e7, s, 64, lr_schedule=schedule(kind))
+    true = truth(3e7, kind)
+    late = s >= 0.1 * STEPS
+    assert np.max(np.abs(pred[late] / true[late] - 1)) < 0.01
+    # The constant-LR prediction misses the end of the decayed curve: the schedule is what carries it.
+    const = mixed_law.predict_loss(3e7, s, 64)
+    assert abs(const[-1] / true[-1] - 1) > 0.01
+
+
+def test_runs_sharing_one_decay_are_predicted_under_it_by_default():
+    runs = [run(n, "cosine", seed=i) for i, n in enumerate(SIZES)]
+    law = fit_scaling_law(runs, critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=0)
+    assert law.schedule is not None and law.schedule.max() == pytest.approx(1.0)
+    s = np.arange(300, STEPS + 1, 300)
+    np.testing.assert_allclose(law.predict_loss(3e7, s, 64), law.predict_loss(3e7, s, 64, schedule("cosine")))
+    assert law.predict_loss(3e7, [STEPS], 64)[0] / truth(3e7, "cosine")[-1] - 1 == pytest.approx(0, abs=0.01)
+    back = ScalingLaw.from_dict(law.to_dict())
+    np.testing.assert_array_equal(back.predict_loss(3e7, s, 64), law.predict_loss(3e7, s, 64))
+
+
+def test_model_error_widens_loss_intervals_with_extrapolation_distance():
+    row = [1e10, 0.08, 300.0, 0.7, 5e4, 0.3, 0.0]  # a 7-column row, as saved before the annealing columns
+    law = ScalingLaw(dict(zip(ScalingLaw.PARAM_NAMES, row)), bootstrap=[row] * 5,
+                     model_error={"sigma": 0.02, "distance": 1.0, "n_max": 1e7})
+    assert law.bootstrap.shape == (5, len(ScalingLaw.PARAM_NAMES))
+    centre = law.predict_loss(1e7, 1000, 64)
+    lo, hi = law.interval("predict_loss", 1e7, 1000, 64, level=0.9)
+    # No bootstrap spread: the model error alone.
+    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR)) * centre
+    assert hi - centre == pytest.approx(half, rel=1e-3) and centre - lo == pytest.approx(half, rel=1e-3)
+    far_lo, far_hi = law.interval("predict_loss", 1e7 * np.e**3, 1000, 64, level=0.9)
+    far = law.predict_loss(1e7 * np.e**3, 1000, 64)
+    assert (far_hi - far) / far == pytest.approx(3 * (hi - centre) / centre, rel=1e-3)
+
+
+def test_fit_measures_its_own_held_out_size_error():
+    runs = [run(n, "constant", seed=i) for i, n in enumerate((1e6, 2e6, 4e6, 8e6))]
+    law = fit_scaling_law(runs, critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=0)
+    me = law.model_error
+    assert law.params["anneal"] == 0.0 and law.schedule is None  # warmup then constant: no annealing term
+    assert me["n_sizes"] == 1 and me["n_max"] == 8e6 and me["distance"] == pytest.approx(np.log(2))
+    assert 0 <= me["sigma"] < 0.01  # the data follow the law: it predicts its own larger size well
+    two = fit_scaling_law(runs[:2], critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=0)
+    assert two.model_error["sigma"] == 0.0 and two.model_error["n_sizes"] == 0
+
+
+def bending_sweep() -> list[RunHistory]:
+    """A sweep whose B_crit(L) is a power law at low loss and flattens at high loss (a bend above L = 4)."""
+    s = np.arange(0, 20001, 5).astype(float)
+    out = []
+    for b in (8, 32, 128, 512, 2048, 8192):
+        loss = np.empty_like(s)
+        lev = np.linspace(8.0, 2.4, 4000)
+        # S(L) at batch b from the hyperbola S = S_min(L) (1 + B_crit(L)/b), inverted on a grid of levels.
+        s_min = 300.0 * (lev - 2.0) ** -1.4
+        bcrit = 2e4 / lev ** (1 / 0.25) + 5.0 * np.exp(1.5 * (lev - 4.0))
+        steps_at = s_min * (1 + bcrit / b)
+        loss = np.interp(s, steps_at, lev, left=8.0, right=2.4)
+        out.append(RunHistory(name=f"b{b}", n_params=1e7, batch_size=b, step=s, loss=loss))
+    return out
+
+
+def test_critical_batch_holds_at_the_low_loss_end_and_reports_residuals():
+    fit = fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=20)
+    t = fit.table
+    ok = np.isfinite(t["b_crit"])
+    low = np.argsort(np.where(ok, t["loss"], np.inf))[:3]
+    assert np.max(np.abs(fit(t["loss"][low]) / t["b_crit"][low] - 1)) < 0.10
+    assert np.all(np.abs(t["residual"][low]) < 0.1) and t["fitted"][low].all() and not t["fitted"][ok].all()
+    assert fit.min_loss == pytest.approx(t["loss"][ok].min())
+    lo, hi = fit.alpha_b_interval
+    assert lo <= fit.alpha_b <= hi
+    back = CriticalBatchFit.from_dict(fit.to_dict())
+    assert back.alpha_b_interval == fit.alpha_b_interval and back.min_loss == fit.min_loss
+
+
+def test_fit_critical_batch_size_rejects_a_bad_bootstrap_count():
+    with pytest.raises(ValueError, match="n_bootstrap must be an integer >= 0"):
+        fit_critical_batch_size(bending_sweep(), n_bootstrap=-1)
+
+
+def test_prediction_below_the_fitted_levels_warns_once():
+    law = ScalingLaw(K, bcrit_min_loss=3.0)
+    with pytest.warns(FitWarning, match=r"below the lowest level \(3\) at which B_crit\(L\) was measured"):
+        law.predict_loss(1e9, [1e5], 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        law.predict_loss(1e9, [1e5], 64)  # once per law
+        ScalingLaw(K, bcrit_min_loss=1.0).predict_loss(1e9, [1e5], 64)  # within the levels: silent
