@@ -32,7 +32,7 @@ import numpy as np
 from lightning_scaling.history import RunHistory
 
 __all__ = ["PREFIXES", "BacktestResult", "backtest", "replay_forecast", "holdout_cross_size", "summarize",
-           "power_law_baseline", "final_window", "run_schedule"]
+           "power_law_baseline", "final_window", "run_schedule", "KaplanBaseline"]
 
 PREFIXES = (0.1, 0.2, 0.3, 0.5, 0.7)
 FINAL_FRACTION = 0.05
@@ -251,12 +251,61 @@ def score_law(law: Any, run: RunHistory, *, level: float = 0.9) -> dict[str, Any
     return out
 
 
+class KaplanBaseline:
+    """The plain Kaplan ``L(N, S) = (N_c/N)^a_N + (S_c/S)^a_S`` fitted by :func:`scipy.optimize.curve_fit`.
+
+    Independent of :mod:`lightning_scaling.fitting` on purpose, so the baseline does not move when the project's
+    fit does: no critical batch, no irreducible term, no schedule; every finite record after the first 10% of each
+    run (the post-warmup transient), log-spaced to at most 64 records per run, in log loss.
+
+    Example::
+
+        >>> s = np.arange(0, 3001, 10)
+        >>> runs = [RunHistory(name=f"n{n:g}", n_params=n, step=s, loss=(1e10 / n) ** 0.08 + (200 / np.maximum(s, 1))
+        ...                    ** 0.7) for n in (1e6, 1e7)]
+        >>> law = KaplanBaseline(runs)
+        >>> round(float(law.predict_loss(1e8, 3000, None)) / ((1e10 / 1e8) ** 0.08 + (200 / 3000) ** 0.7), 3)
+        1.0
+    """
+
+    bootstrap: tuple = ()
+
+    def __init__(self, runs: Sequence[RunHistory]) -> None:
+        from scipy.optimize import curve_fit
+
+        n, s, y = [], [], []
+        for r in runs:
+            ok = np.isfinite(r.loss) & (r.loss > 0) & (r.step >= max(1.0, 0.1 * r.step[-1]))
+            idx = np.unique(np.geomspace(1, ok.sum(), min(64, int(ok.sum()))).astype(int) - 1) if ok.any() else []
+            n += [float(r.n_params)] * len(idx)
+            s += list(r.step[ok][idx].astype(float))
+            y += list(r.loss[ok][idx])
+        if len(set(n)) < 2:
+            raise ValueError("the Kaplan baseline needs runs of >= 2 sizes")
+        self._n_ref, self._s_ref = float(np.exp(np.mean(np.log(n)))), float(np.exp(np.mean(np.log(s))))
+        x = np.vstack([np.log(np.asarray(n) / self._n_ref), np.log(np.asarray(s) / self._s_ref)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._p, _ = curve_fit(self._log_model, x, np.log(y), p0=(0.0, 0.1, -1.0, 0.5),
+                                   bounds=([-20, 1e-3, -20, 1e-3], [20, 3.0, 20, 3.0]), maxfev=20000)
+
+    @staticmethod
+    def _log_model(x: np.ndarray, a_n: float, alpha_n: float, a_s: float, alpha_s: float) -> np.ndarray:
+        return np.log(np.exp(a_n - alpha_n * x[0]) + np.exp(a_s - alpha_s * x[1]))
+
+    def predict_loss(self, n_params: Any, steps: Any, batch_size: Any) -> np.ndarray:
+        """Loss at ``n_params`` and ``steps`` (``batch_size`` is ignored: the baseline has no batch axis)."""
+        n, s = np.broadcast_arrays(np.asarray(n_params, float), np.asarray(steps, float))
+        x = np.vstack([np.log(n.ravel() / self._n_ref), np.log(np.maximum(s.ravel(), 1) / self._s_ref)])
+        return np.exp(self._log_model(x, *self._p)).reshape(n.shape)
+
+
 def holdout_cross_size(train: Sequence[RunHistory], test: Sequence[RunHistory], *,
                        fit_kwargs: Mapping[str, Any] | None = None, baseline: bool = True) -> list[dict[str, Any]]:
     """Fit on ``train`` with the default call, predict every ``test`` run's whole curve at its own batch size.
 
-    The baseline is the plain Kaplan ``L(N, S)`` with no critical batch (``form="kaplan"``,
-    ``critical_batch="none"``), fitted on the same runs.
+    The baseline is the plain Kaplan ``L(N, S)`` with no critical batch (:class:`KaplanBaseline`), fitted on the
+    same runs.
     """
     kw = dict(fit_kwargs or {})
     rows: list[dict[str, Any]] = []
@@ -267,7 +316,7 @@ def holdout_cross_size(train: Sequence[RunHistory], test: Sequence[RunHistory], 
     base = None
     if baseline:
         try:
-            base, _ = _fit(train, form="kaplan", critical_batch="none", n_bootstrap=0)
+            base = KaplanBaseline(train)
         except (ValueError, RuntimeError):
             base = None
     for t in test:
