@@ -36,6 +36,8 @@ import suite_data as sd  # noqa: E402
 from lightning_scaling import RunHistory  # noqa: E402
 from lightning_scaling.backtest import (  # noqa: E402
     PREFIXES,
+    KaplanBaseline,
+    score_law,
     curve_error,
     final_window,
     holdout_cross_size,
@@ -326,9 +328,15 @@ def task_schedule(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
             except ValueError:  # one batch size: the batch effect is not modelled (as backtest._fit does)
                 law = fit_scaling_law(train, critical_batch="none", n_bootstrap=20 if quick else 100)
             rs = [_score_schedule(law, t) | {"dataset": name, "case": case} for t in test]
+            base = KaplanBaseline(train)  # schedule-blind and batch-blind, fitted on the same runs
+            for r, t in zip(rs, test):
+                b = score_law(base, t)
+                r.update(baseline_err=b["final_err"], baseline_curve_err=b["curve_err"])
         rows += rs
         cov = [r["covered"] for r in rs if r["covered"] is not None]
         table[name] = {case: {
+            "baseline_final_worst": max(abs(r["baseline_err"]) for r in rs),
+            "baseline_curve_worst": max(r["baseline_curve_err"] for r in rs),
             "n": len(rs), "final_worst": max(abs(r["final_err"]) for r in rs),
             "final_largest": abs(max(rs, key=lambda r: r["n_params"])["final_err"]),
             "curve_worst": max(r["curve_err"] for r in rs), "coverage": float(np.mean(cov)) if cov else float("nan"),
