@@ -51,6 +51,37 @@ QUICK_CURVES = 3  # per dataset and schedule in --quick
 
 
 # ================================================================================================================
+# Leave one dataset out
+# ================================================================================================================
+def lodo_choose(scores: dict[Any, dict[str, float]]) -> dict[str, Any]:
+    """For each dataset, the candidate value whose score (lower is better) is best on the *other* datasets.
+
+    ``scores[value][dataset]`` is the score of a constant's candidate ``value`` on one dataset. A dataset's own
+    score never picks the value it is evaluated with: the value for ``d`` minimises the mean score over the
+    datasets other than ``d`` (ties: the first value in ``scores``). Missing or non-finite scores are skipped.
+
+    Raises:
+        ValueError: fewer than two datasets or no candidate values.
+
+    Example::
+
+        >>> lodo_choose({0.1: {"A": 1.0, "B": 3.0, "C": 3.0}, 0.3: {"A": 9.0, "B": 2.0, "C": 2.0}})
+        {'A': 0.3, 'B': 0.1, 'C': 0.1}
+    """
+    datasets = sorted({d for per in scores.values() for d in per})
+    if not scores or len(datasets) < 2:
+        raise ValueError(f"leave-one-dataset-out needs candidate values and >= 2 datasets, got {len(scores)} "
+                         f"values and {len(datasets)} datasets")
+    out = {}
+    for d in datasets:
+        def others(value: Any) -> float:
+            vals = [v for k, v in scores[value].items() if k != d and v is not None and math.isfinite(v)]
+            return float(np.mean(vals)) if vals else math.inf
+        out[d] = min(scores, key=others)
+    return out
+
+
+# ================================================================================================================
 # Tasks: each returns {"rows": [...], "table": {dataset: {...}}}
 # ================================================================================================================
 def _pick(curves: Sequence[RunHistory], quick: bool) -> list[RunHistory]:

@@ -1,0 +1,132 @@
+"""forecast_run with reference runs, candidate combination, the typed warm-start state, lodo_choose."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_scaling import RunHistory
+from lightning_scaling.forecast import Forecast, ForecastState, forecast_run, warmup_steps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_forecast import load  # noqa: E402  (the MPL fixture loader)
+
+
+def _mpl(size: int, name: str = "cosine_24000") -> RunHistory:
+    s, y, lr = load(size, name)
+    return RunHistory(name=f"mpl{size}", step=s, loss=y, planned_lr=lr)
+
+
+def _final(h: RunHistory) -> float:
+    return float(np.mean(h.loss[-3:]))
+
+
+def test_reference_run_beats_the_run_alone_and_keeps_the_gap_rule():
+    # 100M cosine from 30% of the run; the finished 25M cosine run of the same setup as reference
+    run, ref = _mpl(100), _mpl(25)
+    cut = int(0.3 * run.step[-1])
+    prefix = run.truncate(cut)
+    actual = _final(run)
+    f = forecast_run(prefix, reference=[ref])
+    alone = forecast_run(prefix)
+    # "keep the gap" baseline at the same fraction of the run
+    now = run.loss[run.step <= cut][-3:].mean()
+    ref_now = ref.loss[ref.step <= cut][-3:].mean()
+    gap = _final(ref) + now - ref_now
+    err = abs(f.final_loss / actual - 1)
+    assert f.method == "reference" and set(f.warm_state.weights) == {"ref0"}
+    assert err < 0.01 and err < abs(gap / actual - 1) and err < abs(alone.final_loss / actual - 1)
+    assert f.final_lower <= actual <= f.final_upper
+    assert 0.5 < f.params["b"] < 1.5
+
+
+def test_reference_accepts_one_run_any_length_and_refuses_junk():
+    run, ref = _mpl(100), _mpl(25, "cosine_72000")  # a reference three times longer: aligned by fraction
+    prefix = run.truncate(int(0.5 * run.step[-1]))
+    f = forecast_run(prefix, reference=ref)
+    assert abs(f.final_loss / _final(run) - 1) < 0.03
+    with pytest.raises(ValueError, match=r"reference\[0\] must be a RunHistory"):
+        forecast_run(prefix, reference=[{"loss": [1.0]}])
+    with pytest.raises(ValueError, match=r"reference\[0\] has 2 finite positive losses"):
+        forecast_run(prefix, reference=[RunHistory(step=[1, 2], loss=[3.0, 2.9])])
+
+
+def test_warm_refit_with_references_reuses_the_calibration():
+    run, ref = _mpl(100), _mpl(25)
+    h = run.truncate(int(0.4 * run.step[-1]))
+    f0 = forecast_run(h, reference=[ref])
+    f1 = forecast_run(run.truncate(int(0.41 * run.step[-1])), reference=[ref], init=f0)
+    assert f1.warm_state.warm and not f0.warm_state.warm
+    assert f1.warm_state.q_model == f0.warm_state.q_model
+    # a warm state of a law forecast is not reused for a reference forecast (and vice versa)
+    f2 = forecast_run(run.truncate(int(0.41 * run.step[-1])), init=f0)
+    assert not f2.warm_state.warm and f2.method in ("mpl", "momentum")
+
+
+def test_candidates_are_combined_by_validated_error_and_their_disagreement_widens_the_band():
+    s, y, lr = load(100, "wsd_20000_24000")
+    h = RunHistory(step=s[: s.size // 2], loss=y[: s.size // 2], planned_lr=lr)
+    f = forecast_run(h)
+    w = f.warm_state.weights
+    assert set(w) <= {"mpl", "momentum"} and abs(sum(w.values()) - 1) < 1e-12
+    assert set(f.candidates) == {"mpl", "momentum"}
+    if len(w) == 2:  # the better tail error gets the larger weight
+        best = min(f.candidates, key=f.candidates.get)
+        assert w[best] == max(w.values())
+    single = forecast_run(h, method=f.method)
+    assert (f.final_upper - f.final_lower) >= 0.999 * (single.final_upper - single.final_lower)
+    assert f.final_lower <= y[-1] <= f.final_upper
+
+
+def test_sparse_constant_curve_with_fifteen_points_is_forecast():
+    # a Gemstones-like record: 15 logged points of a constant-LR run at 30% of its horizon
+    s = np.linspace(480, 7150, 15).round().astype(int)
+    loss = 2.1 + (s / 100.0) ** -0.4
+    f = forecast_run(RunHistory(step=s, loss=loss), horizon=23850, lr_schedule=np.ones(23850))
+    truth = 2.1 + (23850 / 100.0) ** -0.4
+    assert f.method == "power" and abs(f.final_loss / truth - 1) < 0.01
+    with pytest.raises(ValueError, match="need at least 8"):
+        forecast_run(RunHistory(step=s[:7], loss=loss[:7]), horizon=23850)
+
+
+def test_forecast_state_is_typed_and_the_old_dict_stays_readable():
+    s, y, lr = load(25, "cosine_24000")
+    f = forecast_run(RunHistory(step=s[:90], loss=y[:90], planned_lr=lr))
+    st = f.warm_state
+    assert isinstance(st, ForecastState) and st.method == f.method and st.warmup == warmup_steps(lr)
+    assert f.state["q_model"] == st.q_model and f.state["warm"] is False and f.state["cold_until"] == s[89]
+    assert set(st.params) == set(st.weights)
+    bare = Forecast(steps=np.array([2]), loss=np.array([1.0]), lower=np.array([0.9]), upper=np.array([1.1]),
+                    final_loss=1.0, final_lower=0.9, final_upper=1.1, horizon=2, method="power", params={},
+                    n_observed=9, observed_until=1)
+    assert bare.state == {} and "warm_state" not in bare.to_dict()
+
+
+def test_lodo_choose_never_uses_the_scored_dataset():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from validate import lodo_choose
+
+    scores = {0.1: {"A": 0.0, "B": 5.0, "C": 5.0}, 0.3: {"A": 9.0, "B": 1.0, "C": 1.0}}
+    # A is best with 0.1 on itself, but B and C prefer 0.3: A gets 0.3
+    assert lodo_choose(scores) == {"A": 0.3, "B": 0.1, "C": 0.1}
+    assert lodo_choose({1: {"A": float("nan"), "B": 1.0}, 2: {"A": 0.5, "B": 2.0}}) == {"A": 1, "B": 2}
+    with pytest.raises(ValueError, match="needs candidate values and >= 2 datasets"):
+        lodo_choose({0.1: {"A": 1.0}})
+
+
+def test_scaling_forecast_takes_reference_histories_or_a_folder(tmp_path):
+    from lightning_scaling.callbacks.forecast import ScalingForecast
+
+    ref = _mpl(25)
+    ref.to_json(tmp_path / "mpl25" / "history.json")
+    cb = ScalingForecast(reference=tmp_path)
+    assert len(cb.reference) == 1 and np.array_equal(cb.reference[0].loss, ref.loss)
+    assert ScalingForecast(reference=ref).reference[0] is ref
+    assert ScalingForecast().reference is None
+    with pytest.raises(ValueError, match="must be RunHistory runs or a folder"):
+        ScalingForecast(reference=[1.0])
+    with pytest.raises(FileNotFoundError):
+        ScalingForecast(reference=tmp_path / "missing")
