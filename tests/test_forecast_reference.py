@@ -130,3 +130,24 @@ def test_scaling_forecast_takes_reference_histories_or_a_folder(tmp_path):
         ScalingForecast(reference=[1.0])
     with pytest.raises(FileNotFoundError):
         ScalingForecast(reference=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("size,name", [(25, "cosine_24000"), (100, "wsd_20000_24000"), (400, "constant_24000")])
+def test_stop_rule_replayed_on_real_curves_never_stops_a_reachable_target(size, name):
+    from lightning_scaling.callbacks.early_stopping import ForecastStopRule
+
+    run = _mpl(size, name)
+    horizon, actual = int(run.planned_lr.size), _final(run)
+    reach = ForecastStopRule(horizon=horizon, patience=3, min_fraction=0.2, target_loss=1.005 * actual)
+    out = ForecastStopRule(horizon=horizon, patience=3, min_fraction=0.2, target_loss=0.95 * actual)
+    stopped_reach, stopped_out, f = None, None, None
+    for frac in np.arange(0.2, 0.96, 0.05):
+        step = int(frac * horizon)
+        f = forecast_run(run.truncate(step), init=f)
+        now = float(np.mean(run.loss[run.step <= step][-3:]))
+        stopped_reach = stopped_reach or reach.update(f, current_step=step, current_loss=now)
+        if stopped_out is None and out.update(f, current_step=step, current_loss=now):
+            stopped_out = frac
+    assert stopped_reach is None
+    # a target 5% below the actual final loss is out of reach: stopped, and early (the prefix is reported)
+    assert stopped_out is not None and stopped_out <= 0.5, stopped_out
