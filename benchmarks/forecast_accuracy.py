@@ -313,10 +313,61 @@ def section_lodo(datasets=("mpl", "schaipp", "gemstones", "cpu_study")) -> dict:
     return {k: _lodo_table(e, k) for k, e in errs.items()}
 
 
+LODO_ANNEAL_FRACS = (0.015, 0.03, 0.06, 0.1)
+
+
+def section_lodo_prior(datasets=("mpl", "schaipp", "gemstones", "cpu_study"), prefixes=(0.3, 0.5)) -> dict:
+    """Leave-one-dataset-out choice of the annealing prior's centre (share of the current loss a full anneal buys).
+
+    Only schedule-aware fits use it, so the curves with a decaying schedule are replayed (and, for Gemstones, every
+    fourth cooldown: the loss at the end of a linear decay to 0 from the constant-LR prefix), refitted per value.
+    """
+    import suite_data as sd
+
+    from lightning_scaling import forecast as fc
+    from lightning_scaling.backtest import final_window, run_schedule
+
+    a0 = fc._ANNEAL_FRAC
+    errs = {v: {} for v in LODO_ANNEAL_FRACS}
+    for name in datasets:
+        if name not in sd.available():
+            continue
+        ds = sd.LOADERS[name]()
+        cases = []  # (prefix history, horizon, lr, final steps, actual)
+        for run in ds.curves:
+            if run.meta.get("schedule") not in ("cosine", "wsd"):
+                continue
+            lr, horizon = run_schedule(run)
+            fin = final_window(run.step)
+            for p in prefixes:
+                cut = int(round(run.step[0] + p * (horizon - run.step[0])))
+                cases.append((run.truncate(cut), horizon, lr, run.step[fin], float(np.nanmean(run.loss[fin]))))
+        by_name = {c.name: c for c in ds.curves}
+        for pr in ds.extra.get("cooldowns", [])[::4]:
+            c = by_name.get(pr["run"])
+            if c is None:
+                continue
+            lr = np.ones(pr["end"])
+            lr[pr["start"]:] = np.linspace(1.0, 0.0, pr["end"] - pr["start"])
+            cases.append((c.truncate(pr["start"]), pr["end"], lr, np.array([pr["end"]]), pr["loss_end"]))
+        for v in LODO_ANNEAL_FRACS:
+            fc._ANNEAL_FRAC = v
+            e = []
+            for prefix, horizon, lr, fin, actual in cases:
+                try:
+                    f = forecast_run(prefix, horizon=horizon, lr_schedule=lr)
+                except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+                    continue
+                e.append(abs(float(np.interp(fin, f.steps, f.loss).mean()) / actual - 1))
+            errs[v][ds.name] = e
+        fc._ANNEAL_FRAC = a0
+    return _lodo_table(errs, "anneal_frac")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=["forward", "fit", "prefix", "refit"],
-                    choices=["forward", "fit", "prefix", "refit", "lodo"])
+                    choices=["forward", "fit", "prefix", "refit", "lodo", "lodo_prior"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[25, 100, 400], choices=[25, 100, 400])
     ap.add_argument("--device", default="cpu", help="ignored: the forecast core is numpy/scipy")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -332,6 +383,8 @@ def main(argv=None) -> dict:
         out["refit"] = section_refit()
     if "lodo" in args.sections:
         out["lodo"] = section_lodo()
+    if "lodo_prior" in args.sections:
+        out["lodo_prior"] = section_lodo_prior()
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     return out

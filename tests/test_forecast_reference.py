@@ -151,3 +151,28 @@ def test_stop_rule_replayed_on_real_curves_never_stops_a_reachable_target(size, 
     assert stopped_reach is None
     # a target 5% below the actual final loss is out of reach: stopped, and early (the prefix is reported)
     assert stopped_out is not None and stopped_out <= 0.5, stopped_out
+
+
+def test_remaining_annealing_gain_is_capped_by_what_the_schedule_can_support():
+    from lightning_scaling import forecast as fc
+
+    horizon = 10000
+    lr = np.r_[np.linspace(1e-5, 1e-3, 100), np.linspace(1e-3, 0.0, horizon - 100)]
+    steps = np.arange(100, 3001, 20)
+    loss = fc.momentum_law(lr, steps, L0=1.0, A=2.0, alpha=0.5, C=0.1)
+    curve = fc._prepare(RunHistory(step=steps, loss=loss), horizon, lr, method="momentum", law=None, min_points=8,
+                        min_fraction=0.0, max_bins=96, critical_batch=None)
+    opts = fc._Opts(delta=1e-3, lam=0.999, holdout=0.25, validate=True, exclude_transient=True, confidence=0.9)
+    fit = fc._fitter("momentum", "momentum", 0.0, curve, opts, [])(curve.t_obs)
+    fit.z = fc._Momentum.to_z(dict(L0=1.0, A=2.0, alpha=0.5, C=2.0))  # an annealing amplitude 20x the truth
+    grid = np.array([5000, horizon])
+    raw = fc._Momentum.predict(fit.z, fit.prob.design(grid))[0]
+    capped = fit.predict(grid)
+    # the forecast gain beyond the window may not exceed half the current loss times the LR share still to decay
+    no_anneal = fc._Momentum.predict(fc._Momentum.to_z(dict(L0=1.0, A=2.0, alpha=0.5, C=0.0)),
+                                     fit.prob.design(np.r_[curve.t_obs, grid]))[0]
+    at_end = fc._Momentum.predict(fit.z, fit.prob.design(np.array([curve.t_obs])))[0][0]
+    gain = (no_anneal[1:] - capped) - (no_anneal[0] - at_end)
+    share = (lr[curve.t_obs - 1] - lr[grid - 1]) / lr.max()
+    assert np.all(capped > raw) and fit.capped(grid)
+    assert np.allclose(gain, fc._MAX_GAIN_FRAC * curve.by[-1] * share, rtol=1e-6)
