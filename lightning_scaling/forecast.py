@@ -1121,7 +1121,7 @@ class _RefFit:
         lam = s2 / slope_sd ** 2
         self.b = (sxy + lam) / (sxx + lam)
         self.a = ym - self.b * xm
-        self.xm, self.n, self.sxx, self.lam = xm, x.size, sxx, lam
+        self.xm, self.n, self.sxx, self.lam, self.x_end = xm, x.size, sxx, lam, float(x[-1])
         self.sigma = max(math.sqrt(max(float(np.mean((y - self.a - self.b * x) ** 2)), 1e-12)), 1e-5)
 
     def x(self, steps: np.ndarray) -> np.ndarray:
@@ -1135,9 +1135,12 @@ class _RefFit:
         return np.exp(self.a + self.b * self.x(steps))
 
     def log_sd(self, steps: np.ndarray) -> tuple[np.ndarray, float]:
-        # posterior sd of a + b·x: intercept at the window mean, slope shrunk by the prior
-        dx = self.x(steps) - self.xm
-        return self.sigma * np.sqrt(1.0 / self.n + dx ** 2 / (self.sxx + self.lam)), self.sigma
+        # posterior sd of a + b·x (intercept at the window mean, slope shrunk by the prior), and how far the fitted
+        # slope moved the forecast away from keeping the log gap (b = 1): a slope from a short window is a guess
+        x = self.x(steps)
+        post = self.sigma ** 2 * (1.0 / self.n + (x - self.xm) ** 2 / (self.sxx + self.lam))
+        moved = ((self.b - 1.0) * (x - self.x_end)) ** 2
+        return np.sqrt(post + moved), self.sigma
 
     def at_bounds(self) -> bool:
         return False
