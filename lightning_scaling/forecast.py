@@ -1077,9 +1077,22 @@ class _LawFit:
         to be decayed (a full anneal buys a few per cent of the loss on every dataset of the suite; a fit that
         promises 60% has extrapolated its annealing amplitude, not measured it).
         """
+        g, g_max = self._gains(steps, pred)
+        return np.maximum(g - g_max, 0.0)
+
+    def wild(self, steps: np.ndarray) -> bool:
+        """The uncapped forecast is no loss (not positive) or wants over twice the supportable annealing gain."""
+        pred = self.prob.cls.predict(self.z, self.prob.design(steps))[0]
+        if not np.all(np.isfinite(pred) & (pred > 0)):
+            return True
+        g, g_max = self._gains(steps, pred)
+        return bool(np.any(g > 2.0 * g_max + 1e-12))
+
+    def _gains(self, steps: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(annealing gain forecast beyond the fit window, the most the schedule supports) at ``steps``."""
         lr, form = self.prob.lr, self.prob.form
         if form == "power" or lr is None or not math.isfinite(_MAX_GAIN_FRAC):
-            return np.zeros_like(pred)
+            return np.zeros_like(pred), np.full_like(pred, np.inf)
         z0 = self.z.copy()
         z0[3] = -50.0 if form == "mpl" else 0.0     # no annealing term (log B -> -inf, C = 0)
         end = int(self.curve.bs[self.sel][-1])
@@ -1088,7 +1101,7 @@ class _LawFit:
         g = self.prob.cls.predict(z0, self.prob.design(steps))[0] - pred - g_end
         eta = lr[np.clip(np.asarray(steps, dtype=np.int64) - 1, 0, lr.size - 1)]
         g_max = _MAX_GAIN_FRAC * float(self.curve.by[self.sel][-1]) * np.maximum(lr[end - 1] - eta, 0.0) / lr.max()
-        return np.where(np.asarray(steps) > end, np.maximum(g - g_max, 0.0), 0.0)
+        return np.where(np.asarray(steps) > end, g, 0.0), g_max
 
     def log_sd(self, steps: np.ndarray) -> tuple[np.ndarray, float]:
         c = self.curve
@@ -1146,6 +1159,9 @@ class _RefFit:
         return False
 
     def capped(self, steps: np.ndarray) -> bool:
+        return False
+
+    def wild(self, steps: np.ndarray) -> bool:
         return False
 
 
@@ -1354,6 +1370,16 @@ def _fit_candidates(curve: _Curve, opts: _Opts, refs: list, st0: ForecastState |
 
 
 # -------------------------------------------------------------------------------------------- stage 3: combine
+def _drop_wild(fits: dict[str, Any], grid: np.ndarray) -> dict[str, Any]:
+    """Leave out candidates whose uncapped forecast is not a loss or far beyond the supportable annealing gain
+    (their parameters are not evidence); refuse when none is left."""
+    kept = {k: f for k, f in fits.items() if not f.wild(grid)}
+    if not kept:
+        raise ValueError(f"every candidate ({', '.join(fits)}) gave an unusable forecast: the observed curve does "
+                         "not determine where it is heading (too short, too noisy, or not a falling power law)")
+    return kept
+
+
 def _weights(fits: Mapping[str, Any], errs: Mapping[str, float], st0: ForecastState | None,
              warm: bool, validate: bool, floor: float = _WEIGHT_FLOOR) -> dict[str, float]:
     """Weights ∝ 1/(tail error + floor)²; warm refits keep the last weights; no validation: the first fit."""
@@ -1545,11 +1571,12 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
     warm, n_warm, cold_until = _is_warm(init, curve, revalidate_every, len(refs))
     st0 = init.warm_state if init is not None else None
     fits, errs, fitters = _fit_candidates(curve, opts, refs, st0, warm)
+    grid = _future_grid(curve.observed_until + 1, curve.horizon, grid_points)
+    if curve.lr is not None and not refs and curve.forms != ["power"] and grid.max() > curve.lr.size:
+        raise ValueError(f"the LR schedule covers {curve.lr.size} steps but the forecast needs {grid.max()}")
+    fits = _drop_wild(fits, grid)
     weights = _weights(fits, errs, st0, warm, validate)
     top = max(weights, key=weights.get)
-    grid = _future_grid(curve.observed_until + 1, curve.horizon, grid_points)
-    if curve.lr is not None and not top.startswith(("power", "ref")) and grid.max() > curve.lr.size:
-        raise ValueError(f"the LR schedule covers {curve.lr.size} steps but the forecast needs {grid.max()}")
     pred, spread = _combine(fits, weights, grid)
     e_val = (float(sum(weights[k] * errs[k] for k in weights)) if all(k in errs for k in weights)
              else (st0.validation_error if warm else float("nan")))
