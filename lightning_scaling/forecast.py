@@ -1497,7 +1497,8 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
     the fit leave out an early transient). Each candidate is fitted to the first ``1 - holdout`` of the observed
     span, scored on the held-out tail, and refitted to the whole window; the forecast is the weighted mean of
     the candidates' log forecasts with weights ``∝ 1/(tail error + 1e-4)²`` (no single winner), and their
-    weighted disagreement enters the band. The annealing terms carry a weak prior relative to the run's own
+    weighted disagreement enters the band; a candidate whose uncapped forecast is not a positive loss or wants over
+    twice the supportable annealing gain is left out (none left: ``ValueError``). The annealing terms carry a weak prior relative to the run's own
     loss (a full anneal buys about 3% of the current loss), which an observed decay overrides.
 
     With ``reference`` (finished runs of the same setup: smaller models or earlier runs, same schedule shape,
