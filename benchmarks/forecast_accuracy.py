@@ -8,7 +8,11 @@ Sections (all CPU, numpy/scipy):
    final-loss relative error and band coverage, without and with a prior law fitted on the training schedules,
    and the schedule-blind L(S) baseline;
 4. refit: cost of one ``forecast_run`` on a 10k-point noisy history (cold, warm-started from the last one, and the
-   periodic full revalidation of warm calls).
+   periodic full revalidation of warm calls);
+5. lodo: the constants of ``forecast_run`` chosen by looking at results, each chosen leave-one-dataset-out on the
+   validation suite's curves (``validate.lodo_choose``): the combination weights' floor and the reference
+   collapse's slope prior. The candidate fits do not depend on either, so each replay is fitted once and every
+   value is scored on the same fits.
 
 Section 3 also holds the two ablations of the issue: the L(S) form with and without the early-transient exclusion
 (``power(blind)`` vs ``power(no-transient-excl)``) and the forecast with and without a prior ``law=`` fitted on the
@@ -48,6 +52,9 @@ PUBLISHED = {  # L0, A, alpha, B, C, beta, gamma (Luo et al. 2025)
     400: (2.37474466, 0.65421216, 0.42878731, 523.42464371, 2.02462735, 0.59350493, 0.63472457),
 }
 NAMES = ("L0", "A", "alpha", "B", "C", "beta", "gamma")
+PEAK, FLOOR = 3e-4, 3e-5  # the MPL runs' peak and final LR (cosine to 10%)
+
+
 def load(size: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(steps in lightning-scaling convention, loss, per-step LR) of one curve (loader: ``suite_data``)."""
     h = mpl_curve(size, name, data=DATA)
@@ -222,10 +229,145 @@ def section_refit(repeats: int = 20) -> dict:
     return res
 
 
+LODO_FLOORS = (1e-4, 5e-4, 2e-3, 5e-3)
+LODO_CAPS = (0.05, 0.1, 0.2, 0.5, float("inf"))
+LODO_SLOPE_SDS = (0.03, 0.1, 0.3, 1.0)
+LODO_PREFIXES = (0.2, 0.3, 0.5)
+
+
+def _lodo_table(errs: dict, label: str) -> dict:
+    """Mean |final error| per (value, dataset), scored relative to the dataset's best value, and the LODO choice.
+
+    Relative scores (1.0 = the best value on that dataset) keep one hard dataset from outvoting the others.
+    """
+    from validate import lodo_choose
+
+    raw = {v: {d: float(np.mean(e)) for d, e in per.items() if e} for v, per in errs.items()}
+    datasets = sorted({d for per in raw.values() for d in per})
+    best = {d: min(raw[v][d] for v in raw if d in raw[v]) for d in datasets}
+    rel = {v: {d: raw[v][d] / max(best[d], 1e-12) for d in raw[v]} for v in raw}
+    choice = lodo_choose(rel) if len(datasets) >= 2 else {}
+    scored = {d: raw[choice[d]][d] for d in choice}
+    for d in datasets:
+        print(f"lodo {label} {d}: " + ", ".join(f"{v:g}: {raw[v][d]:.3%}" for v in raw if d in raw[v])
+              + (f" | LODO value {choice[d]:g} -> {scored[d]:.3%}" if d in choice else ""), flush=True)
+    return {"mean_abs_err": raw, "choice": choice, "lodo_scored": scored}
+
+
+def _lodo_replay(fc, run, p, lr, horizon, opts):
+    """The prepared prefix curve and its law fits (the expensive part, shared by every value)."""
+    import warnings
+
+    cut = int(round(run.step[0] + p * (horizon - run.step[0])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        curve = fc._prepare(run.truncate(cut), horizon, lr, method="auto", law=None, min_points=8,
+                            min_fraction=0.0, max_bins=96, critical_batch=None)
+        fits, errs, _ = fc._fit_candidates(curve, opts, [], None, False)
+    return curve, fits, errs
+
+
+def section_lodo(datasets=("mpl", "schaipp", "gemstones", "cpu_study")) -> dict:
+    """Leave-one-dataset-out choice of the weight floor, the gain cap and the reference slope prior."""
+    import suite_data as sd
+    from validate import _reference_for
+
+    from lightning_scaling import forecast as fc
+    from lightning_scaling.backtest import final_window, run_schedule
+
+    opts = fc._Opts(delta=1e-3, lam=0.999, holdout=0.25, validate=True, exclude_transient=True, confidence=0.9)
+    errs = {"floor": {v: {} for v in LODO_FLOORS}, "cap": {v: {} for v in LODO_CAPS},
+            "slope": {v: {} for v in LODO_SLOPE_SDS}}
+    cap0 = fc._MAX_GAIN_FRAC
+    for name in datasets:
+        if name not in sd.available():
+            continue
+        ds = sd.LOADERS[name]()
+        for table in errs.values():
+            for per in table.values():
+                per[ds.name] = []
+        for run in ds.curves:
+            lr, horizon = run_schedule(run)
+            fin = run.step[final_window(run.step)]
+            actual = float(np.nanmean(run.loss[final_window(run.step)]))
+            ref = _reference_for(run, ds.curves)
+            refs = fc._reference_curves([ref]) if ref is not None else []
+            for p in LODO_PREFIXES:
+                try:
+                    curve, fits, terr = _lodo_replay(fc, run, p, lr, horizon, opts)
+                except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+                    continue
+                score = lambda f, w: abs(float(fc._combine(f, w, fin)[0].mean()) / actual - 1)  # noqa: E731
+                for v in LODO_FLOORS:
+                    errs["floor"][v][ds.name].append(score(fits, fc._weights(fits, terr, None, False, True, floor=v)))
+                w0 = fc._weights(fits, terr, None, False, True)
+                for v in LODO_CAPS:
+                    fc._MAX_GAIN_FRAC = v
+                    errs["cap"][v][ds.name].append(score(fits, w0))
+                fc._MAX_GAIN_FRAC = cap0
+                if refs:
+                    sel = curve.bs >= curve.t_first + (1 - fc._REF_WINDOW) * (curve.t_obs - curve.t_first)
+                    for v in LODO_SLOPE_SDS:
+                        rf = fc._RefFit(refs[0][0], refs[0][1], curve, sel, v)
+                        errs["slope"][v][ds.name].append(abs(float(rf.predict(fin).mean()) / actual - 1))
+    return {k: _lodo_table(e, k) for k, e in errs.items()}
+
+
+LODO_ANNEAL_FRACS = (0.015, 0.03, 0.06, 0.1)
+
+
+def section_lodo_prior(datasets=("mpl", "schaipp", "gemstones", "cpu_study"), prefixes=(0.3, 0.5)) -> dict:
+    """Leave-one-dataset-out choice of the annealing prior's centre (share of the current loss a full anneal buys).
+
+    Only schedule-aware fits use it, so the curves with a decaying schedule are replayed (and, for Gemstones, every
+    fourth cooldown: the loss at the end of a linear decay to 0 from the constant-LR prefix), refitted per value.
+    """
+    import suite_data as sd
+
+    from lightning_scaling import forecast as fc
+    from lightning_scaling.backtest import final_window, run_schedule
+
+    a0 = fc._ANNEAL_FRAC
+    errs = {v: {} for v in LODO_ANNEAL_FRACS}
+    for name in datasets:
+        if name not in sd.available():
+            continue
+        ds = sd.LOADERS[name]()
+        cases = []  # (prefix history, horizon, lr, final steps, actual)
+        for run in ds.curves:
+            if run.meta.get("schedule") not in ("cosine", "wsd"):
+                continue
+            lr, horizon = run_schedule(run)
+            fin = final_window(run.step)
+            for p in prefixes:
+                cut = int(round(run.step[0] + p * (horizon - run.step[0])))
+                cases.append((run.truncate(cut), horizon, lr, run.step[fin], float(np.nanmean(run.loss[fin]))))
+        by_name = {c.name: c for c in ds.curves}
+        for pr in ds.extra.get("cooldowns", [])[::4]:
+            c = by_name.get(pr["run"])
+            if c is None:
+                continue
+            lr = np.ones(pr["end"])
+            lr[pr["start"]:] = np.linspace(1.0, 0.0, pr["end"] - pr["start"])
+            cases.append((c.truncate(pr["start"]), pr["end"], lr, np.array([pr["end"]]), pr["loss_end"]))
+        for v in LODO_ANNEAL_FRACS:
+            fc._ANNEAL_FRAC = v
+            e = []
+            for prefix, horizon, lr, fin, actual in cases:
+                try:
+                    f = forecast_run(prefix, horizon=horizon, lr_schedule=lr)
+                except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+                    continue
+                e.append(abs(float(np.interp(fin, f.steps, f.loss).mean()) / actual - 1))
+            errs[v][ds.name] = e
+        fc._ANNEAL_FRAC = a0
+    return _lodo_table(errs, "anneal_frac")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=["forward", "fit", "prefix", "refit"],
-                    choices=["forward", "fit", "prefix", "refit"])
+                    choices=["forward", "fit", "prefix", "refit", "lodo", "lodo_prior"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[25, 100, 400], choices=[25, 100, 400])
     ap.add_argument("--device", default="cpu", help="ignored: the forecast core is numpy/scipy")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -239,6 +381,10 @@ def main(argv=None) -> dict:
         out["prefix"] = section_prefix(args.sizes)
     if "refit" in args.sections:
         out["refit"] = section_refit()
+    if "lodo" in args.sections:
+        out["lodo"] = section_lodo()
+    if "lodo_prior" in args.sections:
+        out["lodo_prior"] = section_lodo_prior()
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     return out

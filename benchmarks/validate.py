@@ -57,6 +57,37 @@ QUICK_CURVES = 3  # per dataset and schedule in --quick
 
 
 # ================================================================================================================
+# Leave one dataset out
+# ================================================================================================================
+def lodo_choose(scores: dict[Any, dict[str, float]]) -> dict[str, Any]:
+    """For each dataset, the candidate value whose score (lower is better) is best on the *other* datasets.
+
+    ``scores[value][dataset]`` is the score of a constant's candidate ``value`` on one dataset. A dataset's own
+    score never picks the value it is evaluated with: the value for ``d`` minimises the mean score over the
+    datasets other than ``d`` (ties: the first value in ``scores``). Missing or non-finite scores are skipped.
+
+    Raises:
+        ValueError: fewer than two datasets or no candidate values.
+
+    Example::
+
+        >>> lodo_choose({0.1: {"A": 1.0, "B": 3.0, "C": 3.0}, 0.3: {"A": 9.0, "B": 2.0, "C": 2.0}})
+        {'A': 0.3, 'B': 0.1, 'C': 0.1}
+    """
+    datasets = sorted({d for per in scores.values() for d in per})
+    if not scores or len(datasets) < 2:
+        raise ValueError(f"leave-one-dataset-out needs candidate values and >= 2 datasets, got {len(scores)} "
+                         f"values and {len(datasets)} datasets")
+    out = {}
+    for d in datasets:
+        def others(value: Any) -> float:
+            vals = [v for k, v in scores[value].items() if k != d and v is not None and math.isfinite(v)]
+            return float(np.mean(vals)) if vals else math.inf
+        out[d] = min(scores, key=others)
+    return out
+
+
+# ================================================================================================================
 # Tasks: each returns {"rows": [...], "table": {dataset: {...}}}
 # ================================================================================================================
 def _pick(curves: Sequence[RunHistory], quick: bool) -> list[RunHistory]:
@@ -247,28 +278,6 @@ def task_cross_size(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
               f"cover {t['coverage']:.0%} (Kaplan {t['baseline_final_worst']:.2%}/{t['baseline_curve_worst']:.2%})"
               + (f" error: {t['error']}" if t["error"] else ""), flush=True)
     return {"rows": rows, "table": dict(table)}
-
-
-def lodo_choose(scores: dict[Any, dict[str, float]]) -> dict[str, Any]:
-    """Leave one dataset out: for each dataset, the value with the lowest mean score on the *other* datasets.
-
-    ``scores[value][dataset]`` is lower-is-better; a dataset scored under no other dataset's values gets the
-    value best overall. Ties go to the first value in ``scores``.
-
-    Example::
-
-        >>> lodo_choose({0.01: {"A": 0.0, "B": 0.5, "C": 0.4}, 0.02: {"A": 0.9, "B": 0.1, "C": 0.2}})
-        {'A': 0.02, 'B': 0.01, 'C': 0.01}
-    """
-    values = list(scores)
-    datasets = sorted({d for v in values for d in scores[v]})
-    out = {}
-    for d in datasets:
-        def other_mean(v: Any, held: str = d) -> float:
-            xs = [x for k, x in scores[v].items() if k != held and math.isfinite(x)]
-            return float(np.mean(xs)) if xs else float("inf")
-        out[d] = min(values, key=other_mean)
-    return out
 
 
 def _schedule_cases(datasets: Sequence[sd.Dataset]) -> list[tuple[str, str, list[RunHistory], list[RunHistory]]]:

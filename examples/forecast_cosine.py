@@ -11,6 +11,9 @@ with warmup + cosine decay. Three callbacks are attached:
 - ``ForecastEarlyStopping`` stops the run if, with 90% confidence, ``--target`` cannot be reached within the
   step budget (try ``--target 1.5`` to see it stop).
 
+At the end it replays the forecast from 30% of the run and prints it, with its 90% band, against the actual
+final loss.
+
 Open ``tensorboard --logdir runs/forecast_cosine``: the CUSTOM SCALARS tab's "Forecast" chart shows the latest
 forecast and its band over the smoothed observed loss (run ``version_N/forecast``, replaced at each refit) and the
 predicted final loss at each refit; IMAGES has the forecast figure of each refit.
@@ -31,6 +34,7 @@ from lightning_scaling.callbacks.forecast import ScalingForecast
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
 from lightning_scaling.demo.data import StdlibTextDataModule
 from lightning_scaling.demo.model import GPT
+from lightning_scaling.forecast import forecast_run
 
 
 def main() -> None:
@@ -78,6 +82,17 @@ def main() -> None:
               f"ETA {s.get('forecast/eta_seconds', float('nan')):.1f} s")
     else:
         print(f"no forecast was made ({forecast.last_error})")
+    # The question a practitioner asks at 30% of a run: where will it end, and how sure is that? Replayed on the
+    # finished run's history, so the answer can be checked against what the run then did.
+    try:
+        f30 = forecast_run(h.truncate(int(0.3 * args.steps)), horizon=args.steps)
+    except ValueError as err:
+        print(f"no forecast from 30% of the run: {err}")
+        return
+    inside = f30.final_lower <= actual <= f30.final_upper
+    print(f"forecast from 30% of the run ({f30.method}): final loss {f30.final_loss:.3f} 90% band "
+          f"[{f30.final_lower:.3f}, {f30.final_upper:.3f}]; actual {actual:.3f} ({f30.final_loss / actual - 1:+.1%}, "
+          f"{'inside' if inside else 'OUTSIDE'} the band)")
     print(f"refits: {forecast.n_refits} ok, {forecast.n_failures} failed; last refit {1e3 * (forecast.refit_seconds or 0):.1f}"
           f" ms, worst training-thread stall {1e3 * forecast.max_stall_seconds:.1f} ms, background="
           f"{forecast.background_active}; step time {1e3 * (forecast.step_seconds or 0):.1f} ms")

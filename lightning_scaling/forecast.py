@@ -39,6 +39,7 @@ from lightning_scaling import laws
 
 __all__ = [
     "Forecast",
+    "ForecastState",
     "ScheduleLawFit",
     "fit_schedule_law",
     "forecast_run",
@@ -693,7 +694,9 @@ class Forecast:
         observed_until: last recorded step. tokens_per_step: tokens per step (NaN if unknown).
         validation_error: mean |relative error| of the held-out tail prediction (NaN if not validated).
         observed_steps, observed_loss: the binned (smoothed) observed curve the fit used.
-        candidates: tail-validation error of every form tried.
+        candidates: tail-validation error (mean |log error| on the held-out tail) of every candidate tried.
+        warm_state: the typed :class:`ForecastState` a refit of the same run reuses (``init=``); ``state`` is
+            the same as a dict.
 
     Example::
 
@@ -724,7 +727,12 @@ class Forecast:
     observed_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     observed_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     candidates: dict[str, float] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    warm_state: ForecastState | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The warm-start state as a plain dict (the pre-0.2 interface; prefer :attr:`warm_state`)."""
+        return self.warm_state.as_dict() if self.warm_state is not None else {}
 
     def _curve(self, bound: str) -> np.ndarray:
         if bound not in ("mean", "lower", "upper"):
@@ -772,7 +780,7 @@ class Forecast:
             if isinstance(v, (list, tuple)):
                 return [enc(x) for x in v]
             return v
-        return {f.name: enc(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "state"}
+        return {f.name: enc(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "warm_state"}
 
 
 def _law_params(law: Any) -> dict[str, float]:
@@ -828,11 +836,17 @@ class _Problem:
     def __init__(self, form: str, lr: np.ndarray | None, lam: float, s_eff: Callable[[np.ndarray], np.ndarray]):
         self.form, self.lr, self.lam, self.s_eff = form, lr, lam, s_eff
         self.cls = _FORM_CLS[form]
+        self._cache: dict[bytes, dict] = {}
 
     def design(self, steps: np.ndarray) -> dict:
-        if self.form == "power":
-            return _Power.design(self.s_eff(steps))
-        return _design_for(self.form, self.lr, steps, self.lam)
+        # the forecast grid's design is needed by the prediction and by the band: build it once
+        key = np.asarray(steps).tobytes()
+        if key not in self._cache:
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = (_Power.design(self.s_eff(steps)) if self.form == "power"
+                                else _design_for(self.form, self.lr, steps, self.lam))
+        return self._cache[key]
 
 
 def _prior_for(form: str, eta_max: float, lam: float, sigma: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -930,23 +944,571 @@ def _checked_forecast(**fields: Any) -> Forecast:
     return Forecast(**fields)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# forecast_run in named stages: prepare -> fit candidates -> combine -> calibrate -> package
+# ----------------------------------------------------------------------------------------------------------------
+# Combination weights are ∝ 1/(held-out tail error + _WEIGHT_FLOOR)² (tail errors in mean |log loss|): the floor
+# keeps a candidate that happens to hit a short tail exactly from taking all the weight.
+_WEIGHT_FLOOR = 1e-4  # chosen leave-one-dataset-out (benchmarks/forecast_accuracy.py --sections lodo)
+_MIN_WEIGHT = 0.02          # candidates below this share are dropped (and not refitted warm)
+_BOUNDS_WIDEN = 2.0         # model-error term of a fit with a parameter on a bound (not evidence: widen instead)
+# Reference collapse: log L(f) = a + b·log L_ref(f) at the same fraction f of each run's horizon, b ~ N(1, sd²)
+# (b = 1 keeps the log gap), fitted on the latest _REF_WINDOW of the observed post-warmup span (the slope sd was
+# chosen leave-one-dataset-out; the window a priori).
+_REF_SLOPE_SD = 0.1
+_REF_WINDOW = 0.5
+# Annealing prior: a full anneal is expected to buy about this fraction of the run's current loss (a priori), and
+# is never forecast to buy more than _MAX_GAIN_FRAC of it (chosen leave-one-dataset-out among 0.05-0.5 and none).
+_ANNEAL_FRAC = 0.03
+_MAX_GAIN_FRAC = 0.5
+
+
+@dataclass(frozen=True)
+class ForecastState:
+    """What a refit of the same run reuses (``forecast_run(init=previous)``).
+
+    Attributes:
+        method: the candidate form with the largest weight (``"mpl"``, ``"momentum"``, ``"power"``, ``"reference"``).
+        weights: combination weight of each kept candidate (keys such as ``"mpl"``, ``"power@0.25"``, ``"ref0"``).
+        params: fitted parameters of each kept candidate (the warm starts).
+        validation_error: weighted held-out tail error (mean |log error|) of the kept candidates.
+        q_model: backtest-calibrated model-error slope per unit of log extrapolation distance (NaN: none).
+        sigma: residual scale (log loss) of the top candidate's fit.
+        warmup: end of warmup (step).
+        n_warm: consecutive warm refits since the last cold one; cold_until: observed step of the last cold one.
+        warm: whether this forecast was a warm refit.
+        target_loss: the caller's loss of interest.
+
+    Example::
+
+        >>> ForecastState(method="power", weights={"power@0": 1.0}).as_dict()["s0_frac"]
+        0.0
+    """
+
+    method: str
+    weights: dict[str, float] = field(default_factory=dict)
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    validation_error: float = float("nan")
+    q_model: float = float("nan")
+    sigma: float = float("nan")
+    warmup: int = 0
+    n_warm: int = 0
+    cold_until: int = 0
+    warm: bool = False
+    target_loss: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The pre-0.2 ``Forecast.state`` dict (``s0_frac``: window of the top candidate; ``kappa`` is 1)."""
+        top = max(self.weights, key=self.weights.get) if self.weights else ""
+        frac = float(top.split("@")[1]) if "@" in top else 0.0
+        return {"kappa": 1.0, "validation_error": self.validation_error, "s0_frac": frac, "sigma": self.sigma,
+                "warmup": self.warmup, "target_loss": self.target_loss, "q_model": self.q_model,
+                "n_warm": self.n_warm, "cold_until": self.cold_until, "warm": self.warm,
+                "weights": dict(self.weights)}
+
+
+@dataclass
+class _Curve:
+    """Stage 1 output: the observed curve binned after warmup, the schedule and what the fits need."""
+
+    bs: np.ndarray
+    by: np.ndarray
+    bw: np.ndarray
+    lr: np.ndarray | None
+    horizon: int
+    w_end: int
+    n_obs: int
+    n_nonfinite: int
+    observed_until: int
+    forms: list[str]
+    lawp: dict[str, float]
+    bcrit_fn: Callable[[np.ndarray], np.ndarray] | None
+    batch: float | None
+    tokens_per_step: float
+
+    @property
+    def t_first(self) -> int:
+        return int(self.bs[0])
+
+    @property
+    def t_obs(self) -> int:
+        return int(self.bs[-1])
+
+
+@dataclass(frozen=True)
+class _Opts:
+    delta: float
+    lam: float
+    holdout: float
+    validate: bool
+    exclude_transient: bool
+    confidence: float
+    tail_scale: float = 3e-3  # noise scale that converts prior widths into Huber units
+
+
+class _LawFit:
+    """One schedule-aware (or L(S)) law fitted to a window of the binned curve."""
+
+    def __init__(self, prob: _Problem, curve: _Curve, sel: np.ndarray, opts: _Opts, init: np.ndarray | None):
+        self.prob, self.curve, self.sel = prob, curve, sel
+        self.fixed = _fixed_for(prob.form, curve.lawp)
+        self.des = prob.design(curve.bs[sel])
+        scale = _anneal_scale(curve)
+        self.prior = _prior_for(prob.form, scale, opts.lam, opts.tail_scale)
+        y, w = curve.by[sel], curve.bw[sel]
+        inits = [init] if init is not None else _grid_inits(prob.form, [self.des], [y], [w], self.fixed, n_best=2)
+        self.z, _ = _fit_z(prob.form, [self.des], [y], [w], delta=opts.delta, inits=inits, fixed=self.fixed,
+                           prior=None if self.prior is None else self.prior, max_nfev=200)
+        self.prior3 = None if self.prior is None else (self.prior[0], self.prior[1], opts.tail_scale)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return self.prob.cls.from_z(self.z)
+
+    def predict(self, steps: np.ndarray) -> np.ndarray:
+        pred = self.prob.cls.predict(self.z, self.prob.design(steps))[0]
+        return pred + self.excess_gain(steps, pred)
+
+    def excess_gain(self, steps: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        """How far the predicted annealing gain beyond the fit window exceeds what the schedule can support.
+
+        The gain is the annealing term's contribution (MPL ``B·LD``, momentum ``C·S2``) added since the window's
+        last point; it may not exceed ``_MAX_GAIN_FRAC`` of the loss there times the share of the peak LR still
+        to be decayed (a full anneal buys a few per cent of the loss on every dataset of the suite; a fit that
+        promises 60% has extrapolated its annealing amplitude, not measured it).
+        """
+        g, g_max = self._gains(steps, pred)
+        return np.maximum(g - g_max, 0.0)
+
+    def wild(self, steps: np.ndarray) -> bool:
+        """The uncapped forecast is no loss (not positive) or wants over twice the supportable annealing gain."""
+        pred = self.prob.cls.predict(self.z, self.prob.design(steps))[0]
+        if not np.all(np.isfinite(pred) & (pred > 0)):
+            return True
+        g, g_max = self._gains(steps, pred)
+        return bool(np.any(g > 2.0 * g_max + 1e-12))
+
+    def _gains(self, steps: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(annealing gain forecast beyond the fit window, the most the schedule supports) at ``steps``."""
+        lr, form = self.prob.lr, self.prob.form
+        if form == "power" or lr is None or not math.isfinite(_MAX_GAIN_FRAC):
+            return np.zeros_like(pred), np.full_like(pred, np.inf)
+        z0 = self.z.copy()
+        z0[3] = -50.0 if form == "mpl" else 0.0     # no annealing term (log B -> -inf, C = 0)
+        end = int(self.curve.bs[self.sel][-1])
+        d_end = self.prob.design(np.array([end]))
+        g_end = self.prob.cls.predict(z0, d_end)[0][0] - self.prob.cls.predict(self.z, d_end)[0][0]
+        g = self.prob.cls.predict(z0, self.prob.design(steps))[0] - pred - g_end
+        eta = lr[np.clip(np.asarray(steps, dtype=np.int64) - 1, 0, lr.size - 1)]
+        g_max = _MAX_GAIN_FRAC * float(self.curve.by[self.sel][-1]) * np.maximum(lr[end - 1] - eta, 0.0) / lr.max()
+        return np.where(np.asarray(steps) > end, g, 0.0), g_max
+
+    def log_sd(self, steps: np.ndarray) -> tuple[np.ndarray, float]:
+        c = self.curve
+        return _laplace_sd(self.prob, self.z, self.des, c.by[self.sel], c.bw[self.sel], self.fixed, self.prior3,
+                           self.prob.design(steps))
+
+    def capped(self, steps: np.ndarray) -> bool:
+        """Whether the annealing-gain cap changed the forecast at ``steps``."""
+        pred = self.prob.cls.predict(self.z, self.prob.design(steps))[0]
+        return bool(np.any(self.excess_gain(steps, pred) > 0))
+
+    def at_bounds(self) -> bool:
+        """A free parameter on (within 1e-6 of) a finite bound: the data did not determine it."""
+        free = np.array([k not in self.fixed for k in self.prob.cls.names])
+        zb = np.array([[np.nan if b is None else b for b in bb] for bb in self.prob.cls.zbounds()], dtype=float)
+        with np.errstate(invalid="ignore"):
+            near = (np.abs(self.z - zb[:, 0]) < 1e-6) | (np.abs(self.z - zb[:, 1]) < 1e-6)
+        return bool(np.any(near & free))
+
+
+class _RefFit:
+    """Curve collapse on one finished reference run: ``log L(f) = a + b·log L_ref(f)``, ``b ~ N(1, sd²)``."""
+
+    def __init__(self, ref_f: np.ndarray, ref_ly: np.ndarray, curve: _Curve, sel: np.ndarray, slope_sd: float):
+        self.ref_f, self.ref_ly, self.horizon = ref_f, ref_ly, curve.horizon
+        x, y = self.x(curve.bs[sel]), np.log(curve.by[sel])
+        xm, ym = float(x.mean()), float(y.mean())
+        sxx, sxy = float(np.sum((x - xm) ** 2)), float(np.sum((x - xm) * (y - ym)))
+        s2 = max(float(np.var(y - ym - (x - xm))), 1e-10)  # residual variance of the keep-log-gap fit (b = 1)
+        lam = s2 / slope_sd ** 2
+        self.b = (sxy + lam) / (sxx + lam)
+        self.a = ym - self.b * xm
+        self.xm, self.n, self.sxx, self.lam, self.x_end = xm, x.size, sxx, lam, float(x[-1])
+        self.sigma = max(math.sqrt(max(float(np.mean((y - self.a - self.b * x) ** 2)), 1e-12)), 1e-5)
+
+    def x(self, steps: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(steps, dtype=np.float64) / self.horizon, self.ref_f, self.ref_ly)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"a": self.a, "b": self.b}
+
+    def predict(self, steps: np.ndarray) -> np.ndarray:
+        return np.exp(self.a + self.b * self.x(steps))
+
+    def log_sd(self, steps: np.ndarray) -> tuple[np.ndarray, float]:
+        # posterior sd of a + b·x (intercept at the window mean, slope shrunk by the prior), and how far the fitted
+        # slope moved the forecast away from keeping the log gap (b = 1): a slope from a short window is a guess
+        x = self.x(steps)
+        post = self.sigma ** 2 * (1.0 / self.n + (x - self.xm) ** 2 / (self.sxx + self.lam))
+        moved = ((self.b - 1.0) * (x - self.x_end)) ** 2
+        return np.sqrt(post + moved), self.sigma
+
+    def at_bounds(self) -> bool:
+        return False
+
+    def capped(self, steps: np.ndarray) -> bool:
+        return False
+
+    def wild(self, steps: np.ndarray) -> bool:
+        return False
+
+
+def _fixed_for(form: str, lawp: Mapping[str, float]) -> dict[str, float]:
+    """Parameters a prior law from smaller runs holds fixed (see ``forecast_run(law=...)``)."""
+    fx: dict[str, float] = {}
+    if "alpha_s" in lawp:
+        fx["alpha" if form != "power" else "alpha_s"] = lawp["alpha_s"]
+    for k in {"mpl": ("alpha", "beta", "gamma", "C"), "momentum": ("alpha",), "power": ()}[form]:
+        if k in lawp:
+            fx[k] = lawp[k]
+    return fx
+
+
+def _anneal_scale(curve: _Curve) -> float:
+    """Peak LR divided by the expected full-anneal gain, so the prior is relative to the run's own loss scale."""
+    eta_max = float(curve.lr.max()) if curve.lr is not None else 1.0
+    return eta_max * 0.1 / (_ANNEAL_FRAC * float(curve.by[-1]))
+
+
+# ---------------------------------------------------------------------------------------------- stage 1: prepare
+def _prepare(history: Any, horizon: int | None, lr_schedule: ArrayLike | None, *, method: str, law: Any,
+             min_points: int, min_fraction: float, max_bins: int, critical_batch: float | None) -> _Curve:
+    """Validate the history, find the warmup, bin the post-warmup curve and choose the candidate forms."""
+    steps_all = np.asarray(history.step, dtype=np.int64)
+    loss_all = np.asarray(history.loss, dtype=np.float64)
+    if steps_all.size == 0:
+        raise ValueError("the history is empty: nothing to forecast")
+    finite = np.isfinite(loss_all)
+    if np.any(loss_all[finite] <= 0):
+        raise ValueError("losses must be positive (the fit is on log loss)")
+    lr = lr_schedule if lr_schedule is not None else getattr(history, "planned_lr", None)
+    lr = None if lr is None else _as_lr(lr)
+    if horizon is None:
+        if lr is None:
+            raise ValueError("`horizon` is required when no LR schedule is given or recorded")
+        horizon = int(lr.size)
+    horizon = int(horizon)
+    if lr is not None and lr.size < horizon:
+        raise ValueError(f"the LR schedule covers {lr.size} steps but horizon is {horizon}")
+    w_end = _warmup_end(history, lr, steps_all)
+    use = finite & (steps_all >= max(w_end, 1))
+    n_obs = int(use.sum())
+    if n_obs < min_points:
+        raise ValueError(f"too little of the curve seen: {n_obs} finite points after warmup (step {w_end}), "
+                         f"need at least {min_points}")
+    observed_until = int(steps_all[-1])
+    if observed_until < min_fraction * horizon:
+        raise ValueError(f"too little of the curve seen: step {observed_until} < {min_fraction:.0%} of {horizon}")
+    bs, by, bc = _bin_curve(steps_all[use], loss_all[use], max_bins)
+    if bs.size < 8:
+        raise ValueError(f"too little of the curve seen: {bs.size} distinct windows after warmup, need 8")
+    lawp = _law_params(law)
+    batch = getattr(history, "batch_size", None)
+    return _Curve(bs=bs, by=by, bw=bc / bc.mean(), lr=lr, horizon=horizon, w_end=w_end, n_obs=n_obs,
+                  n_nonfinite=int(np.sum(~finite)), observed_until=observed_until,
+                  forms=_forms_for(method, lr, horizon), lawp=lawp,
+                  bcrit_fn=_bcrit_fn(batch, critical_batch, lawp), batch=batch,
+                  tokens_per_step=_tokens_per_step(history, steps_all))
+
+
+def _warmup_end(history: Any, lr: np.ndarray | None, steps: np.ndarray) -> int:
+    """End of warmup: from the schedule, else from the recorded LR, else 0."""
+    if lr is not None:
+        return warmup_steps(lr)
+    rec = np.asarray(getattr(history, "lr", None) if getattr(history, "lr", None) is not None
+                     else np.full(steps.size, np.nan), dtype=np.float64)
+    okr = np.isfinite(rec)
+    return int(steps[okr][warmup_steps(rec[okr])]) if okr.sum() > 2 and rec[okr].max() > 0 else 0
+
+
+def _forms_for(method: str, lr: np.ndarray | None, horizon: int) -> list[str]:
+    """Candidate forms: the schedule-aware pair for a schedule that varies after warmup, else L(S)."""
+    if method == "power" or lr is None:
+        return ["power"]
+    if method != "auto":
+        return [method]
+    post = lr[warmup_steps(lr):horizon]
+    return ["power"] if post.size == 0 or post.max() <= 1.02 * post.min() else ["mpl", "momentum"]
+
+
+def _bcrit_fn(batch: Any, critical_batch: float | None, lawp: Mapping[str, float]):
+    """B_crit(L) for the S_min conversion of the L(S) form, when a batch size and B_crit are known."""
+    if batch is None:
+        return None
+    if critical_batch is not None:
+        return lambda L: np.full(np.shape(L), float(critical_batch))
+    if "b_star" in lawp and "alpha_b" in lawp:
+        return lambda L: laws.critical_batch(L, b_star=lawp["b_star"], alpha_b=lawp["alpha_b"])
+    return None
+
+
+def _tokens_per_step(history: Any, steps: np.ndarray) -> float:
+    tps = getattr(history, "tokens_per_step", None)
+    if isinstance(tps, (int, float)) and math.isfinite(tps):
+        return float(tps)
+    tok = getattr(history, "tokens", None)
+    tok = np.asarray(tok if tok is not None else np.full(steps.size, np.nan), dtype=np.float64)
+    okt = np.isfinite(tok) & (steps > 0)
+    return float(tok[okt][-1] / steps[okt][-1]) if okt.any() else float("nan")
+
+
+def _problem(form: str, curve: _Curve, lam: float) -> _Problem:
+    """A form's design on this run (for L(S) with a known B_crit: in S_min at the smoothed observed loss)."""
+    if form == "power" and curve.bcrit_fn is not None:
+        lvl, bs, by, fn = float(curve.by[-1]), curve.bs, curve.by, curve.bcrit_fn
+
+        def s_eff(st: np.ndarray) -> np.ndarray:
+            return laws.s_min(st, curve.batch, fn(np.interp(st, bs, by, right=lvl)))
+    else:
+        def s_eff(st: np.ndarray) -> np.ndarray:
+            return st.astype(np.float64)
+    return _Problem(form, curve.lr, lam, s_eff)
+
+
+def _reference_curves(reference: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each finished reference run as (fraction of its horizon, smoothed log loss), its horizon its last step."""
+    if reference is None:
+        return []
+    refs = [reference] if hasattr(reference, "loss") else list(reference)
+    out = []
+    for i, r in enumerate(refs):
+        if not (hasattr(r, "step") and hasattr(r, "loss")):
+            raise ValueError(f"reference[{i}] must be a RunHistory (with step and loss), got {type(r).__name__}")
+        s, y = np.asarray(r.step, dtype=np.int64), np.asarray(r.loss, dtype=np.float64)
+        ok = np.isfinite(y) & (y > 0)
+        if ok.sum() < 8 or s[-1] <= 0:
+            raise ValueError(f"reference[{i}] has {int(ok.sum())} finite positive losses, need at least 8")
+        rs, ry, _ = _bin_curve(s[ok], y[ok], 256)
+        out.append((rs / float(s[-1]), np.log(ry)))
+    return out
+
+
+# ------------------------------------------------------------------------------------- stage 2: fit candidates
+def _law_windows(curve: _Curve, opts: _Opts) -> list[tuple[str, str, float]]:
+    """(key, form, window start fraction) of every law candidate."""
+    out = []
+    for form in curve.forms:
+        fracs = (0.0, 0.1, 0.25, 0.4) if (form == "power" and opts.exclude_transient) else (0.0,)
+        out += [(form if form != "power" else f"power@{f:g}", form, f) for f in fracs]
+    return out
+
+
+def _tail_split(curve: _Curve, holdout: float) -> tuple[int, np.ndarray]:
+    t_val = int(round(curve.t_first + (1 - holdout) * (curve.t_obs - curve.t_first)))
+    return t_val, curve.bs > t_val
+
+
+def _fitter(key: str, form: str, frac: float, curve: _Curve, opts: _Opts, refs: list):
+    """A function (end step, init) -> fit on the candidate's window of the binned points up to that step."""
+    if form == "reference":
+        ref = refs[int(key[3:])]
+
+        def fit_ref(end: float, init: Any = None) -> _RefFit:
+            lo = curve.t_first + (1 - _REF_WINDOW) * (end - curve.t_first)
+            sel = (curve.bs >= lo) & (curve.bs <= end)
+            if sel.sum() < 4:
+                raise ValueError("too few points in the reference window")
+            return _RefFit(ref[0], ref[1], curve, sel, _REF_SLOPE_SD)
+        return fit_ref
+    prob = _problem(form, curve, opts.lam)
+
+    def fit_law(end: float, init: Any = None) -> _LawFit:
+        sel = (curve.bs >= curve.t_first + frac * (end - curve.t_first)) & (curve.bs <= end)
+        if sel.sum() < 8:
+            raise ValueError("too few points in the window")
+        z0 = prob.cls.to_z(init) if init is not None and all(k in init for k in prob.cls.names) else None
+        return _LawFit(prob, curve, sel, opts, z0)
+    return fit_law
+
+
+_FIT_ERRORS = (ValueError, FloatingPointError, np.linalg.LinAlgError)
+
+
+def _fit_candidates(curve: _Curve, opts: _Opts, refs: list, st0: ForecastState | None,
+                    warm: bool) -> tuple[dict[str, Any], dict[str, float], dict[str, Callable]]:
+    """Fit every candidate (cold: held-out tail error first, then the whole window; warm: the kept ones only).
+
+    Returns the fits, the held-out tail errors (NaN when not validated) and the fitters (for the backtests).
+    """
+    if refs:
+        specs = [(f"ref{i}", "reference", 0.0) for i in range(len(refs))]
+    else:
+        specs = _law_windows(curve, opts)
+    if warm:
+        specs = [s for s in specs if s[0] in st0.weights]
+    fitters = {k: _fitter(k, form, frac, curve, opts, refs) for k, form, frac in specs}
+    t_val, tail = _tail_split(curve, opts.holdout)
+    errs: dict[str, float] = {}
+    fits: dict[str, Any] = {}
+    can_validate = opts.validate and tail.sum() >= 2 and (~tail).sum() >= 8 and not warm
+    for key, fitter in fitters.items():
+        init = st0.params.get(key) if st0 is not None else None
+        try:
+            if can_validate:
+                pre = fitter(t_val, None)
+                e = np.abs(np.log(pre.predict(curve.bs[tail])) - np.log(curve.by[tail]))
+                errs[key] = float(np.average(e, weights=curve.bw[tail]))
+                init = pre.params if init is None else init
+            fits[key] = fitter(curve.t_obs, init)
+        except _FIT_ERRORS:
+            continue
+    if not fits:
+        raise ValueError("every candidate fit failed: the observed curve does not determine where it is heading")
+    return fits, errs, fitters
+
+
+# -------------------------------------------------------------------------------------------- stage 3: combine
+def _drop_wild(fits: dict[str, Any], grid: np.ndarray) -> dict[str, Any]:
+    """Leave out candidates whose uncapped forecast is not a loss or far beyond the supportable annealing gain
+    (their parameters are not evidence); refuse when none is left."""
+    kept = {k: f for k, f in fits.items() if not f.wild(grid)}
+    if not kept:
+        raise ValueError(f"every candidate ({', '.join(fits)}) gave an unusable forecast: the observed curve does "
+                         "not determine where it is heading (too short, too noisy, or not a falling power law)")
+    return kept
+
+
+def _weights(fits: Mapping[str, Any], errs: Mapping[str, float], st0: ForecastState | None,
+             warm: bool, validate: bool, floor: float = _WEIGHT_FLOOR) -> dict[str, float]:
+    """Weights ∝ 1/(tail error + floor)²; warm refits keep the last weights; no validation: the first fit."""
+    if warm:
+        w = {k: st0.weights[k] for k in fits}
+    elif validate and any(k in errs for k in fits):
+        w = {k: 1.0 / (errs[k] + floor) ** 2 for k in fits if k in errs and math.isfinite(errs[k])}
+    else:
+        w = {next(iter(fits)): 1.0}
+    tot = sum(w.values())
+    w = {k: v / tot for k, v in w.items() if v / tot >= _MIN_WEIGHT}
+    tot = sum(w.values())
+    return {k: v / tot for k, v in w.items()}
+
+
+def _combine(fits: Mapping[str, Any], weights: Mapping[str, float], grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean of the candidates' log forecasts and their weighted spread (disagreement), per grid step."""
+    lp = np.stack([np.log(fits[k].predict(grid)) for k in weights])
+    w = np.array([weights[k] for k in weights])[:, None]
+    mean = np.sum(w * lp, axis=0)
+    spread = np.sqrt(np.sum(w * (lp - mean) ** 2, axis=0))
+    return np.exp(mean), spread
+
+
+# ------------------------------------------------------------------------------------------ stage 4: calibrate
+def _calibrate(curve: _Curve, fitter: Callable, confidence: float) -> float:
+    """Split-conformal model-error slope: refit on earlier sub-prefixes ending at ``cut`` and take the
+    ``confidence`` quantile of each later observed point's |log error| per unit of log distance log(t/cut)."""
+    scores = []
+    for f_cut in _BACKTEST_CUTS:
+        cut = curve.t_first + f_cut * (curve.t_obs - curve.t_first)
+        later = curve.bs > cut
+        if later.sum() < 2:
+            continue
+        try:
+            fb = fitter(cut, None)
+        except _FIT_ERRORS:
+            continue
+        dist = np.log(curve.bs[later] / float(curve.bs[curve.bs <= cut][-1]))
+        far = dist >= 0.5 * dist.max()  # near the cut the score is noise over a tiny distance
+        pb = fb.predict(curve.bs[later][far])
+        scores.append(np.abs(np.log(pb) - np.log(curve.by[later][far])) / dist[far])
+    sc = np.concatenate(scores) if scores else np.zeros(0)
+    sc = sc[np.isfinite(sc)]
+    if not sc.size:
+        return float("nan")
+    return float(np.quantile(sc, min(1.0, math.ceil((sc.size + 1) * confidence) / sc.size)))
+
+
+def _half_width(curve: _Curve, top: Any, grid: np.ndarray, spread: np.ndarray, q_model: float, e_val: float,
+                opts: _Opts) -> tuple[np.ndarray, float]:
+    """Log half-width: parameter sd, model error growing with log distance, and the candidates' disagreement."""
+    sd, sigma = top.log_sd(grid)
+    zq = stats.norm.ppf(0.5 + opts.confidence / 2)
+    dist = np.log(np.maximum(grid, curve.t_obs) / curve.t_obs)
+    if math.isfinite(q_model):
+        e_model = q_model * dist
+    else:  # no backtest possible: the held-out tail error per unit log distance
+        t_val, _ = _tail_split(curve, opts.holdout)
+        e_v = e_val if math.isfinite(e_val) else 0.0
+        e_model = e_v * dist / max(math.log(curve.t_obs / max(t_val, 1)), 1e-6)
+    if top.at_bounds() or top.capped(grid[-1:]):  # undetermined by the data: widen, do not trust
+        e_model = _BOUNDS_WIDEN * e_model
+    return np.sqrt((zq * sd) ** 2 + e_model ** 2 + (zq * spread) ** 2), sigma
+
+
+# -------------------------------------------------------------------------------------------- stage 5: package
+def _package(curve: _Curve, grid: np.ndarray, pred: np.ndarray, half: np.ndarray, top_key: str, fits: dict,
+             errs: dict, state: ForecastState, confidence: float) -> Forecast:
+    lower, upper = pred * np.exp(-half), pred * np.exp(half)
+    return _checked_forecast(steps=grid, loss=pred, lower=lower, upper=upper, final_loss=float(pred[-1]),
+                             final_lower=float(lower[-1]), final_upper=float(upper[-1]), horizon=curve.horizon,
+                             method=state.method, params=dict(fits[top_key].params), n_observed=curve.n_obs,
+                             observed_until=curve.observed_until, tokens_per_step=curve.tokens_per_step,
+                             n_nonfinite=curve.n_nonfinite, confidence=confidence,
+                             validation_error=state.validation_error, observed_steps=curve.bs,
+                             observed_loss=curve.by, candidates=dict(errs), warm_state=state)
+
+
+def _is_warm(init: Forecast | None, curve: _Curve, revalidate_every: int, n_refs: int) -> tuple[bool, int, int]:
+    """Whether a refit may reuse ``init``'s candidates, weights and band calibration; (warm, n_warm, cold_until).
+
+    The full (cold) validation is redone every ``revalidate_every``-th call and whenever the observed post-warmup
+    span grew by more than 25% since the last one.
+    """
+    st0 = init.warm_state if init is not None else None
+    if st0 is None or not st0.weights:
+        return False, 0, curve.observed_until
+    n_warm = st0.n_warm + 1
+    kinds_match = all(k.startswith("ref") for k in st0.weights) == (n_refs > 0)
+    grew = (curve.observed_until - curve.w_end) > 1.25 * max(st0.cold_until - curve.w_end, 1)
+    if (kinds_match and n_warm < revalidate_every and not grew and math.isfinite(st0.q_model)
+            and (n_refs > 0 or all(k.split("@")[0] in curve.forms for k in st0.weights))):
+        return True, n_warm, st0.cold_until
+    return False, 0, curve.observed_until
+
+
 def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLike | None = None, *,
                  law: Any = None, target_loss: float | None = None, confidence: float = 0.9,
-                 method: str = "auto", min_points: int = 16, min_fraction: float = 0.0,
+                 method: str = "auto", min_points: int = 8, min_fraction: float = 0.0,
                  critical_batch: float | None = None, init: Forecast | None = None, max_bins: int = 96,
                  grid_points: int = 256, validate: bool = True, holdout: float = 0.25, delta: float = 1e-3,
-                 lam: float = 0.999, revalidate_every: int = 10, exclude_transient: bool = True) -> Forecast:
+                 lam: float = 0.999, revalidate_every: int = 10, exclude_transient: bool = True,
+                 reference: Sequence[Any] | None = None) -> Forecast:
     """Forecast the rest of one run's loss curve from its observed prefix.
 
-    Form choice (``method="auto"``): with a planned schedule that is not constant after warmup, the Multi-Power
-    Law and the momentum law are both fitted to the first ``1 - holdout`` of the observed (post-warmup) span
-    and the one with the smaller error on the held-out tail wins; with no schedule or a constant one the
-    schedule-blind L(S) form (:func:`lightning_scaling.laws.loss_steps`) is used, in steps or, when a critical
-    batch size is known, in ``S_min = S / (1 + B_crit/B)``. For that form the early transient is excluded by
-    choosing the start of the fit window ``s0`` (0, 10, 25 or 40% into the observed span) by the same tail
-    validation. Points before the end of warmup are never fitted; non-finite losses are excluded and counted
-    (``n_nonfinite``); the remaining points are averaged in ``max_bins`` windows of log-loss (spikes clipped)
-    and fitted with a Huber loss on log loss.
+    Five stages (``docs/forecast.md``): **prepare** (points before the end of warmup are never fitted; non-finite
+    losses are excluded and counted; the rest is averaged in ``max_bins`` windows of log loss, spikes clipped);
+    **fit candidates**; **combine**; **calibrate** the band; **package** the :class:`Forecast`.
+
+    Candidates (``method="auto"``): with a planned schedule that is not constant after warmup, the Multi-Power
+    Law and the momentum law; with no schedule or a constant one the schedule-blind L(S) form
+    (:func:`lightning_scaling.laws.loss_steps`, in steps or, when a critical batch size is known, in
+    ``S_min = S / (1 + B_crit/B)``) from four window starts (0, 10, 25, 40% into the observed span, which lets
+    the fit leave out an early transient). Each candidate is fitted to the first ``1 - holdout`` of the observed
+    span, scored on the held-out tail, and refitted to the whole window; the forecast is the weighted mean of
+    the candidates' log forecasts with weights ``∝ 1/(tail error + 1e-4)²`` (no single winner), and their
+    weighted disagreement enters the band; a candidate whose uncapped forecast is not a positive loss or wants over
+    twice the supportable annealing gain is left out (none left: ``ValueError``). The annealing terms carry a weak prior relative to the run's own
+    loss (a full anneal buys about 3% of the current loss), which an observed decay overrides.
+
+    With ``reference`` (finished runs of the same setup: smaller models or earlier runs, same schedule shape,
+    any length) the candidates are curve collapses instead: ``log L(f) = a + b·log L_ref(f)`` at the same
+    fraction ``f`` of each run's horizon, fitted on the latest half of the observed span with ``b ~ N(1, 0.1²)``
+    (``b = 1`` keeps the log gap to the reference), one per reference, combined as above.
+
+    Band: Laplace parameter uncertainty of the top-weighted candidate, a model-error term ``q·log(t/t_obs)``
+    whose slope ``q`` is calibrated by backtests on earlier sub-prefixes of the observed curve (doubled when a
+    parameter sits on its bound: a bound is not evidence), and the candidates' disagreement.
 
     Args:
         history: A :class:`~lightning_scaling.RunHistory` (uses ``step``, ``loss``, ``planned_lr``, ``lr``,
@@ -958,32 +1520,33 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
             mapping). Its shared exponents are held fixed: ``alpha_s`` fixes the S exponent of every form
             (``alpha`` of the schedule-aware laws, which equals ``alpha_S`` at constant LR); ``alpha``, ``beta``,
             ``gamma``, ``C`` of a fitted MPL/momentum law are held too. ``b_star``/``alpha_b`` give B_crit(L).
-        target_loss: Optional loss of interest; recorded in ``state`` for callers (use ``steps_to``).
+        target_loss: Optional loss of interest; recorded in the state for callers (use ``steps_to``).
         confidence: Band level in (0, 1).
-        method: ``"auto"``, ``"mpl"``, ``"momentum"`` or ``"power"``.
-        min_points: Minimum finite post-warmup points needed.
+        method: ``"auto"``, ``"mpl"``, ``"momentum"`` or ``"power"`` (ignored with ``reference``).
+        min_points: Minimum finite post-warmup points needed (8 windows are needed in any case).
         min_fraction: Minimum fraction of ``horizon`` that must have been observed.
         critical_batch: Critical batch size (same unit as ``history.batch_size``) for the ``S_min`` conversion.
-        init: A previous :class:`Forecast` of the same run: its method, window, band calibration and parameters
-            warm-start the fits (grid search, form validation and backtests are skipped: ~10 ms on 10k points),
-            except on periodic revalidations (see ``revalidate_every``).
+        init: A previous :class:`Forecast` of the same run: its candidates, weights, band calibration and
+            parameters warm-start the fits (tail validation and backtests are skipped), except on periodic
+            revalidations (see ``revalidate_every``).
         max_bins: Number of averaging windows.
         grid_points: Maximum size of the future grid.
-        validate: Choose the form / window by held-out tail validation (else first candidate, full window).
+        validate: Weight the candidates by held-out tail validation (else the first candidate alone).
         holdout: Fraction of the observed post-warmup span held out for validation.
         delta: Huber threshold on log-loss residuals.
         lam: Momentum-law decay.
         revalidate_every: With ``init``, every ``revalidate_every``-th consecutive warm call (and any call where
-            the observed post-warmup span grew by more than 25% since the last cold fit) redoes the full form
-            choice, window choice and band calibration; the others reuse them and only refit the parameters.
-        exclude_transient: Choose the start of the L(S) fit window by tail validation (``False``: fit from the
-            end of warmup; for ablations).
+            the observed post-warmup span grew by more than 25% since the last cold fit) redoes the full
+            validation and band calibration; the others reuse them and only refit the parameters.
+        exclude_transient: Offer the later L(S) window starts (``False``: fit from the end of warmup only).
+        reference: Finished :class:`~lightning_scaling.RunHistory` runs of the same setup (or one run).
 
     Returns:
-        The :class:`Forecast`.
+        The :class:`Forecast` (``method``: the top-weighted candidate's form, ``"reference"`` with references).
 
     Raises:
-        ValueError: bad arguments, no schedule and no horizon, or too little of the curve observed.
+        ValueError: bad arguments, no schedule and no horizon, too little of the curve observed, or an unusable
+            reference.
 
     Example::
 
@@ -1001,198 +1564,27 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
         raise ValueError(f"method must be 'auto' or one of {FORMS}, got {method!r}")
     if not isinstance(revalidate_every, int) or revalidate_every < 1:
         raise ValueError(f"revalidate_every must be a positive int, got {revalidate_every!r}")
-    steps_all = np.asarray(history.step, dtype=np.int64)
-    loss_all = np.asarray(history.loss, dtype=np.float64)
-    if steps_all.size == 0:
-        raise ValueError("the history is empty: nothing to forecast")
-    finite = np.isfinite(loss_all)
-    n_nonfinite = int(np.sum(~finite))
-    if np.any(loss_all[finite] <= 0):
-        raise ValueError("losses must be positive (the fit is on log loss)")
-    lr = lr_schedule if lr_schedule is not None else getattr(history, "planned_lr", None)
-    lr = None if lr is None else _as_lr(lr)
-    if horizon is None:
-        if lr is None:
-            raise ValueError("`horizon` is required when no LR schedule is given or recorded")
-        horizon = int(lr.size)
-    horizon = int(horizon)
-    if horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
-    if lr is not None and lr.size < horizon:
-        raise ValueError(f"the LR schedule covers {lr.size} steps but horizon is {horizon}")
-    observed_until = int(steps_all[-1])
-    lawp = _law_params(law)
-    if method == "power" or lr is None:
-        forms = ["power"]
-    elif method == "auto":
-        post = lr[warmup_steps(lr):horizon]
-        forms = ["power"] if post.size == 0 or post.max() <= 1.02 * post.min() else ["mpl", "momentum"]
-    else:
-        forms = [method]
-
-    # warmup end: from the schedule, else from the recorded LR
-    if lr is not None:
-        w_end = warmup_steps(lr)
-    else:
-        rec = np.asarray(getattr(history, "lr", np.full(steps_all.size, np.nan)), dtype=np.float64)
-        okr = np.isfinite(rec)
-        w_end = int(steps_all[okr][warmup_steps(rec[okr])]) if okr.sum() > 2 and rec[okr].max() > 0 else 0
-    use = finite & (steps_all >= max(w_end, 1))
-    n_obs = int(use.sum())
-    if n_obs < min_points:
-        raise ValueError(f"too little of the curve seen: {n_obs} finite points after warmup (step {w_end}), "
-                         f"need at least {min_points}")
-    if observed_until < min_fraction * horizon:
-        raise ValueError(f"too little of the curve seen: step {observed_until} < {min_fraction:.0%} of {horizon}")
-    bs, by, bc = _bin_curve(steps_all[use], loss_all[use], max_bins)
-    bw = bc / bc.mean()
-    if bs.size < 8:
-        raise ValueError(f"too little of the curve seen: {bs.size} distinct windows after warmup, need 8")
-
-    # S_min conversion for the schedule-blind form
-    batch = getattr(history, "batch_size", None)
-    bcrit_fn: Callable[[np.ndarray], np.ndarray] | None = None
-    if batch is not None and critical_batch is not None:
-        bcrit_fn = lambda L: np.full(np.shape(L), float(critical_batch))  # noqa: E731
-    elif batch is not None and "b_star" in lawp and "alpha_b" in lawp:
-        bcrit_fn = lambda L: laws.critical_batch(L, b_star=lawp["b_star"], alpha_b=lawp["alpha_b"])  # noqa: E731
-    eta_max = float(lr.max()) if lr is not None else 1.0
-    tail_scale = 1e-3 * 3  # noise scale that converts prior widths into Huber units
-
-    def make_problem(form: str, ref_loss: np.ndarray | None = None) -> _Problem:
-        if form == "power" and bcrit_fn is not None:
-            # observed points: B_crit at the (smoothed) observed loss; future: at the current loss level
-            lvl = float(by[-1])
-
-            def s_eff(st: np.ndarray) -> np.ndarray:
-                L = np.interp(st, bs, by, right=lvl)
-                return laws.s_min(st, batch, bcrit_fn(L))
-        else:
-            def s_eff(st: np.ndarray) -> np.ndarray:
-                return st.astype(np.float64)
-        return _Problem(form, lr, lam, s_eff)
-
-    def fixed_for(form: str) -> dict[str, float]:
-        fx: dict[str, float] = {}
-        if "alpha_s" in lawp:
-            fx["alpha" if form != "power" else "alpha_s"] = lawp["alpha_s"]
-        shared = {"mpl": ("alpha", "beta", "gamma", "C"), "momentum": ("alpha",), "power": ()}[form]
-        for k in shared:
-            if k in lawp:
-                fx[k] = lawp[k]
-        return fx
-
-    def fit(prob: _Problem, sel: np.ndarray, inits: list[np.ndarray] | None) -> tuple[np.ndarray, dict, tuple]:
-        des = prob.design(bs[sel])
-        fx = fixed_for(prob.form)
-        pr = _prior_for(prob.form, eta_max, lam, tail_scale)
-        if inits is None:
-            inits = _grid_inits(prob.form, [des], [by[sel]], [bw[sel]], fx, n_best=2)
-        z, _ = _fit_z(prob.form, [des], [by[sel]], [bw[sel]], delta=delta, inits=inits, fixed=fx, prior=pr,
-                      max_nfev=200)
-        return z, des, (pr[0], pr[1], tail_scale) if pr is not None else None
-
-    t_first = int(bs[0])
-    t_obs = int(bs[-1])
-    t_val = int(round(t_first + (1 - holdout) * (t_obs - t_first)))
-    tail = bs > t_val
-    candidates: dict[str, float] = {}
-    best: tuple[float, str, float] | None = None
-    st0 = init.state if init is not None else {}
-    e_val = float(st0.get("validation_error", float("nan")))
-    q_model = float(st0.get("q_model", float("nan")))
-    n_warm = int(st0.get("n_warm", 0)) + 1
-    cold_until = int(st0.get("cold_until", observed_until))
-    # a warm refit reuses the last form, window and band calibration; the full (cold) validation is redone
-    # every `revalidate_every`-th call and whenever the observed span grew by more than 25% since the last one
-    warm = (init is not None and init.method in forms and n_warm < revalidate_every
-            and (observed_until - w_end) <= 1.25 * max(cold_until - w_end, 1) and math.isfinite(q_model))
-    if warm:
-        best = (e_val, init.method, float(st0.get("s0_frac", 0.0)))
-    else:
-        n_warm, cold_until = 0, observed_until
-        if validate and tail.sum() >= 2 and (~tail).sum() >= 8:
-            for form in forms:
-                fracs = (0.0, 0.1, 0.25, 0.4) if (form == "power" and exclude_transient) else (0.0,)
-                for frac in fracs:
-                    s0 = t_first + frac * (t_val - t_first)
-                    sel = (bs >= s0) & ~tail
-                    if sel.sum() < 8:
-                        continue
-                    prob = make_problem(form)
-                    try:
-                        z, des, pr = fit(prob, sel, None)
-                    except (ValueError, FloatingPointError, np.linalg.LinAlgError):
-                        continue
-                    pt = prob.cls.predict(z, prob.design(bs[tail]))[0]
-                    err = float(np.average(np.abs(np.log(pt) - np.log(by[tail])), weights=bw[tail]))
-                    key = form if form != "power" else f"power@{frac:g}"
-                    candidates[key] = err
-                    if best is None or err < best[0]:
-                        best = (err, form, frac)
-            if best is not None:
-                e_val = best[0]
-    if best is None:
-        best = (float("nan"), forms[0], 0.0)
-    form, frac = best[1], best[2]
-    prob = make_problem(form)
-    s0 = t_first + frac * (t_obs - t_first) * (1 - holdout)
-    sel = bs >= s0
-    if not warm:
-        # backtest calibration of the model-error term (split-conformal on the observed prefix): refit the chosen
-        # form on earlier sub-prefixes ending at `cut`, score each later observed point by its log error per unit
-        # of log extrapolation distance log(t / cut), and take the `confidence` quantile of those scores
-        scores = []
-        for f_cut in _BACKTEST_CUTS:
-            cut = s0 + f_cut * (t_obs - s0)
-            sub = sel & (bs <= cut)
-            later = bs > cut
-            if sub.sum() < 8 or later.sum() < 2:
-                continue
-            try:
-                zb, _, _ = fit(prob, sub, None)
-            except (ValueError, FloatingPointError, np.linalg.LinAlgError):
-                continue
-            pb = prob.cls.predict(zb, prob.design(bs[later]))[0]
-            dist_b = np.log(bs[later] / float(bs[sub][-1]))
-            far = dist_b >= 0.5 * dist_b.max()  # near the cut the score is noise / tiny distance
-            scores.append(np.abs(np.log(pb[far]) - np.log(by[later][far])) / dist_b[far])
-        if scores:
-            sc = np.concatenate(scores)
-            sc = sc[np.isfinite(sc)]
-            level = min(1.0, math.ceil((sc.size + 1) * confidence) / sc.size) if sc.size else 1.0
-            q_model = float(np.quantile(sc, level)) if sc.size else float("nan")
-    inits = None
-    if init is not None and init.method == form and all(k in init.params for k in prob.cls.names):
-        inits = [prob.cls.to_z(init.params)]
-    z, des, pr = fit(prob, sel, inits)
-
-    grid = _future_grid(observed_until + 1, horizon, grid_points)
-    if lr is not None and form != "power" and grid.max() > lr.size:
-        raise ValueError(f"the LR schedule covers {lr.size} steps but the forecast needs {grid.max()}")
-    des_out = prob.design(grid)
-    pred = prob.cls.predict(z, des_out)[0]
-    sd, sigma = _laplace_sd(prob, z, des, by[sel], bw[sel], fixed_for(form), pr, des_out)
-    zq = stats.norm.ppf(0.5 + confidence / 2)
-    dist = np.log(np.maximum(grid, t_obs) / t_obs)
-    if math.isfinite(q_model):
-        e_model = q_model * dist
-    else:  # no backtest possible: fall back on the held-out tail error per unit log distance
-        e_v = 0.0 if not math.isfinite(e_val) else e_val
-        e_model = e_v * dist / max(math.log(t_obs / max(t_val, 1)), 1e-6)
-    half = np.sqrt((zq * sd) ** 2 + e_model ** 2)
-    lower, upper = pred * np.exp(-half), pred * np.exp(half)
-    tps = getattr(history, "tokens_per_step", None)
-    if tps is None or not (isinstance(tps, (int, float)) and math.isfinite(tps)):
-        tok = np.asarray(getattr(history, "tokens", np.full(steps_all.size, np.nan)), dtype=np.float64)
-        okt = np.isfinite(tok) & (steps_all > 0)
-        tps = float(tok[okt][-1] / steps_all[okt][-1]) if okt.any() else float("nan")
-    state = {"kappa": 1.0, "validation_error": e_val, "s0_frac": frac, "sigma": sigma, "warmup": w_end,
-             "target_loss": target_loss, "q_model": q_model, "n_warm": n_warm, "cold_until": cold_until,
-             "warm": warm}
-    return _checked_forecast(steps=grid, loss=pred, lower=lower, upper=upper, final_loss=float(pred[-1]),
-                    final_lower=float(lower[-1]), final_upper=float(upper[-1]), horizon=horizon, method=form,
-                    params=prob.cls.from_z(z), n_observed=n_obs, observed_until=observed_until,
-                    tokens_per_step=float(tps), n_nonfinite=n_nonfinite, confidence=confidence,
-                    validation_error=e_val, observed_steps=bs, observed_loss=by, candidates=candidates,
-                    state=state)
+    refs = _reference_curves(reference)
+    opts = _Opts(delta=delta, lam=lam, holdout=holdout, validate=validate, exclude_transient=exclude_transient,
+                 confidence=confidence)
+    curve = _prepare(history, horizon, lr_schedule, method=method, law=law, min_points=min_points,
+                     min_fraction=min_fraction, max_bins=max_bins, critical_batch=critical_batch)
+    warm, n_warm, cold_until = _is_warm(init, curve, revalidate_every, len(refs))
+    st0 = init.warm_state if init is not None else None
+    fits, errs, fitters = _fit_candidates(curve, opts, refs, st0, warm)
+    grid = _future_grid(curve.observed_until + 1, curve.horizon, grid_points)
+    if curve.lr is not None and not refs and curve.forms != ["power"] and grid.max() > curve.lr.size:
+        raise ValueError(f"the LR schedule covers {curve.lr.size} steps but the forecast needs {grid.max()}")
+    fits = _drop_wild(fits, grid)
+    weights = _weights(fits, errs, st0, warm, validate)
+    top = max(weights, key=weights.get)
+    pred, spread = _combine(fits, weights, grid)
+    e_val = (float(sum(weights[k] * errs[k] for k in weights)) if all(k in errs for k in weights)
+             else (st0.validation_error if warm else float("nan")))
+    q_model = st0.q_model if warm else _calibrate(curve, fitters[top], confidence)
+    half, sigma = _half_width(curve, fits[top], grid, spread, q_model, e_val, opts)
+    state = ForecastState(method="reference" if refs else top.split("@")[0], weights=weights,
+                          params={k: dict(fits[k].params) for k in weights}, validation_error=e_val,
+                          q_model=q_model, sigma=sigma, warmup=curve.w_end, n_warm=n_warm, cold_until=cold_until,
+                          warm=warm, target_loss=target_loss)
+    return _package(curve, grid, pred, half, top, fits, errs, state, confidence)

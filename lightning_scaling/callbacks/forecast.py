@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +64,21 @@ def _finite(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def _load_reference(reference: Any) -> list[RunHistory] | None:
+    """Reference runs as a list of histories: given as histories, or read once from a folder or file."""
+    from lightning_scaling.history import RunHistory
+
+    if reference is None:
+        return None
+    if isinstance(reference, (str, os.PathLike)):
+        return RunHistory.load_many(reference)
+    refs = [reference] if isinstance(reference, RunHistory) else list(reference)
+    bad = [type(r).__name__ for r in refs if not isinstance(r, RunHistory)]
+    if bad or not refs:
+        raise ValueError(f"`reference` must be RunHistory runs or a folder of runs, got {bad or 'an empty list'}")
+    return refs
 
 
 @dataclass
@@ -142,11 +158,15 @@ class ScalingForecast(Callback):
             of a full search); ``forecast_run`` itself redoes the full validation periodically
             (``revalidate_every``, or when the observed span grew by a quarter).
         forecast_kwargs: More keyword arguments for ``forecast_run``.
+        reference: Finished runs of the same setup (smaller models or earlier runs, same schedule shape) that
+            sharpen the forecast (``forecast_run(reference=...)``): a :class:`~lightning_scaling.RunHistory`, a
+            list of them, or a folder (or file) of runs read once here with :meth:`RunHistory.load_many`.
 
     Raises:
         ValueError: ``every_n_steps`` or ``horizon`` is not a positive int, ``confidence`` not in (0, 1),
             ``max_overhead`` not positive, ``target_loss`` not finite or ``background`` not one of
-            ``"auto"``, ``True``, ``False``.
+            ``"auto"``, ``True``, ``False``; ``reference`` is not runs or a path holding runs.
+        FileNotFoundError: ``reference`` is a path that does not exist.
 
     Attributes:
         forecast: The latest successful :class:`~lightning_scaling.forecast.Forecast` (``None`` before the first).
@@ -184,6 +204,7 @@ class ScalingForecast(Callback):
         prog_bar: bool = True,
         warm_start: bool = True,
         forecast_kwargs: Mapping[str, Any] | None = None,
+        reference: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
@@ -213,6 +234,7 @@ class ScalingForecast(Callback):
         self.prog_bar = prog_bar
         self.warm_start = warm_start
         self.forecast_kwargs = dict(forecast_kwargs or {})
+        self.reference = _load_reference(reference)
 
         self.forecast: Forecast | None = None
         self.summary: dict[str, float] = {}
@@ -445,6 +467,7 @@ class ScalingForecast(Callback):
                 self.lr_schedule,
                 law=self.law,
                 target_loss=self.target_loss,
+                **({"reference": self.reference} if self.reference else {}),
                 confidence=self.confidence,
                 method=self.method,
                 **({"init": init} if init is not None else {}),
