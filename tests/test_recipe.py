@@ -362,3 +362,17 @@ def test_ray_backend_trains_two_runs_concurrently(tmp_path: Path) -> None:
     for spec, meta in zip(specs, metas):
         assert (tmp_path / "runs" / spec.name / "scaling" / "done.json").is_file() and meta["role"] == spec.role
         assert len(event_files(tmp_path / "runs" / spec.name)) == 1
+
+
+def test_the_held_out_run_gets_the_finished_ladder_as_reference_runs() -> None:
+    from lightning_scaling import RunHistory
+    from lightning_scaling.demo.recipe import _references, demo_config, plan_runs
+
+    specs = plan_runs(demo_config(quick=True))
+    holdout = next(s for s in specs if s.role == "holdout")
+    fit_specs = [s for s in specs if s.role != "holdout"]
+    histories = {s.name: RunHistory(name=s.name, step=[0, 1], loss=[2.0, 1.9]) for s in fit_specs}
+    refs = _references(fit_specs, histories, holdout)
+    # the ladder at the held-out batch size (same schedule, smaller models), not the sweep's other batch sizes
+    assert [r.name for r in refs] == ["d8_b8", "d16_b8", "d24_b8"]
+    assert _references(fit_specs, {}, holdout) is None

@@ -1440,7 +1440,7 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     report["timings"]["fit_s"] = fitted.pop("_fit_s")
     holdout = next((s for s in specs if s.role == "holdout"), None)
     if holdout is not None:
-        extra: dict[str, Any] = {"law": fitted.get("_law")}
+        extra: dict[str, Any] = {"law": fitted.get("_law"), "reference": _references(fit_specs, histories, holdout)}
         if (fitted.get("prediction") or {}).get("target_loss") is not None:
             extra["target_loss"] = fitted["prediction"]["target_loss"]
         runner.train([holdout], wait=True, extra=extra)
@@ -1449,8 +1449,9 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     if holdout is not None and "prediction" in fitted:
         report["comparison"] = compare_prediction(fitted["prediction"], histories[holdout.name],
                                                   critical=fitted.get("_critical"), law=fitted.get("_law"))
-        report["comparison"]["live_forecast"] = _half_run_forecast(histories[holdout.name], cfg.max_steps,
-                                                                   law=fitted.get("_law"))
+        report["comparison"]["live_forecast"] = _half_run_forecast(
+            histories[holdout.name], cfg.max_steps, law=fitted.get("_law"),
+            reference=_references(fit_specs, histories, holdout))
     report["timings"]["train_s"] = sum((r.get("wall_s") or 0.0) for r in report["runs"].values())
     report["_fitted"] = fitted
     return True
@@ -1520,8 +1521,18 @@ def _probe_size(cfg: RecipeConfig, spec: RunSpec) -> float:
     return _measure_n(_build_model_cheaply(model_cls, model_args))
 
 
-def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None) -> dict[str, Any] | None:
-    """Forecast the run's final loss from its first half alone (what ScalingForecast shows live mid-run)."""
+def _references(fit_specs: Sequence[RunSpec], histories: Mapping[str, RunHistory],
+                holdout: RunSpec) -> list[RunHistory] | None:
+    """The finished ladder runs at the held-out run's batch size: same setup and schedule, smaller models."""
+    refs = [histories[s.name] for s in fit_specs
+            if s.role == "ladder" and s.batch_size == holdout.batch_size and s.name in histories]
+    return refs or None
+
+
+def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None,
+                       reference: Sequence[RunHistory] | None = None) -> dict[str, Any] | None:
+    """Forecast the run's final loss from its first half (what ScalingForecast shows live mid-run), given the
+    finished ladder as reference runs."""
     try:
         from lightning_scaling.forecast import forecast_run
     except ImportError:
@@ -1530,7 +1541,7 @@ def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fc = forecast_run(half, horizon=max_steps, law=law)
+            fc = forecast_run(half, horizon=max_steps, law=law, reference=reference)
     except (ValueError, TypeError) as err:
         return {"error": str(err)}
     final = float(np.asarray(fc.final_loss))
