@@ -1085,10 +1085,11 @@ class _LawFit:
         pred = self.prob.cls.predict(self.z, self.prob.design(steps))[0]
         if not np.all(np.isfinite(pred) & (pred > 0)):
             return True
-        g, g_max = self._gains(steps, pred)
+        g, g_max = self._gains(steps, pred, whole_drop=True)
         return bool(np.any(g > 2.0 * g_max + 1e-12))
 
-    def _gains(self, steps: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _gains(self, steps: np.ndarray, pred: np.ndarray,
+               whole_drop: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(annealing gain forecast beyond the fit window, the most the schedule supports) at ``steps``."""
         lr, form = self.prob.lr, self.prob.form
         if form == "power" or lr is None or not math.isfinite(_MAX_GAIN_FRAC):
@@ -1100,7 +1101,11 @@ class _LawFit:
         g_end = self.prob.cls.predict(z0, d_end)[0][0] - self.prob.cls.predict(self.z, d_end)[0][0]
         g = self.prob.cls.predict(z0, self.prob.design(steps))[0] - pred - g_end
         eta = lr[np.clip(np.asarray(steps, dtype=np.int64) - 1, 0, lr.size - 1)]
-        g_max = _MAX_GAIN_FRAC * float(self.curve.by[self.sel][-1]) * np.maximum(lr[end - 1] - eta, 0.0) / lr.max()
+        # the cap counts the drop still to come; refusing a fit as wild counts the whole drop from the peak: after
+        # a step drop (two-stage or WSD schedules) the loss keeps falling toward its new level for a while, a gain
+        # the past drop supports (without this every two-stage MPL curve was refused after its drop)
+        top = lr.max() if whole_drop else lr[end - 1]
+        g_max = _MAX_GAIN_FRAC * float(self.curve.by[self.sel][-1]) * np.maximum(top - eta, 0.0) / lr.max()
         return np.where(np.asarray(steps) > end, g, 0.0), g_max
 
     def log_sd(self, steps: np.ndarray) -> tuple[np.ndarray, float]:

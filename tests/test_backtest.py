@@ -155,3 +155,14 @@ def test_cli_backtest_bad_input_is_one_line(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(["backtest", str(tmp_path / "s"), "--prefixes", "2"])
     assert "fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.7])
+def test_two_stage_schedule_after_its_drop_is_forecast_not_refused(fraction: float) -> None:
+    # After a step drop the loss keeps falling toward its new level: a gain the past drop supports. The wild-fit
+    # check once counted only the drop still to come and refused every two-stage MPL curve after its drop.
+    import suite_data
+
+    row = replay_forecast(suite_data.mpl_curve(25, "wsdcon_3", data=DATA / "mpl"), fraction)
+    assert row["error"] is None
+    assert abs(row["final_err"]) < 0.025 and row["covered"]
