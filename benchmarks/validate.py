@@ -605,7 +605,9 @@ def run(datasets: Sequence[str], tasks: Sequence[str], quick: bool) -> dict:
         loaded.append(ds)
         print(f"[data] {ds.name}: {len(ds.curves)} curves" + ("" if not ds.extra else
                                                               f", {', '.join(f'{len(v)} {k}' for k, v in ds.extra.items())}"))
-    out: dict[str, Any] = {"quick": quick, "datasets": {d.name: {"curves": len(d.curves), "tuned_on": d.tuned_on}
+    import validation_report
+
+    out: dict[str, Any] = {"quick": quick, "commit": validation_report._git(), "datasets": {d.name: {"curves": len(d.curves), "tuned_on": d.tuned_on}
                                                          for d in loaded}, "tables": {}, "rows": {}, "seconds": {}}
     for task in tasks:
         t = time.perf_counter()
