@@ -37,12 +37,13 @@ from lightning_scaling import RunHistory  # noqa: E402
 from lightning_scaling.backtest import (  # noqa: E402
     PREFIXES,
     KaplanBaseline,
-    score_law,
-    curve_error,
     final_window,
     holdout_cross_size,
     keep_gap_baseline,
+    power_law_baseline,
     replay_forecast,
+    run_schedule,
+    score_law,
     summarize,
 )
 
@@ -186,8 +187,6 @@ def task_cooldown(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
         row = {"run": pr["run"], "start": pr["start"], "end": pr["end"], "actual": pr["loss_end"],
                "actual_gain": pr["loss_start"] - pr["loss_end"], "dataset": ds.name, "fraction": 1.0}
         try:
-            from lightning_scaling.backtest import power_law_baseline
-
             base = float(power_law_baseline(prefix.step, prefix.loss)(np.array([pr["end"]]))[0])
             row.update(baseline_predicted=base, baseline_err=base / pr["loss_end"] - 1)
         except (ValueError, RuntimeError) as exc:
@@ -259,17 +258,8 @@ def task_cross_size(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
         for r in rs:
             r.update(dataset=name, case=case, fit_s=time.perf_counter() - t0)
         rows += rs
-        ok = [r for r in rs if not r.get("error")]
-        cov = [r["covered"] for r in ok if r.get("covered") is not None]
         table[name][case] = {
-            "n": len(rs), "refused": len(rs) - len(ok),
-            "final_worst": max((abs(r["final_err"]) for r in ok), default=float("nan")),
-            "final_largest": abs(max(ok, key=lambda r: r["n_params"])["final_err"]) if ok else float("nan"),
-            "curve_worst": max((r["curve_err"] for r in ok), default=float("nan")),
-            "coverage": float(np.mean(cov)) if cov else float("nan"),
-            "baseline_final_worst": max((abs(r.get("baseline_err", float("nan"))) for r in ok), default=float("nan")),
-            "baseline_curve_worst": max((r.get("baseline_curve_err", float("nan")) for r in ok),
-                                        default=float("nan")),
+            **_heldout_summary(rs),
             "note": next((r.get("note") for r in rs if r.get("note")), None),
             "error": next((r.get("error") for r in rs if r.get("error")), None),
         }
@@ -303,25 +293,26 @@ def _schedule_cases(datasets: Sequence[sd.Dataset]) -> list[tuple[str, str, list
     return [c for c in cases if c[2] and c[3]]
 
 
-def _score_schedule(law: Any, run: RunHistory, level: float = 0.9) -> dict[str, Any]:
+def _score_schedule(law: Any, run: RunHistory) -> dict[str, Any]:
     """The held-out run's whole curve predicted under its own LR schedule (``lr_schedule=``)."""
-    from lightning_scaling.backtest import run_schedule
+    return score_law(law, run, lr_schedule=run_schedule(run)[0]) | {"schedule": run.meta.get("schedule"),
+                                                                     "error": None}
 
-    lr, _ = run_schedule(run)
-    s = run.step.astype(np.float64)
-    ok = np.isfinite(run.loss) & (s >= 0.1 * s[-1]) & (s > 0)
-    fin = final_window(run.step) & ok
-    pred = law.predict_loss(run.n_params, s[ok], run.batch_size, lr_schedule=lr)
-    pf = law.predict_loss(run.n_params, s[fin], run.batch_size, lr_schedule=lr)
-    actual = float(run.loss[fin].mean())
-    row = {"run": run.name, "n_params": run.n_params, "schedule": run.meta.get("schedule"), "actual": actual,
-           "predicted": float(pf.mean()), "final_err": float(pf.mean() / actual - 1),
-           "curve_err": curve_error(pred, run.loss[ok]), "covered": None, "error": None}
-    if len(law.bootstrap):
-        lo, hi = law.interval("predict_loss", run.n_params, s[fin], run.batch_size, lr_schedule=lr, level=level)
-        row["interval"] = (float(np.mean(lo)), float(np.mean(hi)))
-        row["covered"] = bool(row["interval"][0] <= actual <= row["interval"][1])
-    return row
+
+def _heldout_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Worst final and curve errors of held-out runs (and of the baseline), the largest run's, the coverage."""
+    ok = [r for r in rows if not r.get("error")]
+    cov = [r["covered"] for r in ok if r.get("covered") is not None]
+    nan = float("nan")
+    return {
+        "n": len(rows), "refused": len(rows) - len(ok),
+        "final_worst": max((abs(r["final_err"]) for r in ok), default=nan),
+        "final_largest": abs(max(ok, key=lambda r: r["n_params"])["final_err"]) if ok else nan,
+        "curve_worst": max((r["curve_err"] for r in ok), default=nan),
+        "coverage": float(np.mean(cov)) if cov else nan,
+        "baseline_final_worst": max((abs(r.get("baseline_err", nan)) for r in ok), default=nan),
+        "baseline_curve_worst": max((r.get("baseline_curve_err", nan) for r in ok), default=nan),
+    }
 
 
 def task_schedule(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
@@ -342,14 +333,8 @@ def task_schedule(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
                 b = score_law(base, t)
                 r.update(baseline_err=b["final_err"], baseline_curve_err=b["curve_err"])
         rows += rs
-        cov = [r["covered"] for r in rs if r["covered"] is not None]
-        table[name] = {case: {
-            "baseline_final_worst": max(abs(r["baseline_err"]) for r in rs),
-            "baseline_curve_worst": max(r["baseline_curve_err"] for r in rs),
-            "n": len(rs), "final_worst": max(abs(r["final_err"]) for r in rs),
-            "final_largest": abs(max(rs, key=lambda r: r["n_params"])["final_err"]),
-            "curve_worst": max(r["curve_err"] for r in rs), "coverage": float(np.mean(cov)) if cov else float("nan"),
-            "per_run": {r["run"]: (r["final_err"], r["curve_err"]) for r in rs}}}
+        table[name] = {case: {**_heldout_summary(rs),
+                              "per_run": {r["run"]: (r["final_err"], r["curve_err"]) for r in rs}}}
         t = table[name][case]
         print(f"[schedule] {name} {case}: final worst {t['final_worst']:.2%} curve worst {t['curve_worst']:.2%} "
               f"cover {t['coverage']:.0%}; " + ", ".join(f"{k} {v[0]:+.2%}/{v[1]:.2%}"
@@ -377,7 +362,7 @@ def task_intervals(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
     The floor is the one constant of the intervals; each dataset is scored at the floor :func:`lodo_choose` picks
     on the *other* datasets (score ``|coverage - 0.9|``), and the pooled coverage is over those rows.
     """
-    from lightning_scaling.backtest import _fit, run_schedule
+    from lightning_scaling.backtest import _fit
 
     cov: dict[float, dict[str, list[bool]]] = {f: defaultdict(list) for f in MODEL_ERROR_FLOORS}
     cases = [] if quick else [(n, c, tr, te, False) for n, c, tr, te in _cross_cases(datasets)]  # --quick: < 2 min
@@ -425,16 +410,10 @@ def task_batch(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
         for r in rs:
             r.update(dataset=ds.name, case=f"batch {h.batch_size:g}")
         rows += rs
-    ok = [r for r in rows if not r.get("error")]
     if rows:
-        table[ds.name] = {
-            "n": len(rows), "refused": len(rows) - len(ok),
-            "final_worst": max((abs(r["final_err"]) for r in ok), default=float("nan")),
-            "curve_worst": max((r["curve_err"] for r in ok), default=float("nan")),
-            "baseline_final_worst": max((abs(r.get("baseline_err", float("nan"))) for r in ok), default=float("nan")),
-            "per_batch": {r["case"]: (r.get("final_err"), r.get("baseline_err")) for r in rows},
-        }
-        print(f"[batch] CPU study: " + ", ".join(f"{k} {v[0]:+.2%} (Kaplan {v[1]:+.2%})" for k, v in
+        table[ds.name] = {**_heldout_summary(rows),
+                          "per_batch": {r["case"]: (r.get("final_err"), r.get("baseline_err")) for r in rows}}
+        print("[batch] CPU study: " + ", ".join(f"{k} {v[0]:+.2%} (Kaplan {v[1]:+.2%})" for k, v in
                                                  table[ds.name]["per_batch"].items() if v[0] is not None), flush=True)
     return {"rows": rows, "table": table}
 

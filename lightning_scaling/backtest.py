@@ -20,7 +20,6 @@ Definitions (one for every table):
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -86,13 +85,13 @@ def run_schedule(run: RunHistory) -> tuple[np.ndarray | None, int]:
     return None, horizon
 
 
-def _fit_lr(lr: np.ndarray | None) -> tuple[float, float]:
-    """(warmup end as a step, peak LR) of a schedule; (0, nan) without one."""
+def _warmup_end(lr: np.ndarray | None) -> float:
+    """The step where a schedule's warmup ends (0 without a schedule)."""
     if lr is None or lr.size == 0:
-        return 0.0, float("nan")
+        return 0.0
     from lightning_scaling.forecast import warmup_steps
 
-    return float(warmup_steps(lr)), float(lr.max())
+    return float(warmup_steps(lr))
 
 
 def power_law_baseline(steps: np.ndarray, loss: np.ndarray, *, start: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
@@ -135,18 +134,12 @@ def power_law_baseline(steps: np.ndarray, loss: np.ndarray, *, start: float = 0.
 # ----------------------------------------------------------------------------------------------------------------
 # Forecast replay
 # ----------------------------------------------------------------------------------------------------------------
-def _supports_reference() -> bool:
-    from lightning_scaling.forecast import forecast_run
-
-    return "reference" in inspect.signature(forecast_run).parameters
-
-
 def replay_forecast(run: RunHistory, fraction: float, *, reference: Sequence[RunHistory] | None = None,
                     **forecast_kwargs: Any) -> dict[str, Any]:
     """Forecast ``run`` from its first ``fraction`` of steps and score it against what the run really did.
 
     The forecast gets the run's whole schedule (:func:`run_schedule`) and horizon, as the live callback does.
-    ``reference`` (finished runs of the same setup) is passed on when :func:`forecast_run` accepts it.
+    ``reference`` (finished runs of the same setup) is passed on to :func:`forecast_run`.
 
     Returns:
         A row: ``run``, ``fraction``, ``observed_until``, ``horizon``, ``actual`` (final loss),
@@ -169,7 +162,7 @@ def replay_forecast(run: RunHistory, fraction: float, *, reference: Sequence[Run
                 "baseline_curve_err")
     row.update({k: float("nan") for k in nan_cols}, covered=None, method=None)
     prefix = run.truncate(cut)
-    w_end, _ = _fit_lr(lr)
+    w_end = _warmup_end(lr)
     try:
         base = power_law_baseline(prefix.step, prefix.loss, start=w_end)
         bp = base(run.step[fin])
@@ -178,7 +171,7 @@ def replay_forecast(run: RunHistory, fraction: float, *, reference: Sequence[Run
     except (ValueError, RuntimeError) as exc:
         row["baseline_error"] = str(exc)
     kw = dict(forecast_kwargs)
-    if reference and _supports_reference():
+    if reference:
         kw["reference"] = list(reference)
     try:
         f = forecast_run(prefix, horizon=horizon, lr_schedule=lr, **kw)
@@ -229,15 +222,21 @@ def _fit(train: Sequence[RunHistory], **kwargs: Any) -> tuple[Any, str | None]:
         return fit_scaling_law(train, critical_batch="none", **kwargs), "critical_batch='none' (one batch size)"
 
 
-def score_law(law: Any, run: RunHistory, *, level: float = 0.9) -> dict[str, Any]:
-    """Final-loss and curve errors of a fitted law on a held-out run (and whether its interval covers)."""
+def score_law(law: Any, run: RunHistory, *, level: float = 0.9, lr_schedule: np.ndarray | None = None
+              ) -> dict[str, Any]:
+    """Final-loss and curve errors of a fitted law on a held-out run (and whether its interval covers).
+
+    ``lr_schedule`` (the run's per-step LR) is passed to ``predict_loss``/``interval`` when given, for laws that
+    model the schedule.
+    """
     s = run.step.astype(np.float64)
     ok = np.isfinite(run.loss) & (s >= 0.1 * s[-1]) & (s > 0)
     fin = final_window(run.step) & ok
+    sched = {} if lr_schedule is None else {"lr_schedule": lr_schedule}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pred = law.predict_loss(run.n_params, s[ok], run.batch_size)
-        pf = law.predict_loss(run.n_params, s[fin], run.batch_size)
+        pred = law.predict_loss(run.n_params, s[ok], run.batch_size, **sched)
+        pf = law.predict_loss(run.n_params, s[fin], run.batch_size, **sched)
     actual = float(run.loss[fin].mean())
     out = {"run": run.name, "n_params": run.n_params, "batch_size": run.batch_size, "actual": actual,
            "predicted": float(pf.mean()), "final_err": float(pf.mean() / actual - 1),
@@ -245,7 +244,7 @@ def score_law(law: Any, run: RunHistory, *, level: float = 0.9) -> dict[str, Any
     if len(getattr(law, "bootstrap", ())):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lo, hi = law.interval("predict_loss", run.n_params, s[fin], run.batch_size, level=level)
+            lo, hi = law.interval("predict_loss", run.n_params, s[fin], run.batch_size, level=level, **sched)
         out["interval"] = (float(np.mean(lo)), float(np.mean(hi)))
         out["covered"] = bool(out["interval"][0] <= actual <= out["interval"][1])
     return out
