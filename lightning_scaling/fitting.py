@@ -1615,11 +1615,13 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
                    [_run_schedule(r) for r in runs])
     cb, tables = _resolve_critical(runs, data, critical_batch, tps, level_kwargs, warmup_steps)
     anneal = data.decayed
+    pre_lay, pre = _Layout(irreducible=False, anneal=True), None
     if anneal and form == "auto":  # judge the forms at the momentum decay a Kaplan fit chooses
-        _fit_points(data, cb, _Layout(irreducible=False, anneal=True), n_starts)
+        pre = _fit_points(data, cb, pre_lay, n_starts)
     chosen, validation = _choose_form(_collect_points(data, cb), runs, sizes, form, anneal, n_starts)
     lay = _Layout(irreducible=chosen == "kaplan+irreducible", anneal=anneal)
-    theta, res, n_grid, pts = _fit_points(data, cb, lay, n_starts)
+    # the fit above is this fit when the Kaplan form wins (same points, layout and decays): reuse it
+    theta, res, n_grid, pts = pre if pre is not None and lay == pre_lay else _fit_points(data, cb, lay, n_starts)
     params = {**_theta_to_params(theta, pts, lay, data.lam), "b_star": cb.b_star, "alpha_b": cb.alpha_b}
     calibration = _calibrate(pts, runs, sizes, lay, n_starts)
     rows_boot = _bootstrap(runs, data, pts, cb, tables, lay, theta, tps, n_bootstrap, seed)

@@ -1058,7 +1058,7 @@ class _LawFit:
         y, w = curve.by[sel], curve.bw[sel]
         inits = [init] if init is not None else _grid_inits(prob.form, [self.des], [y], [w], self.fixed, n_best=2)
         self.z, _ = _fit_z(prob.form, [self.des], [y], [w], delta=opts.delta, inits=inits, fixed=self.fixed,
-                           prior=None if self.prior is None else self.prior, max_nfev=200)
+                           prior=self.prior, max_nfev=200)
         self.prior3 = None if self.prior is None else (self.prior[0], self.prior[1], opts.tail_scale)
 
     @property

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_scaling.warnings import DataWarning
+
 __all__ = ["RunHistory", "LoadReport", "merge_runs", "HISTORY_FILENAME", "DEFAULT_TAGS"]
 
 #: File name that :class:`~lightning_scaling.callbacks.LossTrajectory` writes under ``<log_dir>/scaling/``.
@@ -554,8 +556,6 @@ class RunHistory:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        if not path.is_dir():
-            _check_regular(path)  # before the first open: a FIFO would block it
         if path.is_dir():
             own = path / "scaling" / HISTORY_FILENAME
             if own.exists():
@@ -567,6 +567,7 @@ class RunHistory:
             if (path / "metrics.csv").exists():
                 return cls.from_lightning_csv(path / "metrics.csv", **kwargs)
             raise ValueError(f"{path}: no history.json, TensorBoard events or metrics.csv")
+        _check_regular(path)  # before the first open: a FIFO would block it
         if path.suffix == ".json":
             return cls.from_json(path)
         if path.suffix == ".csv":
@@ -789,8 +790,6 @@ def _last_wins(steps: Sequence[np.ndarray], columns: Sequence[Sequence[np.ndarra
 
 
 def _data_warning(message: str) -> None:
-    from lightning_scaling.warnings import DataWarning
-
     warnings.warn(message, DataWarning, stacklevel=3)
 
 

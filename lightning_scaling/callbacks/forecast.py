@@ -467,7 +467,7 @@ class ScalingForecast(Callback):
                 self.lr_schedule,
                 law=self.law,
                 target_loss=self.target_loss,
-                **({"reference": self.reference} if self.reference else {}),
+                reference=self.reference,
                 confidence=self.confidence,
                 method=self.method,
                 **({"init": init} if init is not None else {}),
@@ -536,9 +536,10 @@ class ScalingForecast(Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: v for k, v in self.summary.items() if k.startswith("forecast/") and math.isfinite(v)}
-        if not predictable(self.summary):  # numbers from a band wider than the loss would only mislead
+        ok = predictable(self.summary)
+        if not ok:  # numbers from a band wider than the loss would only mislead
             metrics = {k: v for k, v in metrics.items() if k in _TIME_KEYS}
-        metrics["forecast/predictable"] = float(predictable(self.summary))
+        metrics["forecast/predictable"] = float(ok)
         step = trainer.global_step
         for lg in trainer.loggers:
             try:

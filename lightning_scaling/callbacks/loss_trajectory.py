@@ -163,6 +163,7 @@ class LossTrajectory(Callback):
         self.log_by_tokens = log_by_tokens
         self.val_loss_key = val_loss_key
         self._warning_cache = WarningCache()
+        self._tokens_checked = False  # tokens_per_sample checked against a batch's shape (once)
         self._by_tokens_writer: Any = None
         self._writer_thread: threading.Thread | None = None
         self._writer_error: BaseException | None = None
@@ -313,7 +314,7 @@ class LossTrajectory(Callback):
                              batch_idx: int) -> None:
         if self._win_step is None:
             self._win_step = trainer.global_step
-        if not getattr(self, "_tokens_checked", False):  # first batch of this fit only
+        if not self._tokens_checked:  # the first batch this callback sees
             self._check_tokens_per_sample(batch)
         samples = float(self.batch_size_fn(batch))
         self._win_samples += samples

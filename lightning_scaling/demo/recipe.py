@@ -527,9 +527,8 @@ def _build_model_cheaply(model_cls: Any, model_args: Mapping[str, Any]) -> Any:
 def _check_sizes(cfg: RecipeConfig, specs: Sequence[RunSpec]) -> Check:
     n_by_size: dict[int, float] = {}
     for spec in specs:  # every run's model (sizes x learning rates), N measured per size
-        model_cls, model_args = _model_args(cfg, spec)
         try:
-            n_by_size[spec.size_index] = _measure_n(_build_model_cheaply(model_cls, model_args))
+            n_by_size[spec.size_index] = _probe_size(cfg, spec)
         except Exception as err:
             return Check("sizes", False, f"cannot build the model of run {spec.name}: {type(err).__name__}: {err}")
     ns = [n_by_size[i] for i in sorted(n_by_size)]
@@ -563,7 +562,7 @@ def _check_one_datamodule(cfg: RecipeConfig, data_cls: Any, data_args: Mapping[s
     try:
         data = data_cls(**data_args)
         # Resolved before setup(), exactly as the training run resolves it for LossTrajectory.
-        tps = cfg.tokens_per_sample if cfg.tokens_per_sample is not None else getattr(data, "tokens_per_sample", None)
+        tps = _tokens_per_sample(cfg, data)
         data.prepare_data()
         data.setup("fit")
         first = _first_tensor(next(iter(data.train_dataloader())))
@@ -606,9 +605,9 @@ def _first_tensor(batch: Any) -> Any:
 
 
 def _done_record(cfg: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
-    # What must match for a finished run to be reused.
-    return {"spec": spec.to_dict(), "model": cfg.model, "data": cfg.data, "max_steps": cfg.max_steps,
-            "seed": cfg.seed}
+    # What must match for a finished run to be reused, in its JSON form (as read back from done.json).
+    return json.loads(json.dumps({"spec": spec.to_dict(), "model": cfg.model, "data": cfg.data,
+                                  "max_steps": cfg.max_steps, "seed": cfg.seed}, default=str))
 
 
 def _load_finished(run_dir: Path, cfg: RecipeConfig, spec: RunSpec) -> RunHistory | None:
@@ -620,17 +619,22 @@ def _load_finished(run_dir: Path, cfg: RecipeConfig, spec: RunSpec) -> RunHistor
         history = RunHistory.from_json(hist)
     except (ValueError, OSError):
         return None
-    same = json.loads(json.dumps(_done_record(cfg, spec), default=str)) == record.get("settings")
+    same = _done_record(cfg, spec) == record.get("settings")
     if not same or len(history) == 0 or int(history.step[-1]) < cfg.max_steps - 1:
         return None
     return history
+
+
+def _tokens_per_sample(cfg: RecipeConfig, data: Any) -> Any:
+    """The config's ``tokens_per_sample``, else the datamodule's attribute (resolved before ``setup``)."""
+    return cfg.tokens_per_sample if cfg.tokens_per_sample is not None else getattr(data, "tokens_per_sample", None)
 
 
 def _callbacks(cfg: RecipeConfig, model: Any, data: Any, spec: RunSpec,
                forecast_extra: Mapping[str, Any] | None = None) -> list[Any]:
     from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
 
-    tps = cfg.tokens_per_sample if cfg.tokens_per_sample is not None else getattr(data, "tokens_per_sample", None)
+    tps = _tokens_per_sample(cfg, data)
     n = getattr(model, "n_params", None)
     n = n if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
     cbs: list[Any] = [LossTrajectory(tokens_per_sample=tps, n_params=n, name=spec.name,
@@ -707,7 +711,7 @@ def _resume_point(run_dir: Path, cfg: RecipeConfig, spec: RunSpec) -> Path | Non
     """``last.ckpt`` of a partial run with the same settings, or ``None`` (the folder is then cleared)."""
     ckpt, settings = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "settings.json"
     try:
-        same = json.loads(settings.read_text()) == json.loads(json.dumps(_done_record(cfg, spec), default=str))
+        same = json.loads(settings.read_text()) == _done_record(cfg, spec)
     except (OSError, ValueError):
         return None
     return ckpt if same and ckpt.is_file() else None
@@ -741,7 +745,7 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
         shutil.rmtree(run_dir)  # an outdated or checkpoint-less partial run starts over: one history per folder
     if _is_rank_zero():
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints" / "settings.json").write_text(json.dumps(_done_record(cfg, spec), default=str))
+        (run_dir / "checkpoints" / "settings.json").write_text(json.dumps(_done_record(cfg, spec)))
     pl.seed_everything(cfg.seed, verbose=False)
     model, data = build_run(cfg, spec)
     callbacks = _callbacks(cfg, model, data, spec, forecast_extra)
@@ -765,8 +769,7 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
                         resumed_from_step=resumed_from)
     if trainer.is_global_zero:
         history.to_json(run_dir / "scaling" / "history.json")
-        settings = json.loads(json.dumps(_done_record(cfg, spec), default=str))
-        record = {"settings": settings, "wall_s": wall, "resumed_from_step": resumed_from}
+        record = {"settings": _done_record(cfg, spec), "wall_s": wall, "resumed_from_step": resumed_from}
         (run_dir / "scaling" / DONE_FILENAME).write_text(json.dumps(record, indent=1))
     return history
 
@@ -1440,7 +1443,8 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     report["timings"]["fit_s"] = fitted.pop("_fit_s")
     holdout = next((s for s in specs if s.role == "holdout"), None)
     if holdout is not None:
-        extra: dict[str, Any] = {"law": fitted.get("_law"), "reference": _references(fit_specs, histories, holdout)}
+        refs = _references(fit_specs, histories, holdout)
+        extra: dict[str, Any] = {"law": fitted.get("_law"), "reference": refs}
         if (fitted.get("prediction") or {}).get("target_loss") is not None:
             extra["target_loss"] = fitted["prediction"]["target_loss"]
         runner.train([holdout], wait=True, extra=extra)
@@ -1450,8 +1454,7 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
         report["comparison"] = compare_prediction(fitted["prediction"], histories[holdout.name],
                                                   critical=fitted.get("_critical"), law=fitted.get("_law"))
         report["comparison"]["live_forecast"] = _half_run_forecast(
-            histories[holdout.name], cfg.max_steps, law=fitted.get("_law"),
-            reference=_references(fit_specs, histories, holdout))
+            histories[holdout.name], cfg.max_steps, law=fitted.get("_law"), reference=refs)
     report["timings"]["train_s"] = sum((r.get("wall_s") or 0.0) for r in report["runs"].values())
     report["_fitted"] = fitted
     return True
