@@ -37,6 +37,7 @@ from lightning_scaling import RunHistory  # noqa: E402
 from lightning_scaling.backtest import (  # noqa: E402
     PREFIXES,
     KaplanBaseline,
+    _warmup_end,
     final_window,
     holdout_cross_size,
     keep_gap_baseline,
@@ -49,8 +50,8 @@ from lightning_scaling.backtest import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TASKS = ("forecast", "reference", "cooldown", "cross_size", "schedule", "intervals", "batch", "bcrit", "nqs",
-         "porian")
+TASKS = ("forecast", "reference", "stop", "cooldown", "cross_size", "schedule", "intervals", "batch", "bcrit",
+         "nqs", "porian")
 # Candidates for fitting.MODEL_ERROR_FLOOR (task intervals).
 MODEL_ERROR_FLOORS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)
 QUICK_PREFIXES = (0.3, 0.5)
@@ -91,14 +92,14 @@ def lodo_choose(scores: dict[Any, dict[str, float]]) -> dict[str, Any]:
 # ================================================================================================================
 # Tasks: each returns {"rows": [...], "table": {dataset: {...}}}
 # ================================================================================================================
-def _pick(curves: Sequence[RunHistory], quick: bool) -> list[RunHistory]:
-    """All curves, or in --quick a few per schedule spread over the sizes."""
+def _pick(curves: Sequence[RunHistory], quick: bool, per: int = QUICK_CURVES) -> list[RunHistory]:
+    """All curves, or in --quick ``per`` curves per schedule spread over the sizes."""
     if not quick:
         return list(curves)
     out = []
     for sched in ("constant", "cosine", "wsd"):
         cs = [c for c in curves if c.meta.get("schedule") == sched]
-        idx = np.unique(np.linspace(0, len(cs) - 1, min(QUICK_CURVES, len(cs))).round().astype(int)) if cs else []
+        idx = np.unique(np.linspace(0, len(cs) - 1, min(per, len(cs))).round().astype(int)) if cs else []
         out += [cs[i] for i in idx]
     return out
 
@@ -158,6 +159,87 @@ def task_reference(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
         print(f"[reference] {ds.name}: {len(rs)} replays; " + ", ".join(
             f"{p:.0%} project {s['median']:.2%}/{s['worst']:.2%} keep-gap {s['baseline_median']:.2%}/"
             f"{s['baseline_worst']:.2%}" for p, s in table[ds.name]["all"].items()), flush=True)
+    return {"rows": rows, "table": table}
+
+
+# Early stopping replays (task stop): the callback's protocol (patience 3, min_fraction 0.2, warm-started refits)
+# at every 10% of each run, for a target the run reaches (its final loss + 1%) and one it misses (- 3%).
+STOP_CHECKS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+QUICK_STOP_CHECKS = (0.2, 0.3, 0.4, 0.5)  # --quick: one curve per schedule, the earliest stop (40%) still possible
+STOP_TARGETS = {"reachable": 1.01, "out_of_reach": 0.97}
+
+
+def _baseline_stop(prefix: RunHistory, lr: Any, horizon: int, target: float) -> bool:
+    """The simple rule beside ours: stop when the power law's final loss (no band) misses the target."""
+    try:
+        base = power_law_baseline(prefix.step, prefix.loss, start=_warmup_end(lr))
+        return bool(base(np.array([float(horizon)]))[0] > target)
+    except (ValueError, RuntimeError):
+        return False
+
+
+def replay_stop(run: RunHistory, checks: Sequence[float] = STOP_CHECKS) -> dict[str, Any]:
+    """Replay ForecastEarlyStopping's rule over one finished run: the fraction of the run at which each target's
+    rule stopped (``None``: never), for the project and for the power-law rule."""
+    from lightning_scaling.callbacks.early_stopping import ForecastStopRule, _current_loss
+    from lightning_scaling.forecast import forecast_run
+
+    lr, horizon = run_schedule(run)
+    actual = float(np.nanmean(run.loss[final_window(run.step)]))
+    targets = {k: actual * m for k, m in STOP_TARGETS.items()}
+    rules = {k: ForecastStopRule(horizon=horizon, target_loss=t, max_steps=horizon) for k, t in targets.items()}
+    base_wait = dict.fromkeys(targets, 0)
+    row: dict[str, Any] = {"run": run.name, "actual": actual, "refused": 0}
+    row.update({f"{k}_stop": None for k in targets}, **{f"{k}_baseline_stop": None for k in targets})
+    prev = None
+    for p in checks:
+        cut = int(round(run.step[0] + p * (horizon - run.step[0])))
+        prefix = run.truncate(cut)
+        try:
+            prev = forecast_run(prefix, horizon=horizon, lr_schedule=lr, init=prev)
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            row["refused"] += 1  # no forecast, no verdict: the callback counts nothing either
+            continue
+        current = _current_loss(prev)
+        for k, rule in rules.items():
+            if row[f"{k}_stop"] is None and rule.update(prev, current_step=cut, current_loss=current):
+                row[f"{k}_stop"] = p
+            reached = float(np.nanmin(prefix.loss[-max(3, prefix.loss.size // 50):])) <= targets[k]
+            base_wait[k] = 0 if reached or not _baseline_stop(prefix, lr, horizon, targets[k]) else base_wait[k] + 1
+            if row[f"{k}_baseline_stop"] is None and base_wait[k] >= rule.patience:
+                row[f"{k}_baseline_stop"] = p
+    return row
+
+
+def _stop_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """False stops (a reachable target stopped), and when out-of-reach targets were stopped, ours and baseline."""
+    out: dict[str, Any] = {"curves": len(rows)}
+    for who, suffix in (("project", "_stop"), ("baseline", "_baseline_stop")):
+        miss = [r["out_of_reach" + suffix] for r in rows]
+        stopped = [m for m in miss if m is not None]
+        out[who] = {"false_stops": sum(r["reachable" + suffix] is not None for r in rows),
+                    "out_of_reach_stopped": len(stopped) / max(len(rows), 1),
+                    "median_stop_fraction": float(np.median(stopped)) if stopped else None}
+    return out
+
+
+def task_stop(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
+    """ForecastEarlyStopping's rule replayed on every curve: no stop for a reachable target (final loss + 1%),
+    and the fraction of the run at which an out-of-reach one (final loss - 3%) is stopped; power-law rule beside."""
+    rows, table = [], {}
+    for ds in datasets:
+        if not ds.curves:
+            continue
+        checks = QUICK_STOP_CHECKS if quick else STOP_CHECKS
+        rs = [dict(replay_stop(c, checks), dataset=ds.name, schedule=c.meta.get("schedule"))
+              for c in _pick(ds.curves, quick, per=1)]
+        rows += rs
+        table[ds.name] = _stop_summary(rs)
+        t = table[ds.name]
+        print(f"[stop] {ds.name}: {len(rs)} curves; false stops {t['project']['false_stops']} "
+              f"(power {t['baseline']['false_stops']}), out of reach stopped {t['project']['out_of_reach_stopped']:.0%}"
+              f" (power {t['baseline']['out_of_reach_stopped']:.0%}) at median "
+              f"{t['project']['median_stop_fraction']} (power {t['baseline']['median_stop_fraction']})", flush=True)
     return {"rows": rows, "table": table}
 
 
@@ -507,7 +589,7 @@ def task_porian(datasets: Sequence[sd.Dataset], quick: bool) -> dict:
 
 
 TASK_FNS: dict[str, Callable[[Sequence[sd.Dataset], bool], dict]] = {
-    "forecast": task_forecast, "reference": task_reference, "cooldown": task_cooldown,
+    "forecast": task_forecast, "reference": task_reference, "stop": task_stop, "cooldown": task_cooldown,
     "cross_size": task_cross_size, "schedule": task_schedule, "intervals": task_intervals, "batch": task_batch,
     "bcrit": task_bcrit, "nqs": task_nqs, "porian": task_porian}
 
@@ -526,7 +608,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, float]:
 
 
 # Error-like metrics (lower is better) and coverage (closer to the level is better) are checked.
-_WORSE_IF_UP = ("median", "worst", "curve", "final_worst", "final_largest", "curve_worst", "mean_abs_err")
+_WORSE_IF_UP = ("median", "worst", "curve", "final_worst", "final_largest", "curve_worst", "mean_abs_err",
+                "false_stops")
 
 
 def regressions(new: dict, old: dict, *, abs_tol: float = 0.003, rel_tol: float = 0.15) -> list[str]:

@@ -55,7 +55,11 @@ constants table below says which constants were chosen how, and where the left-o
 2. *Forecast with references*: the same, given the finished run of the nearest smaller model of the same setup
    (same schedule shape). Baseline: "keep the loss gap to the reference run" (runs aligned by fraction of their
    horizon).
-3. *Cooldowns*: Gemstones' cooldowns (a linear decay to 0 over 10% of the steps so far): the forecast from the
+3. *Early stopping*: `ForecastEarlyStopping`'s rule (`ForecastStopRule`, patience 3, min_fraction 0.2) replayed
+   on every curve with warm-started refits at every 10% of the run (20-90%), for a target the run reaches (its
+   final loss + 1%: any stop is a false stop) and one it misses (final loss - 3%: reported is the fraction of the
+   run at which it was stopped). Baseline: stop when the power law's final loss (no band) misses the target at 3
+   checks in a row. *Cooldowns*: Gemstones' cooldowns (a linear decay to 0 over 10% of the steps so far): the forecast from the
    constant-LR prefix with the cooldown schedule, against the loss at the cooldown's end. Baseline: the power law,
    which cannot see the decay.
 4. *Cross-size*: the default `fit_scaling_law` on the smaller two thirds of the sizes (and the batch sweep where
@@ -206,6 +210,18 @@ def cooldown_table(res: dict) -> list[str]:
             f"{_pct(s['baseline_median'])} / {_pct(s['baseline_worst'])} |"]
 
 
+def stop_table(res: dict) -> list[str]:
+    lines = ["| dataset | curves | false stops (target reached) | out-of-reach targets stopped | median stop at "
+             "| power law: false stops / stopped / median |", "|---|---|---|---|---|---|"]
+    frac = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    for name, t in res["tables"].get("stop", {}).items():
+        p, b = t["project"], t["baseline"]
+        lines.append(f"| {_flag(res, name)} | {t['curves']} | {p['false_stops']} | {frac(p['out_of_reach_stopped'])} "
+                     f"| {frac(p['median_stop_fraction'])} | {b['false_stops']} / {frac(b['out_of_reach_stopped'])} / "
+                     f"{frac(b['median_stop_fraction'])} |")
+    return lines
+
+
 def losses(res: dict) -> list[str]:
     """Rows where the project loses to its baseline (they stay visible)."""
     out = []
@@ -237,6 +253,8 @@ def document(res: dict) -> str:
             "## 2. Forecast with a reference run", "",
             "`forecast_run(prefix, ..., reference=[smaller finished run])` against keeping the loss gap to it.",
             "", *forecast_table(res, "reference", "keep the gap"), "",
+            "### Early stopping replays (target reached: final loss + 1%; out of reach: - 3%)", "",
+            *stop_table(res), "",
             "## 3. Gemstones cooldowns: what the decay buys", "", *cooldown_table(res), "",
             "## 4. Cross-size: held-out larger models, whole curves", "", *cross_table(res), "",
             "### Held-out sizes under a decayed schedule (`predict_loss(..., lr_schedule=)`)", "",
@@ -267,6 +285,11 @@ def readme_table(res: dict) -> str:
                     f"{', '.join(base)} |")
     cov = [f"{_flag(res, n)} {_pct(t['all'].get('0.5', {}).get('coverage'))}" for n, t in fc.items()]
     rows.append(f"| forecast 90% band holds the final loss (50%) | {', '.join(cov)} | |")
+    st = res["tables"].get("stop", {})
+    if st:
+        ours = ", ".join(f"{_flag(res, n)} {t['project']['false_stops']}/{t['curves']}" for n, t in st.items())
+        base = ", ".join(str(t["baseline"]["false_stops"]) for t in st.values())
+        rows.append(f"| early stopping: false stops of a reachable target | {ours} | power law {base} |")
     for name, cases in res["tables"].get("cross_size", {}).items():
         for case, t in cases.items():
             rows.append(f"| cross-size {name} ({case}), final loss | {_pct(t['final_worst'])} | Kaplan "

@@ -73,3 +73,16 @@ def test_regressions_flags_missing_and_worse_numbers_only() -> None:
     assert len(bad) == 2 and any("coverage" in b for b in bad)  # baselines are not the project's to keep
     assert validate.regressions({}, old) == ["forecast/A/all/0.5/median: 0.0100 -> nan",
                                              "forecast/A/all/0.5/coverage: 0.9000 -> nan"]  # missing = worse
+
+
+def test_stop_summary_counts_false_stops_and_when_misses_are_stopped() -> None:
+    rows = [{"reachable_stop": None, "out_of_reach_stop": 0.4, "reachable_baseline_stop": 0.3,
+             "out_of_reach_baseline_stop": 0.3},
+            {"reachable_stop": 0.6, "out_of_reach_stop": 0.6, "reachable_baseline_stop": None,
+             "out_of_reach_baseline_stop": None}]
+    s = validate._stop_summary(rows)
+    assert s["curves"] == 2
+    assert s["project"] == {"false_stops": 1, "out_of_reach_stopped": 1.0, "median_stop_fraction": 0.5}
+    assert s["baseline"] == {"false_stops": 1, "out_of_reach_stopped": 0.5, "median_stop_fraction": 0.3}
+    assert validate.regressions({"stop": {"A": s}}, {"stop": {"A": {"project": {"false_stops": 0}}}}) == [
+        "stop/A/project/false_stops: 0.0000 -> 1.0000"]
