@@ -154,7 +154,9 @@ def test_recipe_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     bad.write_text("model: [1, 2]\n")
     assert main(["recipe", "--config", str(bad)]) == 1
     assert "misses required keys" in _err(capsys)
-    example = Path(__file__).resolve().parents[1] / "callbacks" / "recipe_example.yaml"
+    from lightning_scaling.study import EXAMPLE_CONFIG
+
+    example = EXAMPLE_CONFIG
     assert main(["recipe", "--config", str(example), "--dry-run"]) == 0
     assert "holdout" in capsys.readouterr().out
 

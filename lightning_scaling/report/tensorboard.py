@@ -1,6 +1,6 @@
 """TensorBoard panels for live forecasts: custom-scalars layout, the forecast run and the forecast figure.
 
-Everything here is plain I/O around a :class:`~lightning_scaling.history.RunHistory` and a
+Figures are in :mod:`lightning_scaling.report.figures`. Everything here is plain I/O around a :class:`~lightning_scaling.history.RunHistory` and a
 :class:`~lightning_scaling.forecast.Forecast`; the callbacks decide *when* to call it (rank 0 only).
 
 A training shows up in TensorBoard as a handful of runs: the logger's run (``<log_dir>``: observed loss, forecast
@@ -17,8 +17,6 @@ first), so the chart never accumulates one curve per refit.
 from __future__ import annotations
 
 import glob
-import json
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -26,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from lightning_scaling.numerics import dumps, smooth
+from lightning_scaling.report.figures import _observed
 
+if TYPE_CHECKING:
     from lightning_scaling.forecast import Forecast
     from lightning_scaling.history import RunHistory
 
@@ -53,32 +52,11 @@ __all__ = [
     "OBSERVED_TAG",
     "UPPER_TAG",
     "custom_scalars_layout",
-    "forecast_figure",
     "forecast_run_dir",
-    "is_predictable",
-    "render_figure",
     "write_custom_scalars",
     "write_forecast_json",
     "write_forecast_run",
 ]
-
-
-def is_predictable(loss: Any, lower: Any, upper: Any) -> bool:
-    """Whether a predicted loss is worth reading as a number: its band is finite and narrower than the loss itself.
-
-    Early in a run the band can span [0.09, 35.8] nats around a loss of 3; such a forecast is shown as
-    "not yet predictable" rather than as numbers.
-
-    Example::
-
-        >>> is_predictable(3.0, 2.9, 3.2), is_predictable(3.0, 0.09, 35.8), is_predictable(3.0, float("nan"), 3.1)
-        (True, False, False)
-    """
-    try:
-        loss, lower, upper = float(loss), float(lower), float(upper)
-    except (TypeError, ValueError):
-        return False
-    return all(map(math.isfinite, (loss, lower, upper))) and upper - lower <= abs(loss)
 
 
 def _chart(*tags: str) -> list[Any]:
@@ -184,9 +162,9 @@ def _curves(forecast: Forecast, history: RunHistory | None, max_points: int) -> 
     if history is not None:
         step, loss = _observed(history)
         if len(loss):
-            smooth = _smooth(loss, max(1, len(loss) // 50))
+            trend = smooth(loss, max(1, len(loss) // 50))
             keep = _subsample(len(step), max_points)
-            out[OBSERVED_TAG] = (step[keep], smooth[keep])
+            out[OBSERVED_TAG] = (step[keep], trend[keep])
     return out
 
 
@@ -218,7 +196,7 @@ def write_forecast_run(
 
     Example::
 
-        >>> import tempfile, types
+        >>> import json, tempfile, types
         >>> f = types.SimpleNamespace(steps=np.arange(0, 100, 10), loss=np.linspace(4, 3, 10),
         ...                           lower=np.linspace(4, 2.9, 10), upper=np.linspace(4, 3.1, 10))
         >>> with tempfile.TemporaryDirectory() as d:
@@ -250,23 +228,6 @@ def write_forecast_run(
     return run_dir
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays (and non-finite floats) to JSON-safe Python values."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)
-
-
 def write_forecast_json(log_dir: str | os.PathLike, forecast: Forecast, *, extra: Mapping[str, Any] | None = None) -> str:
     """Save the latest forecast (``Forecast.to_dict()``: curve, band, fitted parameters) as JSON.
 
@@ -283,7 +244,7 @@ def write_forecast_json(log_dir: str | os.PathLike, forecast: Forecast, *, extra
 
     Example::
 
-        >>> import tempfile, types
+        >>> import json, tempfile, types
         >>> f = types.SimpleNamespace(to_dict=lambda: {"final_loss": np.float64(3.0), "params": {"a": 1.0}})
         >>> with tempfile.TemporaryDirectory() as d:
         ...     json.load(open(write_forecast_json(d, f, extra={"at_step": 7})))["at_step"]
@@ -297,126 +258,6 @@ def write_forecast_json(log_dir: str | os.PathLike, forecast: Forecast, *, extra
     path = os.path.join(directory, FORECAST_JSON)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump(_jsonable(payload), fh)
+        fh.write(dumps(payload))
     os.replace(tmp, path)
     return path
-
-
-def _observed(history: RunHistory) -> tuple[np.ndarray, np.ndarray]:
-    step = np.asarray(history.step, dtype=np.float64)
-    loss = np.asarray(history.loss, dtype=np.float64)
-    ok = np.isfinite(loss)
-    return step[ok], loss[ok]
-
-
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Centered running mean (edge-corrected) to show the trend under noisy per-step losses."""
-    if window <= 1 or len(y) < window:
-        return y
-    kernel = np.ones(window)
-    return np.convolve(y, kernel, mode="same") / np.convolve(np.ones_like(y), kernel, mode="same")
-
-
-def forecast_figure(
-    history: RunHistory,
-    forecast: Forecast | None = None,
-    *,
-    target_loss: float | None = None,
-    title: str | None = None,
-    figsize: tuple[float, float] = (7.0, 4.2),
-) -> Figure:
-    """Matplotlib figure of the observed loss curve, the forecast and its band.
-
-    Built on :class:`matplotlib.figure.Figure` with an Agg canvas (no ``pyplot`` state, safe off the main
-    thread). The raw per-step loss is drawn faintly with a running mean on top, the forecast as a dashed line with
-    its band shaded, the last observed step as a vertical line and ``target_loss`` as a horizontal one. The y range
-    skips the steep early transient so the region the forecast is about stays readable.
-
-    Args:
-        history: the observed run.
-        forecast: the forecast to overlay; ``None`` draws the observed curve only.
-        target_loss: optional target loss to mark.
-        title: figure title; defaults to the run name and the predicted final loss.
-        figsize: figure size in inches.
-
-    Returns:
-        The figure (save it with ``fig.savefig(path)`` or log it with ``SummaryWriter.add_figure``).
-
-    Raises:
-        ImportError: if matplotlib is not installed.
-
-    Example::
-
-        >>> import types
-        >>> h = types.SimpleNamespace(step=np.arange(100), loss=3 + 1 / np.sqrt(1 + np.arange(100)), name="demo")
-        >>> fig = forecast_figure(h)
-        >>> len(fig.axes)
-        1
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    step, loss = _observed(history)
-    ys = [loss[len(loss) // 10 :]] if len(loss) else []
-    if len(loss):
-        window = max(1, len(loss) // 50)
-        if window > 1:
-            ax.plot(step, loss, color="tab:blue", alpha=0.25, lw=0.8, label="observed (raw)")
-        ax.plot(step, _smooth(loss, window), color="tab:blue", lw=1.6, label="observed")
-    ok = forecast is not None and is_predictable(forecast.final_loss, forecast.final_lower, forecast.final_upper)
-    if forecast is not None:
-        fs = np.asarray(forecast.steps, dtype=np.float64)
-        fl, lo, hi = (np.asarray(a, dtype=np.float64) for a in (forecast.loss, forecast.lower, forecast.upper))
-        conf = getattr(forecast, "confidence", None)
-        band_label = f"{100 * float(conf):g}% band" if isinstance(conf, (int, float)) and 0 < conf < 1 else "band"
-        ax.fill_between(fs, lo, hi, color="tab:orange", alpha=0.25, lw=0, label=band_label)
-        ax.plot(fs, fl, color="tab:orange", lw=1.6, ls="--", label=f"forecast ({getattr(forecast, 'method', '?')})")
-        observed_until = getattr(forecast, "observed_until", None)
-        if observed_until is not None:
-            ax.axvline(float(observed_until), color="gray", lw=0.8, ls=":", label="last observed step")
-        # A band wider than the loss would squash the observed curve into a line: scale to it only when narrow.
-        ys += [lo[np.isfinite(lo)], hi[np.isfinite(hi)]] if ok else [fl[np.isfinite(fl)]]
-    if target_loss is not None:
-        ax.axhline(float(target_loss), color="tab:green", lw=1.0, ls="-.", label=f"target {target_loss:g}")
-        ys.append(np.array([float(target_loss)]))
-    finite = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.empty(0)
-    if finite.size:
-        lo_y, hi_y = float(np.min(finite)), float(np.percentile(finite, 99.5))
-        pad = 0.05 * max(hi_y - lo_y, 1e-6)
-        ax.set_ylim(lo_y - pad, hi_y + pad)
-    if title is None:
-        title = str(getattr(history, "name", "") or "run")
-        if forecast is not None:
-            band = f"[{float(forecast.final_lower):.4g}, {float(forecast.final_upper):.4g}]"
-            title += (f": final loss {float(forecast.final_loss):.4f} {band}" if ok
-                      else f": final loss not yet predictable (band {band})")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    return fig
-
-
-def render_figure(fig: Figure) -> np.ndarray:
-    """Render a figure to an ``uint8`` RGB array of shape ``(H, W, 3)`` (for ``add_image(..., dataformats="HWC")``).
-
-    Rendering is the expensive part of ``add_figure``; doing it here lets the callback render off the training
-    thread and only hand the pixels to the writer.
-
-    Example::
-
-        >>> import types
-        >>> h = types.SimpleNamespace(step=np.arange(10), loss=np.linspace(4, 3, 10), name="demo")
-        >>> render_figure(forecast_figure(h, figsize=(2, 1))).shape
-        (100, 200, 3)
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
