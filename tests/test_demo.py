@@ -117,7 +117,7 @@ def test_config_validation_and_plan(tmp_path: Path) -> None:
         load_config({**base, "sizes": [{"d_model": 8}, {"d_model": 16}]})
     with pytest.raises(ValueError, match="class_path"):
         load_config({**base, "model": {"init_args": {}}})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
     # The shipped example config parses and plans.
     example = EXAMPLE_CONFIG

@@ -1,7 +1,8 @@
-"""TensorBoard panels for live forecasts: custom-scalars layout, the forecast run and the forecast figure.
+"""TensorBoard panels for live forecasts: the custom-scalars layout, the forecast run and its ``latest.json``.
 
-Figures are in :mod:`lightning_scaling.report.figures`. Everything here is plain I/O around a :class:`~lightning_scaling.history.RunHistory` and a
-:class:`~lightning_scaling.forecast.Forecast`; the callbacks decide *when* to call it (rank 0 only).
+Everything here is plain I/O around a :class:`~lightning_scaling.history.RunHistory` and a
+:class:`~lightning_scaling.forecast.Forecast` (the figure is :func:`lightning_scaling.report.figures.forecast_figure`);
+the callbacks decide *when* to call it (rank 0 only).
 
 A training shows up in TensorBoard as a handful of runs: the logger's run (``<log_dir>``: observed loss, forecast
 summaries, gradient noise scale), ``LossTrajectory``'s ``<log_dir>/by_tokens`` and one **forecast run**
@@ -228,7 +229,8 @@ def write_forecast_run(
     return run_dir
 
 
-def write_forecast_json(log_dir: str | os.PathLike, forecast: Forecast, *, extra: Mapping[str, Any] | None = None) -> str:
+def write_forecast_json(log_dir: str | os.PathLike, forecast: Forecast, *,
+                        extra: Mapping[str, Any] | None = None) -> str:
     """Save the latest forecast (``Forecast.to_dict()``: curve, band, fitted parameters) as JSON.
 
     Written atomically to ``<log_dir>/forecast/latest.json`` so a reader (the CLI, a notebook) never sees a
