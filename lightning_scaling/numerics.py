@@ -141,6 +141,9 @@ def first_crossing(grid: ArrayLike, curve: ArrayLike, levels: ArrayLike, *, star
 def warmup_steps(lr: ArrayLike, *, rtol: float = 1e-3) -> int:
     """Length of the initial warmup: the first index where the schedule reaches its peak (within ``rtol``).
 
+    Raises:
+        ValueError: the schedule is empty, not finite or negative.
+
     Example::
 
         >>> warmup_steps(np.r_[np.linspace(0, 1, 10, endpoint=False), np.ones(5)])
@@ -148,9 +151,11 @@ def warmup_steps(lr: ArrayLike, *, rtol: float = 1e-3) -> int:
     """
     arr = np.asarray(lr, dtype=np.float64).ravel()
     if arr.size == 0:
-        return 0
+        raise ValueError("the learning-rate schedule is empty")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError("the learning-rate schedule must be finite and non-negative")
     peak = arr.max()
-    if not peak > 0:
+    if peak <= 0:
         return 0
     return int(np.argmax(arr >= peak * (1 - rtol)))
 
