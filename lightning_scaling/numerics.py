@@ -27,8 +27,10 @@ __all__ = [
     "count_non_embedding_params",
     "dumps",
     "first_crossing",
+    "huber",
     "infer_batch_size",
     "json_float",
+    "model_n_params",
     "one_blas_thread",
     "percentile_band",
     "smooth",
@@ -160,6 +162,25 @@ def warmup_steps(lr: ArrayLike, *, rtol: float = 1e-3) -> int:
     return int(np.argmax(arr >= peak * (1 - rtol)))
 
 
+def huber(r: ArrayLike, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Huber loss of residuals ``r`` per element and its derivative: quadratic within ``delta``, linear beyond.
+
+    The one robust loss of the fits (sum ``rho`` for an objective; ``psi`` is d rho / d r).
+
+    Example::
+
+        >>> rho, psi = huber(np.array([0.5, -3.0]), 1.0)
+        >>> rho.tolist(), psi.tolist()
+        ([0.125, 2.5], [0.5, -1.0])
+    """
+    r = np.asarray(r, dtype=np.float64)
+    a = np.abs(r)
+    quad = a <= delta
+    rho = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta))
+    psi = np.where(quad, r, delta * np.sign(r))
+    return rho, psi
+
+
 def percentile_band(samples: ArrayLike, confidence: float, *, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Central ``confidence`` band of bootstrap samples along ``axis`` (NaN samples ignored).
 
@@ -206,6 +227,19 @@ def infer_batch_size(batch: Any) -> int:
         except BatchSizeError:
             continue
     raise BatchSizeError(f"cannot infer the batch size of a {type(batch).__name__}; pass `batch_size_fn=`")
+
+
+def model_n_params(model: Any) -> float | None:
+    """The model's own ``n_params`` attribute when it is a positive number (its declared N), else ``None``.
+
+    Example::
+
+        >>> import types
+        >>> model_n_params(types.SimpleNamespace(n_params=98304)), model_n_params(types.SimpleNamespace(n_params=True))
+        (98304.0, None)
+    """
+    n = getattr(model, "n_params", None)
+    return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
 
 
 def count_non_embedding_params(module: Any) -> int:

@@ -14,9 +14,9 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_debug,
 from typing_extensions import override
 
 from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time
-from lightning_scaling.callbacks.forecast import ScalingForecast, resolve_horizon
+from lightning_scaling.callbacks.forecast import ScalingForecast
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
-from lightning_scaling.callbacks.utils import find_callback
+from lightning_scaling.callbacks.utils import find_callback, run_horizon
 from lightning_scaling.history import RunHistory
 from lightning_scaling.stopping import (
     ForecastStopRule, PairedReference, current_loss, forecast_stop_reason, reference_final_loss,
@@ -198,7 +198,7 @@ class ForecastEarlyStopping(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sf = self._scaling_forecast(trainer)
-        horizon = resolve_horizon(trainer, self.horizon)
+        horizon = run_horizon(trainer, self.horizon)
         if horizon is None:
             self._warning_cache.warn(
                 "ForecastEarlyStopping: the run has no known length (set `max_steps` on the Trainer or `horizon`); "

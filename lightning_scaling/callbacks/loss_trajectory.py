@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_scaling.callbacks.utils import run_horizon
 from lightning_scaling.history import HISTORY_FILENAME, RunHistory
 from lightning_scaling.numerics import count_non_embedding_params, infer_batch_size
 from lightning_scaling.recorder import LossRecorder
@@ -420,10 +421,7 @@ class LossTrajectory(Callback):
     def _simulate_schedule(self, trainer: pl.Trainer) -> list[float] | None:
         """Per-step LR of optimizer 0's first group from step 0 to max_steps - 1, by stepping copies of the
         schedulers on a parameter-free stand-in optimizer (the real optimizer state is never copied)."""
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if max_steps is None:
-            est = trainer.estimated_stepping_batches
-            max_steps = int(est) if math.isfinite(est) else None
+        max_steps = run_horizon(trainer)
         if max_steps is None or max_steps > _MAX_SIMULATED_STEPS or not trainer.optimizers:
             return None
         optimizer = trainer.optimizers[0]

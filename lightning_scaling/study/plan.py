@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_scaling.numerics import count_non_embedding_params
+from lightning_scaling.numerics import count_non_embedding_params, model_n_params
 from lightning_scaling.study.config import RecipeConfig, size_name
 
 
@@ -241,10 +241,8 @@ def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]
 
 def _measure_n(model: Any) -> float:
     """Non-embedding N of a built model: its ``n_params`` attribute, else a parameter count."""
-    n = getattr(model, "n_params", None)
-    if not (isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0):
-        n = count_non_embedding_params(model)
-    return float(n)
+    n = model_n_params(model)
+    return n if n is not None else float(count_non_embedding_params(model))
 
 
 def _build_model_cheaply(model_cls: Any, model_args: Mapping[str, Any]) -> Any:

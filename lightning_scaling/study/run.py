@@ -33,7 +33,7 @@ from typing import Any
 
 
 from lightning_scaling.history import RunHistory, final_loss, live_b_simple
-from lightning_scaling.numerics import dumps
+from lightning_scaling.numerics import dumps, model_n_params
 from lightning_scaling.study.config import DONE_FILENAME, PREDICTION_FILENAME, REPORT_FILENAME, RecipeConfig
 from lightning_scaling.study.lock import RunLock
 from lightning_scaling.study.plan import (
@@ -71,8 +71,7 @@ def _callbacks(cfg: RecipeConfig, model: Any, data: Any, spec: RunSpec,
     from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
 
     tps = _tokens_per_sample(cfg, data)
-    n = getattr(model, "n_params", None)
-    n = n if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
+    n = model_n_params(model)
     cbs: list[Any] = [LossTrajectory(tokens_per_sample=tps, n_params=n, name=spec.name,
                                      flush_every_n_steps=min(50, max(1, cfg.max_steps // 10)))]
     if cfg.gns is not None:
