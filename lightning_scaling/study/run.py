@@ -1,4 +1,4 @@
-"""The scaling recipe (Su et al. 2024, step by step) for any LightningModule and DataModule.
+"""The recipe's runner (Su et al. 2024, step by step) for any LightningModule and DataModule.
 
 1. **Batch sweep**: one model size at several batch sizes -> the critical batch ``B_crit(L)``
    (:func:`~lightning_scaling.fitting.fit_critical_batch_size`).
@@ -8,12 +8,13 @@
    critical batch are predicted and written to ``prediction.json`` *before* that model is trained.
 4. **Check**: the largest model is trained and compared with the prediction.
 
-Models and data are given by ``class_path``/``init_args`` (LightningCLI style), sizes as lists of ``init_args``
-overrides. Every run logs to TensorBoard under ``<out>/runs/<run name>`` with :class:`LossTrajectory`,
-:class:`GradientNoiseScale` and :class:`ScalingForecast` attached. The recipe is resumable at the run level: a run
-whose folder holds a complete ``scaling/history.json`` and a ``scaling/done.json`` with the same settings is loaded,
-not retrained. ``lightning-scaling demo`` is this recipe with the built-in config of
-:func:`lightning_scaling.demo.demo_config`.
+This is the one module of :mod:`lightning_scaling.study` that imports Lightning (inside the functions that
+train): the config, the plan and its checks, the fit and comparison and the run lock are in ``config``, ``plan``,
+``predict`` and ``lock``. Every run logs to TensorBoard under ``<out>/runs/<run name>`` with
+:class:`LossTrajectory`, :class:`GradientNoiseScale` and :class:`ScalingForecast` attached. The recipe is
+resumable at the run level: a run whose folder holds a complete ``scaling/history.json`` and a
+``scaling/done.json`` with the same settings is loaded, not retrained. ``lightning-scaling demo`` is this recipe
+with the built-in config of :func:`lightning_scaling.demo.demo_config`.
 """
 
 from __future__ import annotations
