@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightning_scaling.demo.recipe import RecipeConfig, demo_config, load_config, run_recipe
+from lightning_scaling.demo import demo_config
+from lightning_scaling.study import RecipeConfig, load_config, run_recipe
 
 
 def preset(name: str, *, sweep_size: int | None = None) -> RecipeConfig:

@@ -67,7 +67,7 @@ def live_replacement_check(port_base: int) -> dict[str, object]:
     """Write the forecast run twice while TensorBoard runs; the second curve must replace the first."""
     from types import SimpleNamespace
 
-    from lightning_scaling.callbacks.panels import FORECAST_TAG, write_forecast_run
+    from lightning_scaling.report.tensorboard import FORECAST_TAG, write_forecast_run
 
     steps = np.arange(0, 201)
     with tempfile.TemporaryDirectory() as d:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lightning_scaling.history import RunHistory
+from lightning_scaling.numerics import warmup_steps
 
 __all__ = ["PREFIXES", "BacktestResult", "backtest", "replay_forecast", "holdout_cross_size", "summarize",
            "power_law_baseline", "final_window", "run_schedule", "KaplanBaseline"]
@@ -89,8 +90,6 @@ def _warmup_end(lr: np.ndarray | None) -> float:
     """The step where a schedule's warmup ends (0 without a schedule)."""
     if lr is None or lr.size == 0:
         return 0.0
-    from lightning_scaling.forecast import warmup_steps
-
     return float(warmup_steps(lr))
 
 

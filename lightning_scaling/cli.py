@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -130,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the scaling recipe (batch sweep -> B_crit(L); size ladder -> L(N, S, B); predict the "
                     "largest size before training it) for any LightningModule/LightningDataModule given by "
                     "class_path/init_args. Resumable: finished runs are not retrained. See "
-                    "callbacks/recipe_example.yaml.")
+                    "lightning_scaling/study/recipe_example.yaml.")
     recipe.add_argument("--config", required=True, metavar="FILE", help="YAML or JSON recipe config")
     recipe.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: ./scaling_<config name>)")
@@ -217,9 +216,9 @@ def _fraction(text: str) -> float:
 # Commands
 # ================================================================================================================
 def _print_json(obj: Any) -> None:
-    from lightning_scaling.demo.recipe import _json_default
+    from lightning_scaling.numerics import dumps
 
-    print(json.dumps(_strip(obj), indent=1, default=_json_default))
+    print(dumps(_strip(obj), indent=1))
 
 
 def _strip(obj: Any) -> Any:
@@ -230,7 +229,7 @@ def _strip(obj: Any) -> Any:
 
 def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: bool, readme: str | None = None,
                 **run_args: Any) -> int:
-    from lightning_scaling.demo.recipe import RunInterrupted, _is_rank_zero, run_recipe
+    from lightning_scaling.study.run import RunInterrupted, _is_rank_zero, run_recipe
 
     start = time.perf_counter()
     echo = (lambda s: print(s, file=sys.stderr)) if as_json else print
@@ -280,7 +279,7 @@ def _write_readme(readme: str, result: Any) -> None:
     import resource
     import shutil
 
-    from lightning_scaling.demo.report import readme_section, update_readme
+    from lightning_scaling.report.tables import readme_section, update_readme
 
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)
@@ -295,12 +294,13 @@ def _write_readme(readme: str, result: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.readme is not None:  # before minutes of training, not after
-        from lightning_scaling.demo.report import README_END, README_START
+        from lightning_scaling.report.tables import README_END, README_START
 
         text = Path(args.readme).read_text() if Path(args.readme).is_file() else ""
         if README_START not in text or README_END not in text:
             raise CLIError(f"--readme {args.readme}: no such file, or it lacks the demo-table markers")
-    from lightning_scaling.demo.recipe import demo_config, load_config
+    from lightning_scaling.demo.config import demo_config
+    from lightning_scaling.study.config import load_config
 
     cfg = demo_config(quick=args.quick)
     if args.steps is not None:
@@ -318,7 +318,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from lightning_scaling.demo.recipe import check_config, load_config, parse_shard, plan_runs
+    from lightning_scaling.study.config import load_config
+    from lightning_scaling.study.plan import check_config, parse_shard, plan_runs
 
     cfg = load_config(args.config, max_steps=args.steps)
     if args.accelerator is not None or args.devices is not None:
@@ -480,8 +481,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _name_from_path(r, [Path(p) for p in args.logdirs])
     _assign_n_params(runs, args.n_params)
     _check_fit_runs(runs)
-    from lightning_scaling.demo.recipe import fit_and_predict
-    from lightning_scaling.demo.report import format_fit_table
+    from lightning_scaling.report.tables import format_fit_table
+    from lightning_scaling.study.predict import fit_and_predict
     from lightning_scaling.fitting import fit_critical_batch_size
 
     sizes = sorted({r.n_params for r in runs})
@@ -513,15 +514,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
                            "or --critical-batch B (a constant critical batch in samples)") from None
         _check_identified(result.get("_law"))
     if args.out:
-        from lightning_scaling.demo.recipe import _json_default, tail_mean
-        from lightning_scaling.demo.report import write_figures
+        from lightning_scaling.history import final_loss
+        from lightning_scaling.numerics import dumps
+        from lightning_scaling.report.figures import write_figures
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         histories = {r.name: r for r in runs}
         report = {"name": "lightning-scaling fit",
-                  "runs": {r.name: {"role": "fit", "final_loss": tail_mean(r)[0]} for r in runs}, **_strip(result)}
-        (out / "fit.json").write_text(json.dumps(_strip(result), indent=1, default=_json_default))
+                  "runs": {r.name: {"role": "fit", "final_loss": final_loss(r)[0]} for r in runs}, **_strip(result)}
+        (out / "fit.json").write_text(dumps(_strip(result), indent=1))
         result["figures"] = write_figures(report, histories, result.get("_law"), result.get("_critical"), out)
     if args.json:
         _print_json({"runs": [{"name": r.name, "n_params": r.n_params, "batch_size": r.batch_size,
@@ -574,17 +576,18 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"summary": summary, "steps": np.asarray(fc.steps).tolist(), "loss": np.asarray(fc.loss).tolist(),
-                   "lower": np.asarray(fc.lower).tolist(), "upper": np.asarray(fc.upper).tolist()}
-        (out / "forecast.json").write_text(json.dumps(payload, indent=1, default=str))
-        from lightning_scaling.callbacks.panels import forecast_figure
+        from lightning_scaling.numerics import dumps
+        from lightning_scaling.report.figures import forecast_figure
+
+        payload = {"summary": summary, "steps": fc.steps, "loss": fc.loss, "lower": fc.lower, "upper": fc.upper}
+        (out / "forecast.json").write_text(dumps(payload, indent=1))
 
         forecast_figure(run, fc, target_loss=args.target_loss).savefig(out / "forecast.png")
         summary["files"] = [str(out / "forecast.json"), str(out / "forecast.png")]
     if args.json:
         _print_json(summary)
     else:
-        from lightning_scaling.demo.report import _rows_to_text
+        from lightning_scaling.report.tables import _rows_to_text
 
         rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items() if k != "files"]
         print(f"Forecast of {run.name} ({len(run)} points, last step {last}) to step {args.horizon}")

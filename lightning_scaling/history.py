@@ -25,9 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from lightning_scaling.numerics import NONFINITE, json_float
 from lightning_scaling.warnings import DataWarning
 
-__all__ = ["RunHistory", "LoadReport", "merge_runs", "HISTORY_FILENAME", "DEFAULT_TAGS"]
+__all__ = [
+    "RunHistory", "LoadReport", "merge_runs", "final_loss", "group_by_size", "live_b_simple", "HISTORY_FILENAME",
+    "DEFAULT_TAGS",
+]
 
 #: File name that :class:`~lightning_scaling.callbacks.LossTrajectory` writes under ``<log_dir>/scaling/``.
 HISTORY_FILENAME = "history.json"
@@ -653,6 +657,62 @@ class RunHistory:
         return (runs, rep) if report else runs
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Summaries of runs: one definition each, shared by the study, the report, the CLI and the callbacks
+# ----------------------------------------------------------------------------------------------------------------
+def final_loss(history: RunHistory, *, fraction: float = 0.05, min_points: int = 10) -> tuple[float, int]:
+    """The final loss of a run: the mean finite loss over its last ``fraction`` of records (at least
+    ``min_points``), so one noisy last step does not decide a comparison; and the first step averaged.
+
+    Raises:
+        ValueError: the history has no finite loss, or ``fraction`` is not in (0, 1].
+
+    Example::
+
+        >>> h = RunHistory(step=np.arange(100), loss=np.r_[np.full(90, 3.0), np.full(10, 2.0)])
+        >>> final_loss(h)
+        (2.0, 90)
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
+    ok = np.flatnonzero(history.finite_mask)
+    if ok.size == 0:
+        raise ValueError(f"run {history.name!r} has no finite loss")
+    sel = ok[-max(min_points, math.ceil(fraction * ok.size)):]
+    return float(np.mean(history.loss[sel])), int(history.step[sel[0]])
+
+
+def live_b_simple(history: RunHistory, *, last_fraction: float = 1 / 3) -> float | None:
+    """Median live ``B_simple`` (samples) over the last third of a run's GNS readings (``None`` without any).
+
+    Example::
+
+        >>> live_b_simple(RunHistory(step=[0, 1, 2], loss=[3, 2, 1], gns_step=[0, 1, 2], gns_b_simple=[1, 5, 7]))
+        7.0
+    """
+    b = history.gns_b_simple
+    if b is None or len(b) == 0:
+        return None
+    tail = b[int(len(b) * (1 - last_fraction)):]
+    tail = tail[np.isfinite(tail) & (tail > 0)]
+    return float(np.median(tail)) if tail.size else None
+
+
+def group_by_size(runs: Iterable[RunHistory]) -> dict[float, list[RunHistory]]:
+    """Runs grouped by ``n_params`` in first-seen order (runs without a size under NaN).
+
+    Example::
+
+        >>> runs = [RunHistory(step=[0], loss=[1], n_params=n) for n in (2e6, 1e6, 2e6)]
+        >>> {n: len(g) for n, g in group_by_size(runs).items()}
+        {2000000.0: 2, 1000000.0: 1}
+    """
+    groups: dict[float, list[RunHistory]] = {}
+    for r in runs:
+        groups.setdefault(float(r.n_params) if r.n_params is not None else math.nan, []).append(r)
+    return groups
+
+
 @dataclasses.dataclass
 class LoadReport:
     """What :meth:`RunHistory.load_many` did.
@@ -999,11 +1059,10 @@ def _encode_array(arr: np.ndarray) -> list[Any] | dict[str, Any]:
         return _pack(arr)
     if arr.dtype.kind in "iu":
         return arr.tolist()
-    return [v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
-            for v in arr.tolist()]
+    return [json_float(v) for v in arr.tolist()]
 
 
-_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_SPECIAL = NONFINITE
 
 
 def _decode_array(values: Sequence[Any] | Mapping[str, Any], name: str = "array") -> np.ndarray:

@@ -152,7 +152,7 @@ def test_cli_backtest_bad_input_is_one_line(tmp_path: Path, capsys: pytest.Captu
     RunHistory(name="short", step=np.arange(5), loss=np.ones(5)).to_json(tmp_path / "s" / "history.json")
     assert main(["backtest", str(tmp_path / "s")]) == 1
     assert "too short" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         main(["backtest", str(tmp_path / "s"), "--prefixes", "2"])
     assert "fraction" in capsys.readouterr().err
 

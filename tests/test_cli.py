@@ -41,7 +41,7 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["recipe"], ["fit"], ["forecast"], ["backtest"]])
 def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^0$") as exc:
         main([*command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
@@ -51,7 +51,7 @@ def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixtur
 
 
 def test_version_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^0$") as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("lightning-scaling ")
     assert main([]) == 0 and "COMMAND" in capsys.readouterr().out
@@ -59,7 +59,7 @@ def test_version_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["fit"], ["forecast", "x"], ["fit", "x", "--predict-n", "-5"], ["recipe"]):
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(SystemExit, match="^2$") as exc:
             main(argv)
         assert exc.value.code == 2
         assert "usage:" in capsys.readouterr().err
@@ -154,7 +154,9 @@ def test_recipe_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     bad.write_text("model: [1, 2]\n")
     assert main(["recipe", "--config", str(bad)]) == 1
     assert "misses required keys" in _err(capsys)
-    example = Path(__file__).resolve().parents[1] / "callbacks" / "recipe_example.yaml"
+    from lightning_scaling.study import EXAMPLE_CONFIG
+
+    example = EXAMPLE_CONFIG
     assert main(["recipe", "--config", str(example), "--dry-run"]) == 0
     assert "holdout" in capsys.readouterr().out
 
@@ -188,7 +190,7 @@ def test_fit_on_plain_lightning_logs_per_run_n_and_critical_batch(tmp_path: Path
     # A global N fills in only the runs whose logs record none.
     assert main([*base, "--n-params", "1e7", "--critical-batch", "none", "--json"]) == 0
     assert sorted(r["n_params"] for r in json.loads(capsys.readouterr().out)["runs"]) == [1e6, 3e6, 1e7]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         main([*base, "--critical-batch", "big"])
     assert "expected 'none' or a positive number" in capsys.readouterr().err
 

@@ -15,13 +15,8 @@ from lightning_scaling import RunHistory
 from lightning_scaling.demo import GPT, StdlibTextDataModule, StdlibTextDataset, kaplan_n_params, load_stdlib_bytes
 from lightning_scaling.demo.data import _is_val, stdlib_files
 from lightning_scaling.demo.model import LRSchedule
-from lightning_scaling.demo.recipe import (
-    RecipeConfig,
-    demo_config,
-    first_step_below,
-    load_config,
-    plan_runs,
-)
+from lightning_scaling.demo import demo_config
+from lightning_scaling.study import EXAMPLE_CONFIG, RecipeConfig, first_step_below, load_config, plan_runs
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -122,10 +117,10 @@ def test_config_validation_and_plan(tmp_path: Path) -> None:
         load_config({**base, "sizes": [{"d_model": 8}, {"d_model": 16}]})
     with pytest.raises(ValueError, match="class_path"):
         load_config({**base, "model": {"init_args": {}}})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
     # The shipped example config parses and plans.
-    example = Path(__file__).resolve().parents[1] / "callbacks" / "recipe_example.yaml"
+    example = EXAMPLE_CONFIG
     ex = load_config(example)
     assert isinstance(ex, RecipeConfig) and plan_runs(ex)[-1].role == "holdout"
 

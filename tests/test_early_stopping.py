@@ -96,19 +96,25 @@ def test_rule_patience_and_min_fraction():
 def test_reference_final_loss_uses_tail_mean():
     h = RunHistory(step=np.arange(300), loss=np.r_[np.full(297, 3.0), [2.0, 2.5, 3.0]])
     assert reference_final_loss(h) == pytest.approx(2.5)  # last ceil(1% of 300) = 3 points
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no finite loss"):
         reference_final_loss(RunHistory(step=[0, 1], loss=[math.nan, math.inf]))
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(), dict(baseline_loss=3.0, reference=RunHistory(step=[0], loss=[3.0])), dict(min_delta=0.0),
-     dict(target_loss=3.0, max_steps=0), dict(max_steps=10), dict(baseline_loss=3.0, margin=-0.1),
-     dict(baseline_loss=3.0, confidence=1.5), dict(baseline_loss=3.0, patience=0),
-     dict(baseline_loss=3.0, min_fraction=1.0), dict(target_loss=float("inf"))],
+    "kwargs, message",
+    [(dict(), "needs a criterion"),
+     (dict(baseline_loss=3.0, reference=RunHistory(step=[0], loss=[3.0])), "not both"),
+     (dict(min_delta=0.0), "`min_delta` must be positive"),
+     (dict(target_loss=3.0, max_steps=0), "`max_steps` must be a positive int"),
+     (dict(max_steps=10, baseline_loss=3.0), "give `target_loss` too"),
+     (dict(baseline_loss=3.0, margin=-0.1), "`margin` must be >= 0"),
+     (dict(baseline_loss=3.0, confidence=1.5), r"`confidence` must be in \(0, 1\)"),
+     (dict(baseline_loss=3.0, patience=0), "`patience` must be a positive int"),
+     (dict(baseline_loss=3.0, min_fraction=1.0), r"`min_fraction` must be in \[0, 1\)"),
+     (dict(target_loss=float("inf")), "`target_loss` must be a finite number")],
 )
-def test_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         ForecastEarlyStopping(**kwargs)
 
 

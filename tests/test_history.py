@@ -95,7 +95,7 @@ def test_truncated_json_is_a_clear_error(tmp_path):
     (tmp_path / "bad.json").write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match="invalid or truncated"):
         RunHistory.from_json(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
         RunHistory.from_json(tmp_path / "missing.json")
 
 

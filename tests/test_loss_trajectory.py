@@ -167,14 +167,36 @@ def test_default_batch_size_and_argument_validation():
         LossTrajectory(batch_size_fn=3)
 
 
+class _NotATensor:
+    """A loss-like object that is no tensor: Lightning's manual optimization passes it through (it detaches it)."""
+
+    def detach(self) -> "_NotATensor":
+        return self
+
+
 def test_bad_training_step_output_is_a_type_error(tmp_path):
-    class Weird(TinyLM):
+    class Fine(TinyLM):
         def training_step(self, batch, batch_idx):
             return {"loss": super().training_step(batch, batch_idx)}
 
     traj = LossTrajectory(flush_every_n_steps=2)
-    fit(tmp_path, Weird(), traj, max_steps=4)  # a mapping with "loss" is fine
+    fit(tmp_path, Fine(), traj, max_steps=4)  # a mapping with "loss" is fine
     assert len(traj.history) == 4
+
+    class Weird(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False  # Lightning's automatic loop would reject the output itself
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            opt.step()
+            return {"loss": _NotATensor()}
+
+    with pytest.raises(TypeError, match="training_step must return a Tensor or a mapping with 'loss'"):
+        fit(tmp_path / "weird", Weird(), LossTrajectory(flush_every_n_steps=2), max_steps=4)
 
 
 def test_lightning_cli_config_loads(tmp_path, capsys):
@@ -183,7 +205,7 @@ def test_lightning_cli_config_loads(tmp_path, capsys):
     from lightning.pytorch.cli import LightningCLI
 
     cfg = Path(__file__).resolve().parents[1] / "callbacks" / "scaling.yaml"
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^0$") as exc:
         LightningCLI(TinyLM, args=["fit", "--config", str(cfg), "--print_config"], save_config_callback=None)
     assert exc.value.code == 0
     out = capsys.readouterr().out

@@ -16,15 +16,8 @@ import pytest
 from lightning_scaling.cli import main
 from lightning_scaling.demo.data import StdlibTextDataModule
 from lightning_scaling.demo.model import GPT
-from lightning_scaling.demo.recipe import (
-    RunLock,
-    check_config,
-    load_config,
-    parse_shard,
-    plan_runs,
-    run_recipe,
-    train_run,
-)
+from lightning_scaling.study import RunLock, check_config, load_config, parse_shard, plan_runs
+from lightning_scaling.study.run import run_recipe, train_run
 from lightning_scaling.history import RunHistory
 
 HERE = __name__  # class paths of the test classes below
@@ -133,7 +126,7 @@ class Stop:
     def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         from lightning.pytorch.callbacks import Callback
 
-        from lightning_scaling.demo import recipe
+        from lightning_scaling.study import run as recipe
 
         outer, original = self, recipe._callbacks
 
@@ -177,7 +170,7 @@ def test_ctrl_c_says_where_and_the_run_resumes_from_its_checkpoint(tmp_path: Pat
     (None, 25, None, 20), (None, 5, None, None), (20, 23, None, 20), (None, 25, 25, 25)])
 def test_the_interrupt_message_names_the_checkpoint_it_resumes_from(start: int | None, step: int,
                                                                     saved: int | None, expected: int | None) -> None:
-    from lightning_scaling.demo.recipe import _RunProgress
+    from lightning_scaling.study.run import _RunProgress
 
     run = _RunProgress(Path("last.ckpt"), every=10)
     run.start, run.step, run.saved_step = start, step, saved  # DDP Ctrl-C: no save, the periodic one stays
@@ -348,7 +341,7 @@ def test_bad_shard_or_missing_ray_fail_before_training(tmp_path: Path, monkeypat
 
 def test_ray_backend_trains_two_runs_concurrently(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
-    from lightning_scaling.demo.ray_backend import train_runs_ray
+    from lightning_scaling.study.ray_backend import train_runs_ray
 
     cfg = load_config(tiny(resources={"num_cpus": 1}))
     specs = plan_runs(cfg)[:2]
@@ -366,7 +359,8 @@ def test_ray_backend_trains_two_runs_concurrently(tmp_path: Path) -> None:
 
 def test_the_held_out_run_gets_the_finished_ladder_as_reference_runs() -> None:
     from lightning_scaling import RunHistory
-    from lightning_scaling.demo.recipe import _references, demo_config, plan_runs
+    from lightning_scaling.demo import demo_config
+    from lightning_scaling.study.predict import _references
 
     specs = plan_runs(demo_config(quick=True))
     holdout = next(s for s in specs if s.role == "holdout")

@@ -191,12 +191,12 @@ def test_callback_state_is_compact_tensors_and_loads_weights_only(tmp_path):
 
     traj = LossTrajectory(tokens_per_sample=8, name="long")
     n = 20_000
-    traj._step.extend(np.arange(n))
-    traj._loss.extend(np.linspace(5.0, 2.0, n))
-    traj._samples.extend(np.arange(n) * 4.0)
-    traj._tokens.extend(np.arange(n) * 32.0)
-    traj._append_lr([[1e-3], [], [2e-3, 1e-4]])  # ragged groups, an unknown row
-    traj._append_lr(np.full((n - 3, 2), 1e-3))
+    traj._rec.step.extend(np.arange(n))
+    traj._rec.loss.extend(np.linspace(5.0, 2.0, n))
+    traj._rec.samples.extend(np.arange(n) * 4.0)
+    traj._rec.tokens.extend(np.arange(n) * 32.0)
+    traj._rec.append_lr([[1e-3], [], [2e-3, 1e-4]])  # ragged groups, an unknown row
+    traj._rec.append_lr(np.full((n - 3, 2), 1e-3))
     state = traj.state_dict()
     assert all(isinstance(state[k], torch.Tensor) for k in ("step", "loss", "samples", "tokens", "lr"))
     assert state["lr"].shape == (n, 2) and math.isnan(state["lr"][0, 1]) and math.isnan(state["lr"][1, 0])

@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import lightning_scaling.forecast as forecast_mod
 from lightning_scaling.callbacks.forecast import PBAR_AVG, PBAR_ETA, PBAR_LOSS, ScalingForecast
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
-from lightning_scaling.callbacks.panels import FORECAST_TAG, forecast_figure, write_forecast_run
+from lightning_scaling.report.figures import forecast_figure
+from lightning_scaling.report.tensorboard import FORECAST_TAG, write_forecast_run
 from lightning_scaling.history import RunHistory
 
 from helpers import TinyLM, token_loader, trainer_kwargs
@@ -186,8 +187,8 @@ def test_no_progress_bars_when_stdout_is_not_a_terminal(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- demo figures
 def test_demo_figures_label_every_line_and_title_the_comparison(tmp_path):
-    from lightning_scaling.demo.recipe import fit_and_predict
-    from lightning_scaling.demo.report import _figure, plot_critical_batch, plot_loss_vs_n, write_figures
+    from lightning_scaling.report.figures import _figure, plot_critical_batch, plot_loss_vs_n, write_figures
+    from lightning_scaling.study.predict import fit_and_predict
     from lightning_scaling.laws import loss_n_s_b
 
     k = dict(n_c=1e10, alpha_n=0.08, s_c=200.0, alpha_s=0.7, b_star=2e4, alpha_b=0.3)
@@ -225,7 +226,7 @@ def test_demo_figures_label_every_line_and_title_the_comparison(tmp_path):
 # ------------------------------------------------------------------------------------------------ README section
 def test_readme_section_is_written_between_markers_and_demo_checks_them_first(tmp_path, capsys):
     from lightning_scaling.cli import main
-    from lightning_scaling.demo.report import README_END, README_START, update_readme
+    from lightning_scaling.report.tables import README_END, README_START, update_readme
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\noutro\n")

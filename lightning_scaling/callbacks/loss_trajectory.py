@@ -12,76 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_scaling.history import HISTORY_FILENAME, AppendArray, RunHistory
-from lightning_scaling.warnings import DataWarning
+from lightning_scaling.callbacks.utils import run_horizon
+from lightning_scaling.history import HISTORY_FILENAME, RunHistory
+from lightning_scaling.numerics import count_non_embedding_params, infer_batch_size
+from lightning_scaling.recorder import LossRecorder
+from lightning_scaling.warnings import DataWarning, ScalingWarning
 
 __all__ = ["LossTrajectory", "count_non_embedding_params", "default_batch_size"]
-
-_GNS_KEYS = ("step", "b_simple", "grad_sq_norm", "trace_sigma")
-
-
-def _tensor(column: AppendArray) -> torch.Tensor:
-    """A checkpointable CPU tensor copy of a column."""
-    return torch.from_numpy(column.view().copy())
-
-
-def _numpy(values: Any) -> np.ndarray:
-    """Saved state (a tensor, or the lists of version-1 checkpoints) as numpy."""
-    return values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-
 
 # Schedules longer than this are not simulated at train start (it costs ~10 µs per step in Python).
 _MAX_SIMULATED_STEPS = 2_000_000
 
 
-def count_non_embedding_params(module: torch.nn.Module) -> int:
-    """Trainable parameters excluding those of ``nn.Embedding`` modules (Kaplan et al.'s N); tied weights once.
-
-    Example::
-
-        >>> m = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
-        >>> count_non_embedding_params(m)
-        20
-    """
-    embedding = {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if p.requires_grad and id(p) not in embedding and id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def default_batch_size(batch: Any) -> int:
-    """Samples in a micro-batch: the leading dimension of the first tensor found (tensor, sequence or mapping).
-
-    Raises:
-        ValueError: no tensor in the batch; pass ``batch_size_fn`` then.
-    """
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    if isinstance(batch, Mapping):
-        items = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        items = list(batch)
-    else:
-        items = []
-    for item in items:
-        try:
-            return default_batch_size(item)
-        except ValueError:
-            continue
-    raise ValueError(
-        f"cannot infer the batch size of a {type(batch).__name__}; pass `batch_size_fn=` to LossTrajectory"
-    )
+#: The default ``batch_size_fn`` (one definition, :func:`lightning_scaling.numerics.infer_batch_size`).
+default_batch_size = infer_batch_size
 
 
 class LossTrajectory(Callback):
@@ -170,32 +120,11 @@ class LossTrajectory(Callback):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        # Host-side, flushed records (global over ranks), in numpy columns: a 1M-step run stays ~50 MB.
-        self._step = AppendArray(np.int64)
-        self._loss = AppendArray(np.float64)
-        self._samples = AppendArray(np.float64)  # cumulative, before the step
-        self._tokens = AppendArray(np.float64)
-        self._lr = AppendArray(np.float64, width=1)  # one column per parameter group
-        self._samples_total = 0.0
-        self._tokens_total = 0.0
-        self._gns = {k: AppendArray(np.int64 if k == "step" else np.float64) for k in _GNS_KEYS}
-        self._val = {k: AppendArray(np.int64 if k == "step" else np.float64) for k in ("step", "loss")}
+        # The records (device-side until flushed) live in the Lightning-free recorder; the callback only adds the
+        # planned schedule and what it logged.
+        self._rec = LossRecorder(counts_tokens=self._counts_tokens)
         self._planned_lr: list[float] | None = None
-        self._batch_size: float | None = None
         self._n_logged = 0
-        # Device-side, pending records of this rank (not yet flushed).
-        self._pending_loss: list[torch.Tensor] = []
-        self._pending_counts: list[tuple[float, float]] = []  # local (samples, tokens) per step
-        self._pending_step: list[int] = []
-        self._pending_lr: list[list[float]] = []
-        # Current accumulation window.
-        self._win_loss: torch.Tensor | None = None
-        self._win_micro = 0
-        self._win_samples = 0.0
-        self._win_tokens = 0.0
-        self._win_step: int | None = None
-        self._win_lr: list[float] | None = None
-        self._stepped = False
 
     @property
     def state_key(self) -> str:
@@ -206,7 +135,7 @@ class LossTrajectory(Callback):
     @property
     def batch_size(self) -> float | None:
         """Samples per optimizer step, global over ranks and accumulation (``None`` until measured)."""
-        return self._batch_size
+        return self._rec.batch_size
 
     @property
     def history(self) -> RunHistory:
@@ -219,37 +148,12 @@ class LossTrajectory(Callback):
         trainer = self._trainer()
         if trainer is None or trainer.world_size == 1:
             self._flush(trainer=None)  # no collective: other ranks may not be reading the history now
-        lr_groups = self._lr.view()
-        meta: dict[str, Any] = {}
-        if lr_groups.shape[1] > 1:
-            meta["lr_groups"] = lr_groups.tolist()
-        kwargs: dict[str, Any] = {}
-        if len(self._gns["step"]):
-            kwargs.update({f"gns_{k}": v.view().copy() for k, v in self._gns.items()})
-        if len(self._val["step"]):
-            kwargs.update(val_step=self._val["step"].view().copy(), val_loss=self._val["loss"].view().copy())
-        return RunHistory(
-            name=self.name or "run",
-            n_params=self.n_params,
-            batch_size=self._batch_size,
-            tokens_per_sample=self.tokens_per_sample,
-            step=self._step.view().copy(),  # copies: the caller may change them, and the recorder must not
-            loss=self._loss.view().copy(),
-            samples=self._samples.view().copy(),
-            tokens=self._tokens.view().copy() if self._counts_tokens else None,
-            lr=lr_groups[:, 0].copy(),
-            planned_lr=self._planned_lr,
-            meta=meta,
-            **kwargs,
-        )
+        return self._rec.history(name=self.name or "run", n_params=self.n_params,
+                                 tokens_per_sample=self.tokens_per_sample, planned_lr=self._planned_lr)
 
     def record_gns(self, step: int, b_simple: float, grad_sq_norm: float, trace_sigma: float) -> None:
         """Append a gradient-noise-scale reading (called by :class:`GradientNoiseScale` at its log interval)."""
-        steps = self._gns["step"].view()
-        if steps.size and step <= steps[-1]:
-            return  # a resumed run may re-log a step it already has
-        for key, value in zip(_GNS_KEYS, (step, b_simple, grad_sq_norm, trace_sigma)):
-            self._gns[key].extend([value])
+        self._rec.record_gns(step, b_simple, grad_sq_norm, trace_sigma)
 
     @property
     def _counts_tokens(self) -> bool:
@@ -291,7 +195,8 @@ class LossTrajectory(Callback):
         if not pl_module.automatic_optimization:
             self._warning_cache.warn(
                 "LossTrajectory: manual optimization; the returned loss is recorded once per optimizer step "
-                "as returned, without undoing any accumulation."
+                "as returned, without undoing any accumulation.",
+                category=ScalingWarning,
             )
         if self.name is None and trainer.logger is not None:
             version = trainer.logger.version
@@ -307,27 +212,23 @@ class LossTrajectory(Callback):
         except Exception as err:  # an exotic scheduler must never stop training
             self._planned_lr = None
             self._warning_cache.warn(f"LossTrajectory: could not simulate the LR schedule ({err}); forecasts "
-                                     "will be schedule-blind.")
+                                     "will be schedule-blind.", category=DataWarning)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._win_step is None:
-            self._win_step = trainer.global_step
         if not self._tokens_checked:  # the first batch this callback sees
             self._check_tokens_per_sample(batch)
         samples = float(self.batch_size_fn(batch))
-        self._win_samples += samples
         if self.tokens_fn is not None:
-            self._win_tokens += float(self.tokens_fn(batch))
-        elif self.tokens_per_sample is not None:
-            self._win_tokens += samples * self.tokens_per_sample
+            tokens = float(self.tokens_fn(batch))
+        else:
+            tokens = samples * self.tokens_per_sample if self.tokens_per_sample is not None else 0.0
+        self._rec.micro_batch(trainer.global_step, samples=samples, tokens=tokens)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._win_lr is None:
-            self._win_lr = [float(g["lr"]) for g in optimizer.param_groups]
-        self._stepped = True
+        self._rec.optimizer_step([float(g["lr"]) for g in optimizer.param_groups])
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -336,27 +237,13 @@ class LossTrajectory(Callback):
         if isinstance(loss, torch.Tensor):
             # Lightning divides each micro-batch loss by accumulate_grad_batches (read now: it may change).
             factor = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            value = loss.detach().float() * factor
-            self._win_loss = value if self._win_loss is None else self._win_loss + value
-            self._win_micro += 1
+            self._rec.add_loss(loss.detach().float() * factor)
         elif loss is not None and not (isinstance(outputs, Mapping) and not outputs):
             raise TypeError(
                 f"LossTrajectory: training_step must return a Tensor or a mapping with 'loss', got {type(loss)}"
             )
-        if not self._stepped:
-            return
-        # The optimizer stepped: close the window.
-        if self._win_loss is None or self._win_micro == 0:
-            mean = torch.tensor(math.nan, device=pl_module.device)
-        else:
-            mean = self._win_loss / self._win_micro
-        self._pending_loss.append(mean)
-        self._pending_counts.append((self._win_samples, self._win_tokens))
-        self._pending_step.append(int(self._win_step if self._win_step is not None else trainer.global_step - 1))
-        self._pending_lr.append(self._win_lr or [])
-        self._win_loss, self._win_micro, self._win_samples, self._win_tokens = None, 0, 0.0, 0.0
-        self._win_step, self._win_lr, self._stepped = None, None, False
-        if len(self._pending_loss) >= self.flush_every_n_steps:
+        stepped = self._rec.end_micro_batch(trainer.global_step - 1, device=pl_module.device)
+        if stepped and self._rec.n_pending >= self.flush_every_n_steps:
             self._flush(trainer)
 
     @override
@@ -366,19 +253,14 @@ class LossTrajectory(Callback):
         value = trainer.callback_metrics.get(self.val_loss_key)
         if value is None:
             return
-        step = trainer.global_step
-        steps = self._val["step"].view()
-        if steps.size and step <= steps[-1]:
-            return
-        self._val["step"].extend([step])
-        self._val["loss"].extend([float(value)])  # once per validation run, not per step
+        self._rec.record_val(trainer.global_step, float(value))  # once per validation run, not per step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
         path = self._write(trainer, wait=True)
         if path is not None:
-            rank_zero_info(f"LossTrajectory: history of {len(self._step)} steps written to {path}")
+            rank_zero_info(f"LossTrajectory: history of {len(self._rec.step)} steps written to {path}")
         self._close_writer()
 
     @override
@@ -400,41 +282,18 @@ class LossTrajectory(Callback):
         # Called on every rank when a checkpoint is dumped, so the collective flush is safe here.
         self._flush(self._trainer())
         # CPU tensors, not lists: compact (8 bytes a value), fast to save, and torch.load(weights_only=True) reads them.
-        return {
-            "version": 2,
-            "step": _tensor(self._step),
-            "loss": _tensor(self._loss),
-            "samples": _tensor(self._samples),
-            "tokens": _tensor(self._tokens),
-            "lr": _tensor(self._lr),
-            "samples_total": self._samples_total,
-            "tokens_total": self._tokens_total,
-            "batch_size": self._batch_size,
-            "n_params": self.n_params,
-            "name": self.name,
-            "gns": {k: _tensor(v) for k, v in self._gns.items()},
-            "val": {k: _tensor(v) for k, v in self._val.items()},
-            "n_logged": self._n_logged,
-        }
+        return {"version": 2, **self._rec.state_dict(), "n_params": self.n_params, "name": self.name,
+                "n_logged": self._n_logged}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reset_state()
-        for key in ("step", "loss", "samples", "tokens"):
-            getattr(self, f"_{key}").extend(_numpy(state_dict.get(key, [])))
-        self._append_lr(state_dict.get("lr", []))
-        self._samples_total = float(state_dict.get("samples_total", 0.0))
-        self._tokens_total = float(state_dict.get("tokens_total", 0.0))
-        self._batch_size = state_dict.get("batch_size")
+        self._rec.load_state_dict(state_dict)
         if self.n_params is None:
             self.n_params = state_dict.get("n_params")
         if self._name_arg is None and state_dict.get("name"):
             self.name = state_dict["name"]  # setup() named it after the new logger version; keep one run name
-        for store, saved in ((self._gns, state_dict.get("gns", {})), (self._val, state_dict.get("val", {}))):
-            for key, values in saved.items():
-                if key in store:
-                    store[key].extend(_numpy(values))
-        self._n_logged = int(state_dict.get("n_logged", len(self._step)))
+        self._n_logged = int(state_dict.get("n_logged", len(self._rec.step)))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -452,47 +311,38 @@ class LossTrajectory(Callback):
         With a ``trainer`` it also logs every record not logged yet, including those an earlier flush without a
         trainer (a read of :attr:`history`) moved, so the checkpointed ``n_logged`` is exact.
         """
-        if not self._pending_loss:
-            if trainer is not None and self._n_logged < len(self._step):
+        if not self._rec.n_pending:
+            if trainer is not None and self._n_logged < len(self._rec.step):
                 self._log(trainer)
             return
-        losses = torch.stack(self._pending_loss)
-        counts = torch.tensor(self._pending_counts, dtype=torch.float64)
         world = trainer.world_size if trainer is not None else 1
-        if world > 1:
-            # One all-reduce per chunk, on every rank (the flush points are the same step on all ranks).
-            losses = trainer.strategy.reduce(losses.clone(), reduce_op="mean")
-            counts = trainer.strategy.reduce(counts.to(losses.device), reduce_op="sum").cpu()
-        host_loss = losses.cpu().double().numpy()
-        counts = counts.numpy()
-        # Cumulative counts *before* each step: the running totals shifted by one step.
-        before = np.cumsum(counts, axis=0) - counts + [self._samples_total, self._tokens_total]
-        self._step.extend(self._pending_step)
-        self._loss.extend(host_loss)
-        self._samples.extend(before[:, 0])
-        self._tokens.extend(before[:, 1] if self._counts_tokens else np.full(len(host_loss), math.nan))
-        self._append_lr(self._pending_lr)
-        self._samples_total += float(counts[:, 0].sum())
-        self._tokens_total += float(counts[:, 1].sum())
-        if self._batch_size is None and np.any(counts[:, 0] > 0):
-            self._batch_size = float(counts[np.argmax(counts[:, 0] > 0), 0])
-        self._pending_loss, self._pending_counts, self._pending_step, self._pending_lr = [], [], [], []
-        n_bad = int(np.sum(~np.isfinite(host_loss)))
+        n_bad = self._rec.flush(self._ddp_reduce(trainer) if world > 1 else None)
         if n_bad:
             self._warning_cache.warn(
-                f"LossTrajectory: {n_bad} non-finite loss value(s) recorded (kept and flagged in the history)."
+                f"LossTrajectory: {n_bad} non-finite loss value(s) recorded (kept and flagged in the history).",
+                category=DataWarning,
             )
         if trainer is not None:
             self._log(trainer)
+
+    @staticmethod
+    def _ddp_reduce(trainer: pl.Trainer) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        def reduce(losses: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # One all-reduce per chunk, on every rank (the flush points are the same step on all ranks).
+            losses = trainer.strategy.reduce(losses.clone(), reduce_op="mean")
+            return losses, trainer.strategy.reduce(counts.to(losses.device), reduce_op="sum").cpu()
+
+        return reduce
 
     def _log(self, trainer: pl.Trainer) -> None:
         if not trainer.loggers or not trainer.is_global_zero:
             return
         start = self._n_logged
-        step, loss, samples = (c.view()[start:].tolist() for c in (self._step, self._loss, self._samples))
-        lr, tokens = self._lr.view()[start:, 0].tolist(), self._tokens.view()[start:].tolist()
+        rec = self._rec
+        step, loss, samples = (c.view()[start:].tolist() for c in (rec.step, rec.loss, rec.samples))
+        lr, tokens = rec.lr.view()[start:, 0].tolist(), rec.tokens.view()[start:].tolist()
         if self._n_logged == 0 and step:
-            sizes = {"scaling/n_params": self.n_params, "scaling/batch_size": self._batch_size,
+            sizes = {"scaling/n_params": self.n_params, "scaling/batch_size": rec.batch_size,
                      "scaling/tokens_per_sample": self.tokens_per_sample}
             sizes = {k: float(v) for k, v in sizes.items() if v is not None}
             for lg in trainer.loggers:
@@ -511,7 +361,7 @@ class LossTrajectory(Callback):
                 if math.isfinite(loss[i]):
                     writer.add_scalar("scaling/loss", loss[i], global_step=int(tokens[i]))
             writer.flush()
-        self._n_logged = len(self._step)
+        self._n_logged = len(rec.step)
 
     def _tokens_writer(self, trainer: pl.Trainer) -> Any:
         if not (self.log_by_tokens and self._counts_tokens):
@@ -540,7 +390,7 @@ class LossTrajectory(Callback):
 
     def _write(self, trainer: pl.Trainer, *, wait: bool) -> Path | None:
         """Write ``history.json`` (rank 0): now, or (``wait=False``) from a snapshot in a writer thread."""
-        if not trainer.is_global_zero or not (len(self._step) or self._pending_loss):
+        if not trainer.is_global_zero or not (len(self._rec.step) or self._rec.n_pending):
             return None
         path = getattr(self, "_history_path", None) or self.history_path(trainer)
         history = self.history  # a snapshot (copies), taken on the training thread
@@ -566,36 +416,18 @@ class LossTrajectory(Callback):
         if self._writer_error is not None:
             err, self._writer_error = self._writer_error, None
             self._warning_cache.warn(f"LossTrajectory: writing history.json failed ({err}); retrying at the next "
-                                     "checkpoint.")
-
-    def _append_lr(self, rows: Any) -> None:
-        """Append per-group LR rows (ragged lists or a 2-D array), widening the columns when groups appear."""
-        arr = _numpy(rows) if isinstance(rows, (torch.Tensor, np.ndarray)) else None
-        if arr is None or arr.ndim != 2:  # ragged lists (pending rows, version-1 checkpoints); [] = unknown
-            rows = [list(r) for r in rows]
-            arr = np.full((len(rows), max(map(len, rows), default=1)), math.nan)
-            for i, r in enumerate(rows):
-                arr[i, : len(r)] = r
-        width = max(self._lr.width, arr.shape[1])
-        if width > self._lr.width:  # a parameter group was added: earlier rows get NaN for it
-            old = self._lr.view()
-            self._lr = AppendArray(np.float64, width=width)
-            self._lr.extend(np.pad(old, ((0, 0), (0, width - old.shape[1])), constant_values=math.nan))
-        self._lr.extend(np.pad(arr, ((0, 0), (0, width - arr.shape[1])), constant_values=math.nan))
+                                     "checkpoint.", category=ScalingWarning)
 
     def _simulate_schedule(self, trainer: pl.Trainer) -> list[float] | None:
         """Per-step LR of optimizer 0's first group from step 0 to max_steps - 1, by stepping copies of the
         schedulers on a parameter-free stand-in optimizer (the real optimizer state is never copied)."""
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if max_steps is None:
-            est = trainer.estimated_stepping_batches
-            max_steps = int(est) if math.isfinite(est) else None
+        max_steps = run_horizon(trainer)
         if max_steps is None or max_steps > _MAX_SIMULATED_STEPS or not trainer.optimizers:
             return None
         optimizer = trainer.optimizers[0]
         configs = [c for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is optimizer]
         current = trainer.global_step
-        past = self._lr.view()[:current, 0].tolist() if len(self._lr) >= current else []
+        past = self._rec.lr.view()[:current, 0].tolist() if len(self._rec.lr) >= current else []
         lr_now = float(optimizer.param_groups[0]["lr"])
         if not configs:
             return (past if len(past) == current else [lr_now] * current) + [lr_now] * (max_steps - current)

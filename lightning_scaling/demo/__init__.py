@@ -1,4 +1,6 @@
-"""Built-in demo pieces: byte-level data from the Python standard library and a small GPT.
+"""The built-in demo: byte-level data from the Python standard library, a small GPT and the demo's recipe config.
+
+The recipe itself is :mod:`lightning_scaling.study`; ``lightning-scaling demo`` runs it with :func:`demo_config`.
 
 Example::
 
@@ -9,17 +11,14 @@ Example::
 
 from lightning_scaling.demo.data import StdlibTextDataModule, StdlibTextDataset, load_stdlib_bytes
 from lightning_scaling.demo.model import GPT, LRSchedule, kaplan_n_params
-from lightning_scaling.demo.recipe import RecipeConfig, demo_config, load_config, run_recipe
+from lightning_scaling.demo.config import demo_config
 
 __all__ = [
     "GPT",
     "LRSchedule",
-    "RecipeConfig",
     "StdlibTextDataModule",
     "StdlibTextDataset",
     "demo_config",
     "kaplan_n_params",
-    "load_config",
     "load_stdlib_bytes",
-    "run_recipe",
 ]

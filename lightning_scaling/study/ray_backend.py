@@ -6,7 +6,7 @@ Each run of a stage is one Ray task with the resources of the config's ``resourc
 ``{num_cpus: 1, num_gpus: 0}``), so a Ray cluster trains as many runs at once as it has resources. The tasks write
 the same folder layout as the local backend (``<out>/runs/<run>/...``), so the output folder must be on a
 filesystem every node sees; the driver reads the finished runs from there, fits and reports. Each task takes the
-run's :class:`~lightning_scaling.demo.recipe.RunLock`, so Ray drivers, local processes and SLURM shards can share
+run's :class:`~lightning_scaling.study.lock.RunLock`, so Ray drivers, local processes and SLURM shards can share
 one folder.
 
 The driver joins the cluster that ``ray.init()`` finds: ``RAY_ADDRESS`` (e.g. ``ray://head:10001`` or ``auto``),
@@ -30,8 +30,8 @@ def train_runs_ray(cfg: Any, specs: Sequence[Any], out_dir: Path, *,
     """Train ``specs`` concurrently as Ray tasks; per run, whether it is finished (``False``: locked elsewhere).
 
     Args:
-        cfg: the :class:`~lightning_scaling.demo.recipe.RecipeConfig` (its ``resources`` size each task).
-        specs: the runs to train (:class:`~lightning_scaling.demo.recipe.RunSpec`).
+        cfg: the :class:`~lightning_scaling.study.config.RecipeConfig` (its ``resources`` size each task).
+        specs: the runs to train (:class:`~lightning_scaling.study.plan.RunSpec`).
         out_dir: the output folder, on a filesystem shared by every node.
         forecast_extra: extra ``ScalingForecast`` arguments (the held-out run's prior).
 
@@ -68,7 +68,9 @@ def _train_one(cfg_dict: dict[str, Any], spec_dict: dict[str, Any], out_dir: str
     """Body of one Ray task: the local backend's locked train-or-load, in a worker process."""
     import torch
 
-    from lightning_scaling.demo.recipe import RunSpec, _Quiet, load_config, try_train_run
+    from lightning_scaling.study.config import load_config
+    from lightning_scaling.study.plan import RunSpec
+    from lightning_scaling.study.run import _Quiet, try_train_run
 
     cfg = load_config(cfg_dict)
     if cfg.torch_threads is not None:

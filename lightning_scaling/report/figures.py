@@ -1,214 +1,32 @@
-"""Tables and figures of a scaling study: the prediction table and the PNG plots of the recipe and ``fit``.
+"""Figures of a study and of a live forecast: the recipe's and ``fit``'s PNG plots and the forecast figure.
 
 Figures use :class:`matplotlib.figure.Figure` with an Agg canvas (no ``pyplot`` global state, no display needed).
+They take plain result objects (report dicts, :class:`~lightning_scaling.history.RunHistory`, a fitted law, a
+:class:`~lightning_scaling.forecast.Forecast`) and import no Lightning.
 """
 
 from __future__ import annotations
 
 import math
-import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lightning_scaling.history import RunHistory
+from lightning_scaling.numerics import smooth
+from lightning_scaling.report.tables import _as_float, _num, _pct, fmt_n
 
-__all__ = ["format_table", "format_fit_table", "write_figures", "fmt_n", "readme_section", "update_readme"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-#: Markers around the demo's section of the README (``lightning-scaling demo --readme README.md`` rewrites it).
-README_START = "<!-- demo-table:start: written by `lightning-scaling demo --readme README.md` -->"
-README_END = "<!-- demo-table:end -->"
+    from lightning_scaling.forecast import Forecast
 
-
-def fmt_n(n: float | None) -> str:
-    """Compact parameter count: ``98304 -> '98.3k'``.
-
-    Example::
-
-        >>> fmt_n(98304), fmt_n(1.5e6), fmt_n(None)
-        ('98.3k', '1.5M', '?')
-    """
-    if n is None or not math.isfinite(n):
-        return "?"
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
-    return f"{n:.0f}"
+__all__ = ["forecast_figure", "is_predictable", "render_figure", "write_figures", "plot_loss_curves",
+           "plot_critical_batch", "plot_loss_vs_n"]
 
 
-def _pct(x: float | None) -> str:
-    return "" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}%"
-
-
-def _num(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None or not (isinstance(x, (int, float)) and math.isfinite(x)) else format(x, spec)
-
-
-def _as_float(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _interval(iv: Sequence[float] | None, spec: str) -> str:
-    if not iv or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in iv):
-        return ""
-    return f" [{format(iv[0], spec)}, {format(iv[1], spec)}]"
-
-
-def _rows_to_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([line, sep, *body])
-
-
-def format_runs_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
-    """One line per run: role, N, batch, steps, final loss, live B_simple, wall time."""
-    rows = []
-    for name, r in runs.items():
-        rows.append([name, r.get("role", ""), fmt_n(r.get("n_params")), _num(r.get("batch_size"), ".0f"),
-                     str(r.get("steps", "")), _num(r.get("final_loss")), _num(r.get("live_b_simple"), ".1f"),
-                     _num(r.get("wall_s"), ".1f")])
-    return _rows_to_text(["run", "role", "N", "batch", "steps", "final loss", "B_simple", "wall s"], rows)
-
-
-def format_table(report: Mapping[str, Any]) -> str:
-    """The side-by-side prediction table of a recipe report (predicted before training vs actual).
-
-    Example::
-
-        >>> rep = {"runs": {}, "prediction": {"n_params": 2e5, "batch_size": 16, "min_loss": 1.5},
-        ...        "comparison": {"final_loss": {"predicted": 2.0, "actual": 2.1, "rel_error": -0.048},
-        ...                       "critical_batch": {"loss": 2.1, "sweep": 40.0, "live_b_simple": 30.0}}}
-        >>> "final loss" in format_table(rep)
-        True
-    """
-    out = []
-    runs = report.get("runs") or {}
-    if runs:
-        out += ["Runs", format_runs_table(runs), ""]
-    law = (report.get("law") or {}).get("params")
-    cb = report.get("critical_batch") or {}
-    if law:
-        out.append("Fitted law  L(N, S_min) = e + (N_c/N)^a_N + (S_c/S_min)^a_S,  B_crit(L) = B*/L^(1/a_B)")
-        out.append("  " + ", ".join(f"{k}={v:.4g}" for k, v in law.items()))
-        if cb:
-            b_star, alpha_b = _num(_as_float(cb.get("b_star")), ".4g"), _num(_as_float(cb.get("alpha_b")), ".3g")
-            out.append(f"  critical batch B_crit(L) = B*/L^(1/alpha_B): B* = {b_star} samples, "
-                       f"alpha_B = {alpha_b} (source: {cb.get('source', '?')})")
-        out.append("")
-    pred, comp = report.get("prediction"), report.get("comparison")
-    if pred and comp:
-        title = (f"Held-out model: N = {fmt_n(pred['n_params'])} at batch {pred['batch_size']:g}, "
-                 f"predicted before it was trained")
-        rows = []
-        fl = comp["final_loss"]
-        rows.append([f"final loss (mean from step {fl.get('from_step', '?')})",
-                     _num(fl["predicted"]) + _interval(fl.get("interval"), ".3f"), _num(fl["actual"]),
-                     _pct(fl.get("rel_error"))])
-        st = comp.get("steps_to_target")
-        if st:
-            rows.append([f"steps to loss {st['target_loss']:.3f}",
-                         _num(st["predicted"], ".0f") + _interval(st.get("interval"), ".0f"),
-                         _num(st["actual"], ".0f"), _pct(st.get("rel_error"))])
-        cbr = comp.get("critical_batch") or {}
-        if cbr:
-            rows.append([f"critical batch at loss {cbr['loss']:.3f} (samples)",
-                         f"{_num(cbr.get('sweep'), '.1f')} (sweep fit)",
-                         f"{_num(cbr.get('live_b_simple'), '.1f')} (live B_simple)", ""])
-        rows.append(["min loss L(N) (infinite steps)",
-                     _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f"), "-", ""])
-        live = comp.get("live_forecast")
-        if live and "final_loss" in live:
-            rows.append([f"final loss forecast from its own first {live['observed_until']} steps",
-                         _num(live["final_loss"]) + _interval([live.get("final_lower", float("nan")),
-                                                               live.get("final_upper", float("nan"))], ".3f"),
-                         _num(fl["actual"]), _pct(live["final_loss"] / fl["actual"] - 1.0)])
-        out += [title, _rows_to_text(["quantity", "predicted", "actual", "error"], rows)]
-    elif pred:
-        out.append(format_prediction(pred))
-    return "\n".join(out).rstrip() + "\n"
-
-
-def readme_section(report: Mapping[str, Any], *, machine: str, cpu_seconds: float) -> str:
-    """The README's demo section from a report: the held-out table, where and how long it ran, the B_crit check.
-
-    Example::
-
-        >>> rep = {"prediction": {"n_params": 2e5, "batch_size": 16, "min_loss": 1.5}, "timings": {"total_s": 99.6},
-        ...        "comparison": {"final_loss": {"predicted": 2.0, "actual": 2.1, "rel_error": -0.048},
-        ...                       "critical_batch": {"loss": 2.1, "sweep": 40.0, "live_b_simple": 30.0}}}
-        >>> text = readme_section(rep, machine="x86_64, 2 cores", cpu_seconds=180.2)
-        >>> "(x86_64, 2 cores: 100 s wall clock, 180 s CPU time)" in text, "differ by 33%" in text
-        (True, True)
-    """
-    table = format_table({k: v for k, v in report.items() if k not in ("runs", "law", "critical_batch")})
-    wall = _as_float((report.get("timings") or {}).get("total_s"))
-    lines = [README_START,
-             textwrap.fill(f"Table from one run ({machine}: {wall:.0f} s wall clock, {cpu_seconds:.0f} s CPU time):",
-                           width=110), "", "```", table.rstrip(), "```", ""]
-    cbr = (report.get("comparison") or {}).get("critical_batch") or {}
-    sweep, live = _as_float(cbr.get("sweep")), _as_float(cbr.get("live_b_simple"))
-    if math.isfinite(sweep) and math.isfinite(live) and live > 0:
-        lines.append(textwrap.fill(
-            f"Brackets are 90% bootstrap intervals. The critical batch from the batch sweep ({sweep:.1f}) and the "
-            f"live gradient noise scale ({live:.1f}) differ by {100 * abs(sweep / live - 1):.0f}%.", width=110))
-    else:
-        lines.append("Brackets are 90% bootstrap intervals.")
-    return "\n".join([*lines, README_END])
-
-
-def update_readme(readme: str | Path, section: str) -> None:
-    """Replace the text between :data:`README_START` and :data:`README_END` in ``readme`` with ``section``.
-
-    Raises:
-        ValueError: the file lacks the markers (the section is not written anywhere by surprise).
-    """
-    path = Path(readme)
-    text = path.read_text()
-    i, j = text.find(README_START), text.find(README_END)
-    if i < 0 or j < i:
-        raise ValueError(f"{path}: no demo section markers ({README_START!r} ... {README_END!r})")
-    path.write_text(text[:i] + section + text[j + len(README_END):])
-
-
-def format_prediction(pred: Mapping[str, Any]) -> str:
-    """Prediction of a ``fit --predict-n`` without an actual run to compare with."""
-    rows = [["min loss L(N) (infinite steps)",
-             _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f")],
-            [f"loss after {pred['steps'][-1]} steps at batch {pred['batch_size']:g}",
-             _num(pred["loss"][-1]) + _interval([pred["lower"][-1], pred["upper"][-1]] if "lower" in pred else None,
-                                                ".3f")]]
-    if "steps_to_target" in pred:
-        rows.append([f"steps to loss {pred['target_loss']:.3f}",
-                     _num(pred["steps_to_target"], ".0f") + _interval(pred.get("steps_to_target_interval"), ".0f")])
-        rows.append([f"tokens to loss {pred['target_loss']:.3f}", _num(pred.get("tokens_to_target"), ".4g")])
-        rows.append([f"critical batch at loss {pred['target_loss']:.3f} (samples)",
-                     _num(pred.get("critical_batch_at_target"), ".1f")])
-    return f"Prediction for N = {fmt_n(pred['n_params'])}\n" + _rows_to_text(["quantity", "predicted"], rows)
-
-
-def format_fit_table(result: Mapping[str, Any], runs: Sequence[RunHistory]) -> str:
-    """Readable summary of ``lightning-scaling fit``: runs, fitted constants, predictions."""
-    from lightning_scaling.demo.recipe import _live_b_simple, tail_mean
-
-    rows = {}
-    for r in runs:
-        rows[r.name] = {"role": "fit", "n_params": r.n_params, "batch_size": r.batch_size,
-                        "steps": int(r.step[-1]) + 1 if len(r) else 0, "final_loss": tail_mean(r)[0],
-                        "live_b_simple": _live_b_simple(r), "wall_s": None}
-    return format_table({"runs": rows, **{k: v for k, v in result.items() if k != "runs"}})
-
-
-# ================================================================================================================
-# Figures
-# ================================================================================================================
 def _figure(figsize: tuple[float, float]) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -216,13 +34,6 @@ def _figure(figsize: tuple[float, float]) -> Any:
     fig = Figure(figsize=figsize, dpi=110)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1 or len(y) < window:
-        return y
-    k = np.ones(window)
-    return np.convolve(y, k, mode="same") / np.convolve(np.ones_like(y), k, mode="same")
 
 
 def _colors(n: int) -> list[Any]:
@@ -247,11 +58,11 @@ def plot_loss_curves(ax: Any, report: Mapping[str, Any], histories: Mapping[str,
         s, l = h.step[ok], h.loss[ok]
         role = runs_info.get(name, {}).get("role", "fit")
         color = colors.get(h.n_params, "gray")
-        smooth = _smooth(l, max(1, len(l) // 30))
+        trend = smooth(l, max(1, len(l) // 30))
         label = f"{name} (N={fmt_n(h.n_params)})" + (" actual" if role == "holdout" else "")
-        ax.plot(s, smooth, color="black" if role == "holdout" else color, lw=2.0 if role == "holdout" else 1.1,
+        ax.plot(s, trend, color="black" if role == "holdout" else color, lw=2.0 if role == "holdout" else 1.1,
                 alpha=0.45 if role == "sweep" else 0.95, label=label)
-        ys.append(smooth)
+        ys.append(trend)
         if law is not None and role != "holdout" and h.batch_size is not None and h.n_params is not None:
             grid = np.unique(np.geomspace(s[0], s[-1], 60).astype(int))
             ax.plot(grid, law.predict_loss(h.n_params, grid, h.batch_size), color=color, lw=0.9, ls="--", alpha=0.8)
@@ -330,7 +141,7 @@ def _live_b_simple_points(histories: Mapping[str, RunHistory]) -> tuple[np.ndarr
         ok = h.finite_mask
         if h.gns_step is None or h.gns_b_simple is None or not len(h.gns_step) or ok.sum() < 2:
             continue
-        loss_at = np.interp(h.gns_step, h.step[ok], _smooth(h.loss[ok], max(1, ok.sum() // 40)))
+        loss_at = np.interp(h.gns_step, h.step[ok], smooth(h.loss[ok], max(1, ok.sum() // 40)))
         good = np.isfinite(h.gns_b_simple) & (h.gns_b_simple > 0) & (h.gns_step > h.step[-1] * 0.05)
         xs.append(loss_at[good])
         ys.append(h.gns_b_simple[good])
@@ -451,3 +262,133 @@ def write_figures(report: Mapping[str, Any], histories: Mapping[str, RunHistory]
     fig.savefig(out / "report.png")
     paths.append(str(out / "report.png"))
     return paths
+
+
+def is_predictable(loss: Any, lower: Any, upper: Any) -> bool:
+    """Whether a predicted loss is worth reading as a number: its band is finite and narrower than the loss itself.
+
+    Early in a run the band can span [0.09, 35.8] nats around a loss of 3; such a forecast is shown as
+    "not yet predictable" rather than as numbers.
+
+    Example::
+
+        >>> is_predictable(3.0, 2.9, 3.2), is_predictable(3.0, 0.09, 35.8), is_predictable(3.0, float("nan"), 3.1)
+        (True, False, False)
+    """
+    try:
+        loss, lower, upper = float(loss), float(lower), float(upper)
+    except (TypeError, ValueError):
+        return False
+    return all(map(math.isfinite, (loss, lower, upper))) and upper - lower <= abs(loss)
+
+
+def _observed(history: RunHistory) -> tuple[np.ndarray, np.ndarray]:
+    step = np.asarray(history.step, dtype=np.float64)
+    loss = np.asarray(history.loss, dtype=np.float64)
+    ok = np.isfinite(loss)
+    return step[ok], loss[ok]
+
+
+def forecast_figure(
+    history: RunHistory,
+    forecast: Forecast | None = None,
+    *,
+    target_loss: float | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] = (7.0, 4.2),
+) -> Figure:
+    """Matplotlib figure of the observed loss curve, the forecast and its band.
+
+    Built on :class:`matplotlib.figure.Figure` with an Agg canvas (no ``pyplot`` state, safe off the main
+    thread). The raw per-step loss is drawn faintly with a running mean on top, the forecast as a dashed line with
+    its band shaded, the last observed step as a vertical line and ``target_loss`` as a horizontal one. The y range
+    skips the steep early transient so the region the forecast is about stays readable.
+
+    Args:
+        history: the observed run.
+        forecast: the forecast to overlay; ``None`` draws the observed curve only.
+        target_loss: optional target loss to mark.
+        title: figure title; defaults to the run name and the predicted final loss.
+        figsize: figure size in inches.
+
+    Returns:
+        The figure (save it with ``fig.savefig(path)`` or log it with ``SummaryWriter.add_figure``).
+
+    Raises:
+        ImportError: if matplotlib is not installed.
+
+    Example::
+
+        >>> import types
+        >>> h = types.SimpleNamespace(step=np.arange(100), loss=3 + 1 / np.sqrt(1 + np.arange(100)), name="demo")
+        >>> fig = forecast_figure(h)
+        >>> len(fig.axes)
+        1
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    step, loss = _observed(history)
+    ys = [loss[len(loss) // 10 :]] if len(loss) else []
+    if len(loss):
+        window = max(1, len(loss) // 50)
+        if window > 1:
+            ax.plot(step, loss, color="tab:blue", alpha=0.25, lw=0.8, label="observed (raw)")
+        ax.plot(step, smooth(loss, window), color="tab:blue", lw=1.6, label="observed")
+    ok = forecast is not None and is_predictable(forecast.final_loss, forecast.final_lower, forecast.final_upper)
+    if forecast is not None:
+        fs = np.asarray(forecast.steps, dtype=np.float64)
+        fl, lo, hi = (np.asarray(a, dtype=np.float64) for a in (forecast.loss, forecast.lower, forecast.upper))
+        conf = getattr(forecast, "confidence", None)
+        band_label = f"{100 * float(conf):g}% band" if isinstance(conf, (int, float)) and 0 < conf < 1 else "band"
+        ax.fill_between(fs, lo, hi, color="tab:orange", alpha=0.25, lw=0, label=band_label)
+        ax.plot(fs, fl, color="tab:orange", lw=1.6, ls="--", label=f"forecast ({getattr(forecast, 'method', '?')})")
+        observed_until = getattr(forecast, "observed_until", None)
+        if observed_until is not None:
+            ax.axvline(float(observed_until), color="gray", lw=0.8, ls=":", label="last observed step")
+        # A band wider than the loss would squash the observed curve into a line: scale to it only when narrow.
+        ys += [lo[np.isfinite(lo)], hi[np.isfinite(hi)]] if ok else [fl[np.isfinite(fl)]]
+    if target_loss is not None:
+        ax.axhline(float(target_loss), color="tab:green", lw=1.0, ls="-.", label=f"target {target_loss:g}")
+        ys.append(np.array([float(target_loss)]))
+    finite = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.empty(0)
+    if finite.size:
+        lo_y, hi_y = float(np.min(finite)), float(np.percentile(finite, 99.5))
+        pad = 0.05 * max(hi_y - lo_y, 1e-6)
+        ax.set_ylim(lo_y - pad, hi_y + pad)
+    if title is None:
+        title = str(getattr(history, "name", "") or "run")
+        if forecast is not None:
+            band = f"[{float(forecast.final_lower):.4g}, {float(forecast.final_upper):.4g}]"
+            title += (f": final loss {float(forecast.final_loss):.4f} {band}" if ok
+                      else f": final loss not yet predictable (band {band})")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def render_figure(fig: Figure) -> np.ndarray:
+    """Render a figure to an ``uint8`` RGB array of shape ``(H, W, 3)`` (for ``add_image(..., dataformats="HWC")``).
+
+    Rendering is the expensive part of ``add_figure``; doing it here lets the callback render off the training
+    thread and only hand the pixels to the writer.
+
+    Example::
+
+        >>> import types
+        >>> h = types.SimpleNamespace(step=np.arange(10), loss=np.linspace(4, 3, 10), name="demo")
+        >>> render_figure(forecast_figure(h, figsize=(2, 1))).shape
+        (100, 200, 3)
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
