@@ -181,7 +181,7 @@ def _baseline_stop(prefix: RunHistory, lr: Any, horizon: int, target: float) -> 
 def replay_stop(run: RunHistory, checks: Sequence[float] = STOP_CHECKS) -> dict[str, Any]:
     """Replay ForecastEarlyStopping's rule over one finished run: the fraction of the run at which each target's
     rule stopped (``None``: never), for the project and for the power-law rule."""
-    from lightning_scaling.callbacks.early_stopping import ForecastStopRule, _current_loss
+    from lightning_scaling.stopping import ForecastStopRule, current_loss
     from lightning_scaling.forecast import forecast_run
 
     lr, horizon = run_schedule(run)
@@ -200,7 +200,7 @@ def replay_stop(run: RunHistory, checks: Sequence[float] = STOP_CHECKS) -> dict[
         except (ValueError, FloatingPointError, np.linalg.LinAlgError):
             row["refused"] += 1  # no forecast, no verdict: the callback counts nothing either
             continue
-        current = _current_loss(prev)
+        current = current_loss(prev)
         for k, rule in rules.items():
             if row[f"{k}_stop"] is None and rule.update(prev, current_step=cut, current_loss=current):
                 row[f"{k}_stop"] = p
