@@ -72,8 +72,8 @@ __all__ = [
 ]
 
 _HUBER_DELTA = 1e-3
-_PARAM_NAMES = ("n_c", "alpha_n", "s_c", "alpha_s", "b_star", "alpha_b", "e", "anneal", "anneal_lambda")
-_PARAM_DEFAULTS = {"e": 0.0, "anneal": 0.0, "anneal_lambda": 0.999}
+_PARAM_NAMES = ("n_c", "alpha_n", "s_c", "alpha_s", "b_star", "alpha_b", "e", "anneal", "anneal_lambda", "l_plateau")
+_PARAM_DEFAULTS = {"e": 0.0, "anneal": 0.0, "anneal_lambda": 0.999, "l_plateau": 0.0}
 
 
 # ================================================================================================================
@@ -189,7 +189,7 @@ def _first_crossing(grid: np.ndarray, curve: np.ndarray, levels: np.ndarray) -> 
 # ================================================================================================================
 @dataclass(frozen=True)
 class CriticalBatchFit:
-    """Fitted critical batch size ``B_crit(L) = b_star / L^(1/alpha_b)`` in samples.
+    """Fitted critical batch size ``B_crit(L) = b_star / max(L, l_plateau)^(1/alpha_b)`` in samples.
 
     Attributes:
         b_star: ``B_*`` in samples (``b_star * tokens_per_sample`` tokens).
@@ -200,8 +200,12 @@ class CriticalBatchFit:
         tokens_per_sample: tokens per sample when known.
         source: how it was obtained (``"hyperbola"``, ``"gns"``, ``"joint"`` or ``"given"``).
         alpha_b_interval: 90% bootstrap interval of ``alpha_b`` over the sweep's runs, when fitted from a sweep.
-        min_loss: the lowest loss level the law was fitted at (NaN if unknown); below it B_crit(L) is
-            extrapolated, and :class:`ScalingLaw` predictions that reach below it warn.
+        min_loss: the lowest loss level the law was fitted at (NaN if unknown); :class:`ScalingLaw` predictions
+            that reach below it warn.
+        l_plateau: B_crit is held at its value there below this loss (0: the power law extrapolated). A fit from
+            a batch sweep sets it to ``min_loss``: B_crit plateaus late in training (Merrill et al. 2025), and on
+            the CPU study's held-out larger models the extrapolated power law converted their steps to S_min far
+            too aggressively (docs/fitting.md).
 
     Example::
 
@@ -217,10 +221,11 @@ class CriticalBatchFit:
     source: str = "given"
     alpha_b_interval: tuple[float, float] | None = None
     min_loss: float = float("nan")
+    l_plateau: float = 0.0
 
     def __call__(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in samples at ``loss``."""
-        return laws.critical_batch(loss, b_star=self.b_star, alpha_b=self.alpha_b)
+        return laws.critical_batch(loss, b_star=self.b_star, alpha_b=self.alpha_b, l_plateau=self.l_plateau)
 
     def tokens(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in tokens at ``loss`` (needs ``tokens_per_sample``)."""
@@ -233,7 +238,7 @@ class CriticalBatchFit:
         return {"b_star": self.b_star, "alpha_b": _json_float(self.alpha_b),
                 "tokens_per_sample": self.tokens_per_sample, "source": self.source,
                 "alpha_b_interval": None if self.alpha_b_interval is None else list(self.alpha_b_interval),
-                "min_loss": _json_float(self.min_loss),
+                "min_loss": _json_float(self.min_loss), "l_plateau": self.l_plateau,
                 "table": {k: [_json_float(v) for v in np.asarray(a, dtype=float)] for k, a in self.table.items()}}
 
     @classmethod
@@ -244,7 +249,7 @@ class CriticalBatchFit:
                    tokens_per_sample=data.get("tokens_per_sample"), source=data.get("source", "given"),
                    alpha_b_interval=None if data.get("alpha_b_interval") is None
                    else tuple(float(v) for v in data["alpha_b_interval"]),
-                   min_loss=float(data.get("min_loss", "nan")))
+                   min_loss=float(data.get("min_loss", "nan")), l_plateau=float(data.get("l_plateau", 0.0)))
 
 
 def _normal_quantile(level: float) -> float:
@@ -405,7 +410,9 @@ def _low_end(loss: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray, *, low_end: bool = False) -> tuple[float, float]:
+def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray, *,
+                      low_end: bool = False) -> tuple[float, float, np.ndarray]:
+    """``(b_star, alpha_b, levels used)`` of the log-log line through the usable levels (the low end only)."""
     ok = np.isfinite(b_crit) & (b_crit > 0) & np.isfinite(loss) & (loss > 0)
     if ok.sum() < 2 or np.unique(loss[ok]).size < 2:
         raise ValueError(f"only {int(ok.sum())} loss level(s) gave a usable hyperbola fit (need >= 2 at distinct "
@@ -416,7 +423,7 @@ def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray, *, low_end: bool = F
     if slope >= 0:
         raise ValueError(f"B_crit does not fall with the loss (log-log slope {slope:.3g} >= 0); the law "
                          "B_crit = B_*/L^(1/alpha_B) does not describe these runs")
-    return float(math.exp(intercept)), float(-1.0 / slope)
+    return float(math.exp(intercept)), float(-1.0 / slope), ok
 
 
 def _group_by_size(runs: Sequence[RunHistory]) -> list[list[RunHistory]]:
@@ -432,7 +439,7 @@ _BCRIT_BOOTSTRAP = 50
 def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | None = None,
                             tokens_per_sample: float | None = None, n_levels: int = 12,
                             warmup_steps: int | str | None = "auto",
-                            n_bootstrap: int = _BCRIT_BOOTSTRAP) -> CriticalBatchFit:
+                            n_bootstrap: int = _BCRIT_BOOTSTRAP, plateau: bool = True) -> CriticalBatchFit:
     """Fit ``B_crit(L) = B_* / L^(1/alpha_B)`` from runs at several batch sizes.
 
     Runs are grouped by model size (Kaplan found B_crit depends on L, not N, so the levels of all groups are
@@ -451,6 +458,10 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         warmup_steps: steps to drop at the start of each run (``"auto"``: end of LR warmup; see
             :func:`fit_scaling_law`).
         n_bootstrap: resamples of the runs for ``alpha_b_interval`` (0: none).
+        plateau: below the lowest level fitted, hold B_crit at its value there (``l_plateau = min_loss``)
+            instead of extrapolating the power law. B_crit plateaus late in training (Merrill et al. 2025); on the
+            CPU study's held-out larger models (the suite's one batch sweep) the extrapolated law, still growing
+            below the sweep, made the final-loss error 12.5% against 8.3% with the plateau (docs/fitting.md).
 
     Returns:
         A :class:`CriticalBatchFit` (batch sizes in samples).
@@ -472,6 +483,8 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         (0.3, 1.0)
     """
     runs = _check_runs(runs, "fit_critical_batch_size")
+    if not isinstance(plateau, (bool, np.bool_)):
+        raise ValueError(f"plateau must be True or False, got {plateau!r}")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     missing = [r.name for r in runs if r.batch_size is None]
@@ -487,17 +500,16 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
                          f"batch sizes {sorted({r.batch_size for r in runs})} over sizes "
                          f"{sorted({r.n_params for r in runs if r.n_params is not None})}")
     return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample),
-                                 n_bootstrap=n_bootstrap)
+                                 n_bootstrap=n_bootstrap, plateau=bool(plateau))
 
 
 def _critical_from_tables(tables: Sequence[_CrossingTable], *, tokens_per_sample: float | None,
-                          rows: Sequence[np.ndarray] | None = None, n_bootstrap: int = 0) -> CriticalBatchFit:
+                          rows: Sequence[np.ndarray] | None = None, n_bootstrap: int = 0,
+                          plateau: bool = True) -> CriticalBatchFit:
     """Hyperbolas per level, the power law through the low-loss levels, residuals, and an interval on alpha_B."""
     parts = [_hyperbolas(t, None if rows is None else rows[i]) for i, t in enumerate(tables)]
     table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    b_star, alpha_b = _power_law_b_crit(table["loss"], table["b_crit"], low_end=True)
-    ok = np.isfinite(table["b_crit"]) & (table["b_crit"] > 0)
-    fitted = _low_end(table["loss"], ok)
+    b_star, alpha_b, fitted = _power_law_b_crit(table["loss"], table["b_crit"], low_end=True)
     with np.errstate(all="ignore"):
         table["residual"] = np.log(table["b_crit"] / laws.critical_batch(table["loss"], b_star=b_star,
                                                                           alpha_b=alpha_b))
@@ -507,14 +519,15 @@ def _critical_from_tables(tables: Sequence[_CrossingTable], *, tokens_per_sample
     for _ in range(n_bootstrap):  # resample each sweep's runs: the noise of the crossing steps
         try:
             alphas.append(_critical_from_tables(
-                tables, tokens_per_sample=None, rows=[rng.integers(0, t.batch.size, t.batch.size) for t in tables]
-            ).alpha_b)
+                tables, tokens_per_sample=None, rows=[rng.integers(0, t.batch.size, t.batch.size) for t in tables],
+                plateau=plateau).alpha_b)
         except ValueError:
             continue
     interval = tuple(float(v) for v in np.percentile(alphas, [5, 95])) if len(alphas) >= 10 else None
+    min_loss = float(np.min(table["loss"][fitted]))
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
-                            source="hyperbola", alpha_b_interval=interval,
-                            min_loss=float(np.min(table["loss"][fitted])))
+                            source="hyperbola", alpha_b_interval=interval, min_loss=min_loss,
+                            l_plateau=min_loss if plateau else 0.0)
 
 
 def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | None) -> CriticalBatchFit | None:
@@ -539,7 +552,7 @@ def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | No
                   "critical batch under Adam; validate it with a batch-size sweep (fit_critical_batch_size)",
                   UserWarning, stacklevel=5)
     try:
-        b_star, alpha_b = _power_law_b_crit(loss, b)
+        b_star, alpha_b, _ = _power_law_b_crit(loss, b)
     except ValueError:
         # No usable trend in L: a constant critical batch (alpha_B = inf) at the median measurement.
         b_star, alpha_b = float(np.median(b)), float("inf")
@@ -590,7 +603,8 @@ def _as_critical(critical_batch: Any, tokens_per_sample: float | None) -> Critic
     if isinstance(critical_batch, Mapping):
         try:
             return CriticalBatchFit(b_star=float(critical_batch["b_star"]), alpha_b=float(critical_batch["alpha_b"]),
-                                    tokens_per_sample=tokens_per_sample)
+                                    tokens_per_sample=tokens_per_sample,
+                                    l_plateau=float(critical_batch.get("l_plateau", 0.0)))
         except KeyError as err:
             raise ValueError(f"critical_batch dict needs 'b_star' (samples) and 'alpha_b', missing {err}") from None
     if isinstance(critical_batch, (tuple, list)) and len(critical_batch) == 2:
@@ -693,10 +707,12 @@ class ComputeOptimal:
 
 
 def _bootstrap_rows(bootstrap: ArrayLike | None) -> np.ndarray:
-    """Bootstrap parameter sets as ``(n, len(PARAM_NAMES))``; rows saved before the annealing columns get them."""
+    """Bootstrap parameter sets as ``(n, len(PARAM_NAMES))``; rows saved before the later columns (annealing,
+    B_crit plateau) get their defaults, which reproduce the older law."""
     boot = np.empty((0, len(_PARAM_NAMES))) if bootstrap is None else np.asarray(bootstrap, dtype=float)
-    if boot.ndim == 2 and boot.shape[1] == 7:
-        boot = np.column_stack([boot, np.zeros(len(boot)), np.full(len(boot), _PARAM_DEFAULTS["anneal_lambda"])])
+    if boot.ndim == 2 and 6 < boot.shape[1] < len(_PARAM_NAMES):
+        pad = [np.full(len(boot), _PARAM_DEFAULTS[k]) for k in _PARAM_NAMES[boot.shape[1]:]]
+        boot = np.column_stack([boot, *pad])
     return boot.reshape(-1, len(_PARAM_NAMES))
 
 
@@ -852,10 +868,15 @@ class ScalingLaw:
         p = self.params
         s_eff, a = schedule_features(lr, steps, lam=p["anneal_lambda"])
         # B_crit is a function of the current (annealed) loss L = f L', f = exp(-c a): with B_crit(f L') =
-        # B_crit(L') f^(-1/alpha_B), L' solves the constant-LR law at the batch B f^(1/alpha_B).
+        # B_crit(L') f^(-1/alpha_B) (plateau l_p at L becomes l_p / f at L'), L' solves the constant-LR law at the
+        # batch B f^(1/alpha_B).
+        kw = self._kw
+        b_eff = batch_size
         f = np.exp(-p["anneal"] * a)
-        b_eff = np.asarray(batch_size, dtype=float) * f ** (1.0 / p["alpha_b"]) if p["anneal"] else batch_size
-        out = np.minimum(laws.loss_n_s_b(n_params, s_eff, b_eff, **self._kw) * f, self.loss_cap)
+        if p["anneal"]:
+            b_eff = np.asarray(batch_size, dtype=float) * f ** (1.0 / p["alpha_b"])
+            kw["l_plateau"] = p["l_plateau"] / f
+        out = np.minimum(laws.loss_n_s_b(n_params, s_eff, b_eff, **kw) * f, self.loss_cap)
         self._check_bcrit_range(out)
         return out
 
@@ -869,9 +890,10 @@ class ScalingLaw:
             from lightning_scaling.warnings import FitWarning
 
             self._warned_range = True
+            there = "held at its value there" if self.params["l_plateau"] > 0 else "the power law extrapolated"
             warnings.warn(f"this prediction reaches loss {low:.4g}, below the lowest level ({self.bcrit_min_loss:.4g})"
-                          " at which B_crit(L) was measured: the critical batch there is the power law extrapolated"
-                          "; a batch sweep that trains further pins it down", FitWarning, stacklevel=3)
+                          f" at which B_crit(L) was measured: the critical batch there is {there}; a batch sweep "
+                          "that trains further pins it down", FitWarning, stacklevel=3)
 
     def min_loss(self, n_params: ArrayLike) -> np.ndarray:
         """Lowest loss a model of ``n_params`` reaches (infinite steps): ``e + (n_c/N)^alpha_n``."""
@@ -880,7 +902,8 @@ class ScalingLaw:
     def critical_batch_size(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in samples at ``loss`` (``* tokens_per_sample`` for tokens)."""
         self._need_critical("critical_batch_size")
-        return laws.critical_batch(loss, b_star=self.params["b_star"], alpha_b=self.params["alpha_b"])
+        p = self.params
+        return laws.critical_batch(loss, b_star=p["b_star"], alpha_b=p["alpha_b"], l_plateau=p["l_plateau"])
 
     def min_steps(self, loss: ArrayLike, n_params: ArrayLike) -> np.ndarray:
         """``S_min``: steps to reach ``loss`` at an infinite batch (``inf`` if below :meth:`min_loss`)."""
@@ -952,7 +975,8 @@ class ScalingLaw:
     def _compute_optimal_values(self, compute: float, p: Mapping[str, float]) -> dict[str, float]:
         out = laws.compute_optimal_allocation(compute / 2.0, n_c=p["n_c"], alpha_n=p["alpha_n"], s_c=p["s_c"],
                                               alpha_s=p["alpha_s"], b_star=p["b_star"], alpha_b=p["alpha_b"],
-                                              e=p["e"], tokens_per_sample=self.tokens_per_sample)
+                                              e=p["e"], tokens_per_sample=self.tokens_per_sample,
+                                              l_plateau=p["l_plateau"])
         steps = 2.0 * float(out["s_min"])
         batch = float(out["b_crit"])
         return {"n_params": float(out["n"]), "batch_size": batch, "steps": steps,
@@ -1395,7 +1419,8 @@ def _resolve_critical(runs: Sequence[RunHistory], data: _Binned, critical_batch:
     sweep_error = None
     if tables:
         try:
-            return _critical_from_tables(tables, tokens_per_sample=tps, n_bootstrap=_BCRIT_BOOTSTRAP), tables
+            # no alpha_B interval: the law's bootstrap refits B_crit on resampled runs itself
+            return _critical_from_tables(tables, tokens_per_sample=tps, plateau=kw.get("plateau", True)), tables
         except ValueError as err:  # an unusable sweep: fall back to the GNS record if there is one
             sweep_error = err
     fallback = _critical_from_gns(runs, tps) or _critical_from_joint(data.bins, tps)
@@ -1485,6 +1510,11 @@ def _calibrate(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float],
             "n_max": float(sizes[-1]), "n_sizes": len(sizes) - k}
 
 
+def _critical_params(cb: CriticalBatchFit) -> dict[str, float]:
+    """The law's B_crit(L) constants."""
+    return {"b_star": cb.b_star, "alpha_b": cb.alpha_b, "l_plateau": cb.l_plateau}
+
+
 def _bootstrap(runs: Sequence[RunHistory], data: _Binned, pts: _Points, cb: CriticalBatchFit,
                tables: Sequence[_CrossingTable], lay: _Layout, theta: np.ndarray, tps: float | None,
                n_bootstrap: int, seed: int | None) -> list[list[float]]:
@@ -1494,7 +1524,7 @@ def _bootstrap(runs: Sequence[RunHistory], data: _Binned, pts: _Points, cb: Crit
     n_runs = len(runs)
 
     def row(th: np.ndarray, sub: _Points, c: CriticalBatchFit) -> list[float]:
-        p = {**_theta_to_params(th, sub, lay, data.lam), "b_star": c.b_star, "alpha_b": c.alpha_b}
+        p = {**_theta_to_params(th, sub, lay, data.lam), **_critical_params(c)}
         return [p[k] for k in _PARAM_NAMES]
 
     while n_runs < 4 and len(rows_boot) < n_bootstrap:
@@ -1513,7 +1543,7 @@ def _bootstrap(runs: Sequence[RunHistory], data: _Binned, pts: _Points, cb: Crit
             try:
                 picked = [np.concatenate([np.flatnonzero(m == i) for i in rows if i in m]) if m.size else m
                           for m in members]
-                cb_b = _critical_from_tables(tables, tokens_per_sample=tps,
+                cb_b = _critical_from_tables(tables, tokens_per_sample=tps, plateau=cb.l_plateau > 0,
                                              rows=[p if p.size else np.arange(len(m)) for p, m in zip(picked, members)])
                 sub = _subset(_collect_points(data, cb_b, ref=(pts.n_ref, pts.s_ref)), rows)
             except ValueError:
@@ -1622,7 +1652,7 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     lay = _Layout(irreducible=chosen == "kaplan+irreducible", anneal=anneal)
     # the fit above is this fit when the Kaplan form wins (same points, layout and decays): reuse it
     theta, res, n_grid, pts = pre if pre is not None and lay == pre_lay else _fit_points(data, cb, lay, n_starts)
-    params = {**_theta_to_params(theta, pts, lay, data.lam), "b_star": cb.b_star, "alpha_b": cb.alpha_b}
+    params = {**_theta_to_params(theta, pts, lay, data.lam), **_critical_params(cb)}
     calibration = _calibrate(pts, runs, sizes, lay, n_starts)
     rows_boot = _bootstrap(runs, data, pts, cb, tables, lay, theta, tps, n_bootstrap, seed)
 
