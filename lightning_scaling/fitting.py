@@ -1035,13 +1035,22 @@ class ScalingLaw:
             return tuple(band([o[i] for o in outs]) for i in range(len(outs[0])))
         lo, hi = band(outs)
         if method in ("predict_loss", "min_loss"):
-            # Bootstrap spread (noise) and model error (what the fit missed on its own larger sizes) add in
-            # quadrature around the point prediction.
-            centre = np.asarray(getattr(self, method)(*args, **kwargs), dtype=float)
-            half = _normal_quantile(level) * self.model_sigma(args[0]) * centre
-            lo = centre - np.hypot(np.maximum(centre - lo, 0.0), half)
-            hi = centre + np.hypot(np.maximum(hi - centre, 0.0), half)
+            lo, hi = self._with_model_error(np.asarray(getattr(self, method)(*args, **kwargs), dtype=float), lo, hi,
+                                            _normal_quantile(level) * self.model_sigma(args[0]))
         return lo, hi
+
+    @staticmethod
+    def _with_model_error(centre: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                          half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bootstrap spread (noise) and the relative model error ``half`` in quadrature, in log loss.
+
+        In log space a loss interval stays positive however large the model error of a far extrapolation (added
+        to the loss itself, ``half * centre`` took the lower end below zero); for small errors it is the same.
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            down = np.log(centre / np.maximum(np.minimum(lo, centre), np.finfo(float).tiny))
+            up = np.log(np.maximum(hi, centre) / centre)
+        return centre * np.exp(-np.hypot(down, half)), centre * np.exp(np.hypot(up, half))
 
     def model_sigma(self, n_params: ArrayLike) -> np.ndarray:
         """Relative model error of a loss prediction at ``n_params`` (one standard deviation).
@@ -1201,6 +1210,7 @@ class _Points:
     s_ref: float
     run_index: np.ndarray
     anneal: np.ndarray
+    weight: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -1217,15 +1227,15 @@ class _Layout:
 
 def _take(pts: _Points, sel: np.ndarray) -> _Points:
     return _Points(u=pts.u[sel], v=pts.v[sel], log_loss=pts.log_loss[sel], n_ref=pts.n_ref, s_ref=pts.s_ref,
-                   run_index=pts.run_index[sel], anneal=pts.anneal[sel])
+                   run_index=pts.run_index[sel], anneal=pts.anneal[sel], weight=pts.weight[sel])
 
 
-def _huber(r: np.ndarray) -> tuple[float, np.ndarray]:
-    """Summed Huber loss (delta ``_HUBER_DELTA``) of residuals ``r`` and its derivative per residual."""
+def _huber(r: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed Huber loss (delta ``_HUBER_DELTA``) of residuals ``r`` with weights ``w``, and its derivative."""
     absr = np.abs(r)
     small = absr <= _HUBER_DELTA
-    f = float(np.sum(np.where(small, 0.5 * r * r, _HUBER_DELTA * (absr - 0.5 * _HUBER_DELTA))))
-    return f, np.where(small, r, _HUBER_DELTA * np.sign(r))
+    f = float(np.sum(w * np.where(small, 0.5 * r * r, _HUBER_DELTA * (absr - 0.5 * _HUBER_DELTA))))
+    return f, w * np.where(small, r, _HUBER_DELTA * np.sign(r))
 
 
 def _log_pred(theta: np.ndarray, pts: _Points, lay: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1242,7 +1252,7 @@ def _log_pred(theta: np.ndarray, pts: _Points, lay: _Layout) -> tuple[np.ndarray
 def _huber_objective(theta: np.ndarray, pts: _Points, lay: _Layout) -> tuple[float, np.ndarray]:
     logp, tn, ts, base = _log_pred(theta, pts, lay)
     # Summed (not averaged) Huber: O(1) gradients, so L-BFGS does not stop at its start (Besiroglu et al. 2024).
-    f, dr = _huber(logp - pts.log_loss)
+    f, dr = _huber(logp - pts.log_loss, pts.weight)
     psi = dr / base
     g = [np.sum(psi * tn), -np.sum(psi * tn * pts.u), np.sum(psi * ts), -np.sum(psi * ts * pts.v)]
     if lay.irreducible:
@@ -1345,8 +1355,12 @@ def _collect_points(data: _Binned, cb: CriticalBatchFit, ref: tuple[float, float
     if ref is None:
         ref = (float(np.exp(np.mean(np.log(n)))), float(np.exp(np.mean(np.log(smin)))))
     n_ref, s_ref = ref
+    # Each model size weighs the same: a batch sweep at one size (5 runs) would otherwise outweigh the ladder's
+    # other sizes, and its S_min conversions (through an uncertain B_crit) pulled the fit off the ladder.
+    runs_of = {nn: sum(b[2] == nn for b in data.bins) for _, _, nn, _ in data.bins}
+    weight = np.concatenate([np.full(bs.size, 1.0 / runs_of[nn]) for bs, _, nn, _ in data.bins])
     return _Points(u=np.log(n / n_ref), v=np.log(smin / s_ref), log_loss=np.log(loss), n_ref=n_ref, s_ref=s_ref,
-                   run_index=idx, anneal=np.concatenate([f[1] for f in feats]))
+                   run_index=idx, anneal=np.concatenate([f[1] for f in feats]), weight=weight)
 
 
 def _subset(pts: _Points, rows: np.ndarray) -> _Points:
@@ -1792,9 +1806,7 @@ def fit_loss_n_s_b(n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
             r = np.log(pred) - ll
         if not np.all(np.isfinite(r)):
             return 1e6, np.zeros_like(th)
-        a = np.abs(r)
-        small = a <= _HUBER_DELTA
-        f = float(np.sum(np.where(small, 0.5 * r * r, _HUBER_DELTA * (a - 0.5 * _HUBER_DELTA))))
+        f, dr = _huber(r, np.ones_like(r))
         # Gradient by implicit differentiation of F(L, theta) = L - e - T_N - T_S(L) = 0: dL/dth = -F_th / F_L,
         # with F_L = 1 + alpha_S T_S q / (alpha_B L) > 0 (the same monotonicity that makes the root unique).
         t_n = pred * 0 + laws.loss_n(n, n_c=p["n_c"], alpha_n=p["alpha_n"])
@@ -1809,7 +1821,7 @@ def fit_loss_n_s_b(n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
         if irr:
             f_theta.append(-np.ones_like(pred))
         f_l = 1.0 + alpha_s * t_s * q / (alpha_b * pred)
-        psi = np.where(small, r, _HUBER_DELTA * np.sign(r)) / pred
+        psi = dr / pred
         g = np.array([np.sum(psi * (-ft / f_l)) for ft in f_theta])
         return f, g
 

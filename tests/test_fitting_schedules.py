@@ -129,12 +129,23 @@ def test_model_error_widens_loss_intervals_with_extrapolation_distance():
     assert law.bootstrap.shape == (5, len(ScalingLaw.PARAM_NAMES))
     centre = law.predict_loss(1e7, 1000, 64)
     lo, hi = law.interval("predict_loss", 1e7, 1000, 64, level=0.9)
-    # No bootstrap spread: the model error alone.
-    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR)) * centre
-    assert hi - centre == pytest.approx(half, rel=1e-3) and centre - lo == pytest.approx(half, rel=1e-3)
+    # No bootstrap spread: the model error alone, a relative error applied in log loss.
+    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR))
+    assert np.log(hi / centre) == pytest.approx(half, rel=1e-3) and np.log(centre / lo) == pytest.approx(half, rel=1e-3)
     far_lo, far_hi = law.interval("predict_loss", 1e7 * np.e**3, 1000, 64, level=0.9)
     far = law.predict_loss(1e7 * np.e**3, 1000, 64)
-    assert (far_hi - far) / far == pytest.approx(3 * (hi - centre) / centre, rel=1e-3)
+    assert np.log(far_hi / far) == pytest.approx(3 * half, rel=1e-3)
+
+
+def test_loss_intervals_stay_positive_far_out():
+    # A large model error extrapolated 20 e-folds in N: added to the loss itself it took the lower end below 0.
+    law = ScalingLaw(K, bootstrap=[[K[k] for k in list(K)] + [0.0]] * 5,
+                     model_error={"sigma": 0.3, "distance": 1.0, "n_max": 1e7})
+    for method, args in (("min_loss", (1e7 * np.e**20,)), ("predict_loss", (1e7 * np.e**20, 1000, 64))):
+        centre = float(getattr(law, method)(*args))
+        lo, hi = law.interval(method, *args, level=0.9)
+        assert 0 < float(lo) < centre < float(hi)
+        assert np.log(centre / float(lo)) == pytest.approx(np.log(float(hi) / centre), rel=1e-6)
 
 
 def test_fit_measures_its_own_held_out_size_error():
