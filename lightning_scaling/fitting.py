@@ -1337,6 +1337,13 @@ class _Binned:
     bins: list[tuple[np.ndarray, np.ndarray, float, float]]
     scheds: list[np.ndarray | None]
     lam: float = 0.999
+    _features: dict[float, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict, repr=False)
+
+    def features(self, lam: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per run ``schedule_features`` at its bins, computed once per decay (the bootstrap reuses them)."""
+        if lam not in self._features:
+            self._features[lam] = [schedule_features(sc, bs, lam=lam) for (bs, *_), sc in zip(self.bins, self.scheds)]
+        return self._features[lam]
 
     @property
     def decayed(self) -> bool:
@@ -1347,7 +1354,7 @@ def _collect_points(data: _Binned, cb: CriticalBatchFit, ref: tuple[float, float
                     lam: float | None = None) -> _Points:
     """Fit points ``(log N, log S_min, log L, a)`` with ``S_min = S_eff / (1 + B_crit(L)/B)``."""
     lam = data.lam if lam is None else lam
-    feats = [schedule_features(sc, bs, lam=lam) for (bs, *_), sc in zip(data.bins, data.scheds)]
+    feats = data.features(lam)
     n = np.concatenate([np.full(bs.size, nn) for bs, _, nn, _ in data.bins])
     smin = np.concatenate([laws.s_min(f[0], bb, cb(bl)) for (_, bl, _, bb), f in zip(data.bins, feats)])
     loss = np.concatenate([bl for _, bl, _, _ in data.bins])
@@ -1483,22 +1490,27 @@ def _size_split(runs: Sequence[RunHistory], sizes: Sequence[float], k: int) -> t
     return np.flatnonzero(small), np.flatnonzero(~small)
 
 
-def _choose_form(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float], form: str, anneal: bool,
-                 n_starts: int) -> tuple[str, dict[str, float]]:
-    """Stage 3: ``form="auto"`` keeps the form that predicts the largest fitted size better from the others."""
+def _choose_form(data: _Binned, cb: CriticalBatchFit, runs: Sequence[RunHistory], sizes: Sequence[float],
+                 form: str, anneal: bool, n_starts: int) -> tuple[str, dict[str, float], np.ndarray | None]:
+    """Stage 3: ``form="auto"`` keeps the form that predicts the largest fitted size better from the others.
+
+    Returns the form, the RMS held-out error per form and the chosen form's per-run errors (reused by
+    :func:`_calibrate`, which would otherwise repeat the same held-out fit).
+    """
     if form != "auto":
-        return form, {}
+        return form, {}, None
     if len(sizes) < 3:
         warnings.warn("form='auto' needs >= 3 model sizes to validate on the largest; using 'kaplan'",
                       UserWarning, stacklevel=4)
-        return "kaplan", {}
+        return "kaplan", {}, None
+    pts = _collect_points(data, cb)
     fit_idx, test_idx = _size_split(runs, sizes, _inner_split(len(sizes)))
     train, test = _subset(pts, fit_idx), _subset(pts, test_idx)
-    validation = {}
-    for name in ("kaplan", "kaplan+irreducible"):
-        lay = _Layout(irreducible=name != "kaplan", anneal=anneal)
-        validation[name] = float(np.sqrt(np.mean(_held_out_error(train, test, lay, n_starts) ** 2)))
-    return min(validation, key=validation.get), validation
+    errs = {name: _held_out_error(train, test, _Layout(irreducible=name != "kaplan", anneal=anneal), n_starts)
+            for name in ("kaplan", "kaplan+irreducible")}
+    validation = {name: float(np.sqrt(np.mean(e**2))) for name, e in errs.items()}
+    chosen = min(validation, key=validation.get)
+    return chosen, validation, errs[chosen]
 
 
 def _inner_split(n_sizes: int) -> int:
@@ -1507,19 +1519,21 @@ def _inner_split(n_sizes: int) -> int:
 
 
 def _calibrate(pts: _Points, runs: Sequence[RunHistory], sizes: Sequence[float], lay: _Layout,
-               n_starts: int) -> dict[str, float]:
+               n_starts: int, err: np.ndarray | None = None) -> dict[str, float]:
     """Stage 5: the model error the fit makes on its own larger sizes, for prediction intervals.
 
     The suite's protocol replayed inside the fit: fit the smaller two thirds of the sizes, predict the final
     losses of the rest. ``sigma`` is the RMS relative error, ``distance`` the log-size span it extrapolated over
     (``log(N_max / N_fit_max)``) and ``n_max`` the largest fitted size; :meth:`ScalingLaw.interval` scales sigma
     with the extrapolation distance of a prediction. Resampling runs (the bootstrap) only measures noise.
+    ``err``: these errors when :func:`_choose_form` already measured them.
     """
     if len(sizes) < 3:
         return {"sigma": 0.0, "distance": 0.0, "n_max": float(sizes[-1]), "n_sizes": 0}
     k = _inner_split(len(sizes))
     fit_idx, test_idx = _size_split(runs, sizes, k)
-    err = _held_out_error(_subset(pts, fit_idx), _subset(pts, test_idx), lay, n_starts)
+    if err is None:
+        err = _held_out_error(_subset(pts, fit_idx), _subset(pts, test_idx), lay, n_starts)
     return {"sigma": float(np.sqrt(np.mean(err**2))), "distance": float(math.log(sizes[-1] / sizes[k - 1])),
             "n_max": float(sizes[-1]), "n_sizes": len(sizes) - k}
 
@@ -1662,12 +1676,12 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     pre_lay, pre = _Layout(irreducible=False, anneal=True), None
     if anneal and form == "auto":  # judge the forms at the momentum decay a Kaplan fit chooses
         pre = _fit_points(data, cb, pre_lay, n_starts)
-    chosen, validation = _choose_form(_collect_points(data, cb), runs, sizes, form, anneal, n_starts)
+    chosen, validation, held_err = _choose_form(data, cb, runs, sizes, form, anneal, n_starts)
     lay = _Layout(irreducible=chosen == "kaplan+irreducible", anneal=anneal)
     # the fit above is this fit when the Kaplan form wins (same points, layout and decays): reuse it
     theta, res, n_grid, pts = pre if pre is not None and lay == pre_lay else _fit_points(data, cb, lay, n_starts)
     params = {**_theta_to_params(theta, pts, lay, data.lam), **_critical_params(cb)}
-    calibration = _calibrate(pts, runs, sizes, lay, n_starts)
+    calibration = _calibrate(pts, runs, sizes, lay, n_starts, held_err)
     rows_boot = _bootstrap(runs, data, pts, cb, tables, lay, theta, tps, n_bootstrap, seed)
 
     info = FitInfo(success=bool(res.success), message=str(res.message), nfev=int(res.nfev), nit=int(res.nit),
@@ -1717,11 +1731,8 @@ def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, fl
     if bad:
         values = ", ".join(f"{law.params[k]:.3g}" for k in bad)
         problems.append(f"constant(s) {', '.join(bad)} are degenerate ({values})")
-    warned = law._warned_batch, law._warned_range
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pred = float(np.asarray(law.predict_loss(*probe)).ravel()[0])
-    law._warned_batch, law._warned_range = warned  # the probe is no prediction of the user's: keep their warnings
+    with np.errstate(all="ignore"):  # the probe is no prediction of the user's: a copy, so their warnings stay
+        pred = float(np.asarray(law.with_params({}).predict_loss(*probe)).ravel()[0])
     if not (math.isfinite(pred) and pred > 0):
         problems.append(f"it predicts a loss of {pred} inside the data (N={probe[0]:g}, S={probe[1]:g})")
     n_drop = sum(dropped.values())

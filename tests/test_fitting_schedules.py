@@ -202,3 +202,43 @@ def test_prediction_below_the_fitted_levels_warns_once():
         warnings.simplefilter("error")
         law.predict_loss(1e9, [1e5], 64)  # once per law
         ScalingLaw(K, bcrit_min_loss=1.0).predict_loss(1e9, [1e5], 64)  # within the levels: silent
+
+
+def test_critical_batch_plateaus_below_the_lowest_fitted_level_by_default():
+    fit = fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0)
+    low = fit.min_loss
+    assert fit.l_plateau == low and fit(0.8 * low) == pytest.approx(fit(low), rel=1e-12)
+    assert fit(1.2 * low) == pytest.approx(fit.b_star / (1.2 * low) ** (1 / fit.alpha_b), rel=1e-12)
+    assert CriticalBatchFit.from_dict(fit.to_dict()).l_plateau == low
+    power = fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0, plateau=False)
+    assert power.l_plateau == 0.0 and power(0.8 * low) > power(low)
+    assert (power.b_star, power.alpha_b) == (fit.b_star, fit.alpha_b)  # the plateau only bounds the law below
+    with pytest.raises(ValueError, match="plateau must be True or False"):
+        fit_critical_batch_size(bending_sweep(), plateau="yes")
+
+
+def test_annealed_prediction_holds_b_crit_at_the_current_loss_on_the_plateau():
+    lp = 3.6
+    law = ScalingLaw({**K, "anneal": ANNEAL, "anneal_lambda": LAM, "l_plateau": lp})
+    lr, s = schedule("cosine"), np.arange(100, STEPS + 1, 100)
+    pred = law.predict_loss(3e7, s, 64, lr_schedule=lr)
+    assert pred.min() < lp < pred.max()
+    # The root solves L = f [L_N + (S_c (1 + B_crit(L)/B) / S_eff)^alpha_S], B_crit at L itself, held below lp.
+    s_eff, a = schedule_features(lr, s, lam=LAM)
+    bc = laws.critical_batch(pred, b_star=K["b_star"], alpha_b=K["alpha_b"], l_plateau=lp)
+    rhs = np.exp(-ANNEAL * a) * (laws.loss_n(3e7, n_c=K["n_c"], alpha_n=K["alpha_n"])
+                                 + (K["s_c"] * (1 + bc / 64) / s_eff) ** K["alpha_s"])
+    np.testing.assert_allclose(pred, rhs, rtol=1e-9)
+
+
+def test_law_carries_the_plateau_and_laws_saved_before_it_load_unchanged():
+    law = ScalingLaw({**K, "l_plateau": 2.5}, bootstrap=[[*K.values(), 0.0, 0.0, 0.999, 2.5]] * 3)
+    assert law.critical_batch_size(2.0) == law.critical_batch_size(2.5) < ScalingLaw(K).critical_batch_size(2.0)
+    steps = np.geomspace(100, 1e6, 9)
+    np.testing.assert_allclose(law.predict_loss(1e9, steps, 64), laws.loss_n_s_b(1e9, steps, 64, **K, l_plateau=2.5))
+    old = law.to_dict()
+    del old["params"]["l_plateau"]
+    old["bootstrap"] = [row[:9] for row in old["bootstrap"]]  # saved with 9 columns, before the plateau
+    back = ScalingLaw.from_dict(old)
+    assert back.params["l_plateau"] == 0.0 and back.bootstrap.shape == (3, len(ScalingLaw.PARAM_NAMES))
+    np.testing.assert_allclose(back.predict_loss(1e9, steps, 64), laws.loss_n_s_b(1e9, steps, 64, **K))
