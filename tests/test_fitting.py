@@ -250,6 +250,25 @@ def test_given_critical_batch_and_explicit_warmup():
     assert law.params["alpha_s"] == pytest.approx(0.7, abs=0.05)
 
 
+def test_default_fit_holds_b_crit_below_the_sweep(runs):
+    law = fit_scaling_law(runs, n_bootstrap=4, seed=0)
+    assert law.params["l_plateau"] == law.bcrit_min_loss > 0
+    col = law.bootstrap[:, ScalingLaw.PARAM_NAMES.index("l_plateau")]
+    assert np.all(col > 0)  # each resample's plateau sits at its own refitted sweep's lowest level
+    low = law.bcrit_min_loss
+    assert float(law.critical_batch_size(0.9 * low)) == pytest.approx(float(law.critical_batch_size(low)))
+
+
+def test_each_model_size_weighs_the_same_however_many_runs_it_has():
+    runs = [make_run(n, 64, seed=i, steps=2000) for i, n in enumerate([1e6, 4e6, 16e6])]
+    copies = [runs[0]] * 4  # a size run 5 times (e.g. a sweep) must not pull the law toward its curve
+    kw = dict(critical_batch=(TRUE["b_star"], TRUE["alpha_b"]), n_bootstrap=0)
+    one, many = fit_scaling_law(runs, **kw), fit_scaling_law(runs + copies, **kw)
+    for k in ("n_c", "alpha_n", "s_c", "alpha_s"):
+        assert many.params[k] == pytest.approx(one.params[k], rel=1e-3)
+
+
+@pytest.mark.timing
 def test_speed_ten_runs_of_5000_points_with_bootstrap(runs):
     t0 = time.perf_counter()
     law = fit_scaling_law(runs, n_bootstrap=100, seed=1)

@@ -168,6 +168,7 @@ def test_compute_flops_and_preset():
         KAPLAN_2020.alpha_n = 0.1  # frozen
 
 
+@pytest.mark.timing
 def test_prediction_of_1e5_points_under_one_second():
     rng = np.random.default_rng(0)
     n = rng.uniform(1e6, 1e9, 100_000)
