@@ -341,6 +341,7 @@ class _CrossingTable:
     batch: np.ndarray
     levels: np.ndarray
     steps: np.ndarray
+    members: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # the rows' indices in the runs
 
 
 def _as_levels(levels: ArrayLike) -> np.ndarray:
@@ -433,11 +434,24 @@ def _power_law_b_crit(loss: np.ndarray, b_crit: np.ndarray, *,
     return float(math.exp(intercept)), float(-1.0 / slope), ok
 
 
-def _group_by_size(runs: Sequence[RunHistory]) -> list[list[RunHistory]]:
-    groups: dict[float, list[RunHistory]] = {}
-    for r in runs:
-        groups.setdefault(float(r.n_params) if r.n_params is not None else float("nan"), []).append(r)
-    return list(groups.values())
+def _sweeps(runs: Sequence[RunHistory], scheds: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """Indices of the batch sweeps among the runs: one size and one LR schedule shape, >= 2 batch sizes.
+
+    Runs of one size under other schedules (a cosine and a WSD run beside the constant-LR sweep) cross the loss
+    levels at steps the hyperbola cannot explain, and made the CPU study's sweep unusable.
+    """
+    groups: dict[tuple[float, bytes | None], list[int]] = {}
+    for i, (r, sc) in enumerate(zip(runs, scheds)):
+        shape = None if sc is None else np.round(sc / sc.max(), 4).tobytes()
+        groups.setdefault((float(r.n_params) if r.n_params is not None else float("nan"), shape), []).append(i)
+    return [np.array(g) for g in groups.values() if len({runs[i].batch_size for i in g}) >= 2]
+
+
+def _sweep_tables(runs: Sequence[RunHistory], scheds: Sequence[np.ndarray | None], *, levels: ArrayLike | None,
+                  n_levels: int, warmup_steps: int | str | None) -> list[_CrossingTable]:
+    """One crossing table per batch sweep (:func:`_sweeps`), each knowing its runs' indices."""
+    return [replace(_crossing_table([runs[i] for i in g], levels=levels, n_levels=n_levels,
+                                    warmup_steps=warmup_steps), members=g) for g in _sweeps(runs, scheds)]
 
 
 _BCRIT_BOOTSTRAP = 50
@@ -449,7 +463,7 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
                             n_bootstrap: int = _BCRIT_BOOTSTRAP, plateau: bool = True) -> CriticalBatchFit:
     """Fit ``B_crit(L) = B_* / L^(1/alpha_B)`` from runs at several batch sizes.
 
-    Runs are grouped by model size (Kaplan found B_crit depends on L, not N, so the levels of all groups are
+    Runs are grouped by model size and LR schedule shape (Kaplan found B_crit depends on L, not N, so the levels of all groups are
     pooled into one power law). Per group and loss level the first step ``S`` reaching the level on the smoothed,
     monotone curve (:func:`smooth_monotone`) gives one point per run; a weighted regression of ``S`` on ``1/B``
     fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is fitted on the
@@ -497,13 +511,11 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
     missing = [r.name for r in runs if r.batch_size is None]
     if missing:
         raise ValueError(f"runs without batch_size: {missing}; set RunHistory.batch_size (samples per step)")
-    tables = []
-    for group in _group_by_size(runs):
-        if len({r.batch_size for r in group}) < 2:
-            continue
-        tables.append(_crossing_table(group, levels=levels, n_levels=n_levels, warmup_steps=warmup_steps))
+    tables = _sweep_tables(runs, [_run_schedule(r) for r in runs], levels=levels, n_levels=n_levels,
+                           warmup_steps=warmup_steps)
     if not tables:
-        raise ValueError("fit_critical_batch_size needs runs of one model size at >= 2 distinct batch sizes; got "
+        raise ValueError("fit_critical_batch_size needs runs of one model size and LR schedule at >= 2 distinct "
+                         "batch sizes; got "
                          f"batch sizes {sorted({r.batch_size for r in runs})} over sizes "
                          f"{sorted({r.n_params for r in runs if r.n_params is not None})}")
     return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample),
@@ -1441,9 +1453,8 @@ def _resolve_critical(runs: Sequence[RunHistory], data: _Binned, critical_batch:
     if critical_batch is not None:
         return _as_critical(critical_batch, tps), []
     kw = dict(level_kwargs or {})
-    tables = [_crossing_table(g, levels=kw.get("levels"), n_levels=kw.get("n_levels", 12),
-                              warmup_steps=kw.get("warmup_steps", warmup_steps))
-              for g in _group_by_size(runs) if len({r.batch_size for r in g}) >= 2]
+    tables = _sweep_tables(runs, data.scheds, levels=kw.get("levels"), n_levels=kw.get("n_levels", 12),
+                           warmup_steps=kw.get("warmup_steps", warmup_steps))
     sweep_error = None
     if tables:
         try:
@@ -1566,7 +1577,7 @@ def _bootstrap(runs: Sequence[RunHistory], data: _Binned, pts: _Points, cb: Crit
         sub = _block_resample(pts, rng)
         rows_boot.append(row(_optimise(sub, lay, n_starts=1, x0=theta)[0], sub, cb))
     attempts = 0
-    members = [np.array([j for j, r in enumerate(runs) if r.n_params == t.n_params]) for t in tables]
+    members = [t.members for t in tables]
     while n_runs >= 4 and len(rows_boot) < n_bootstrap and attempts < 3 * n_bootstrap:
         attempts += 1
         rows = rng.integers(0, n_runs, n_runs)

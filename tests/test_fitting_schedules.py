@@ -242,3 +242,14 @@ def test_law_carries_the_plateau_and_laws_saved_before_it_load_unchanged():
     back = ScalingLaw.from_dict(old)
     assert back.params["l_plateau"] == 0.0 and back.bootstrap.shape == (3, len(ScalingLaw.PARAM_NAMES))
     np.testing.assert_allclose(back.predict_loss(1e9, steps, 64), laws.loss_n_s_b(1e9, steps, 64, **K))
+
+
+def test_batch_sweep_ignores_runs_of_its_size_under_another_schedule():
+    sweep = [run(4e6, "constant", seed=i, batch=b) for i, b in enumerate((16, 64, 256, 1024, 4096))]
+    others = [run(4e6, kind, seed=9, batch=64) for kind in ("cosine", "wsd")]  # same size and batch, decayed LR
+    alone = fit_critical_batch_size(sweep, n_bootstrap=0)
+    mixed = fit_critical_batch_size(sweep + others, n_bootstrap=0)
+    assert (mixed.b_star, mixed.alpha_b, mixed.min_loss) == (alone.b_star, alone.alpha_b, alone.min_loss)
+    np.testing.assert_array_equal(mixed.table["b_crit"], alone.table["b_crit"])
+    with pytest.raises(ValueError, match="one model size and LR schedule at >= 2 distinct batch sizes"):
+        fit_critical_batch_size([sweep[1], *others])
