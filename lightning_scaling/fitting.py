@@ -661,7 +661,9 @@ class FitInfo:
         moved: the optimum differs from its starting point.
         form: the law form fitted.
         critical_batch_source: where B_crit(L) came from.
-        validation: leave-the-largest-model-out mean |relative error| per form (``form="auto"``).
+        validation: held-out RMS relative error of the larger sizes' final losses per form (``form="auto"``)
+            and, for a B_crit from a batch sweep, with B_crit held below the sweep or the power law extrapolated
+            (``"b_crit held"``, ``"b_crit power law"``; the better one is used).
         n_bootstrap: successful bootstrap refits.
         identified: the data determine the law: no exponent sits at its bound, the constants are finite and the
             law predicts finite losses. ``False`` also warns with a :class:`~lightning_scaling.warnings.FitWarning`.
@@ -1531,6 +1533,30 @@ def _choose_form(data: _Binned, cb: CriticalBatchFit, runs: Sequence[RunHistory]
     return chosen, validation, errs[chosen]
 
 
+def _choose_plateau(data: _Binned, cb: CriticalBatchFit, runs: Sequence[RunHistory], sizes: Sequence[float],
+                    anneal: bool, n_starts: int) -> tuple[CriticalBatchFit, dict[str, float]]:
+    """Stage 1b: below the sweep's levels, B_crit held (the default) or the power law, whichever predicts better.
+
+    The calibration's protocol: fit the smaller two thirds of the sizes with each, predict the rest's final
+    losses. Held wins ties (then the larger sizes never trained below the sweep, and B_crit plateaus late in
+    training: Merrill et al. 2025); a ladder whose larger sizes train where the power law still holds picks it.
+    Returns the choice and both RMS errors (``FitInfo.validation``).
+    """
+    if len(sizes) < 3 or not cb.l_plateau > 0:
+        return cb, {}
+    fit_idx, test_idx = _size_split(runs, sizes, _inner_split(len(sizes)))
+    lay = _Layout(irreducible=False, anneal=anneal)
+
+    def rms(c: CriticalBatchFit) -> float:
+        pts = _collect_points(data, c)
+        return float(np.sqrt(np.mean(_held_out_error(_subset(pts, fit_idx), _subset(pts, test_idx), lay,
+                                                     n_starts) ** 2)))
+
+    power = replace(cb, l_plateau=0.0)
+    errs = {"b_crit held": rms(cb), "b_crit power law": rms(power)}
+    return (power if errs["b_crit power law"] < errs["b_crit held"] - 1e-6 else cb), errs
+
+
 def _inner_split(n_sizes: int) -> int:
     """Sizes fitted when a fit validates itself: the smaller two thirds (>= 2, leaving >= 1 to predict)."""
     return min(max(2, int(round(n_sizes * 2 / 3))), n_sizes - 1)
@@ -1691,6 +1717,9 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
                    [_run_schedule(r) for r in runs])
     cb, tables = _resolve_critical(runs, data, critical_batch, tps, level_kwargs, warmup_steps)
     anneal = data.decayed
+    plateau_check: dict[str, float] = {}
+    if tables and "plateau" not in (level_kwargs or {}):
+        cb, plateau_check = _choose_plateau(data, cb, runs, sizes, anneal, n_starts)
     pre_lay, pre = _Layout(irreducible=False, anneal=True), None
     if anneal and form == "auto":  # judge the forms at the momentum decay a Kaplan fit chooses
         pre = _fit_points(data, cb, pre_lay, n_starts)
@@ -1705,7 +1734,8 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     info = FitInfo(success=bool(res.success), message=str(res.message), nfev=int(res.nfev), nit=int(res.nit),
                    objective=float(res.fun), n_starts=n_starts, n_grid=n_grid, n_points=int(pts.u.size),
                    n_runs=len(runs), moved=bool(np.any(np.abs(res.x - res.start) > 1e-8)), form=chosen,
-                   critical_batch_source=cb.source, validation=validation, n_bootstrap=len(rows_boot))
+                   critical_batch_source=cb.source, validation={**validation, **plateau_check},
+                   n_bootstrap=len(rows_boot))
     cap = max(float(np.nanmax(np.where(np.isfinite(r.loss), r.loss, np.nan))) for r in runs)
     law = ScalingLaw(params, form=chosen, tokens_per_sample=tps, bootstrap=np.array(rows_boot) if rows_boot else None,
                      info=info, loss_cap=cap, fitted_batch_sizes=sorted({float(r.batch_size) for r in runs}),

@@ -100,8 +100,7 @@ def test_cross_size_recovers_a_known_ladder_and_beats_nothing_silently() -> None
     mk = lambda n, b: RunHistory(name=f"n{n:g}_b{b}", n_params=n, batch_size=b, tokens_per_sample=128,  # noqa: E731
                                  step=steps, loss=np.minimum(loss_n_s_b(n, np.maximum(steps, 1), b, **TRUTH), 10))
     train = [mk(n, 64) for n in (1e6, 3e6, 1e7)] + [mk(1e6, b) for b in (16, 256, 1024)]
-    # the truth's B_crit(L) is the pure power law below the sweep too: fit it without the default plateau
-    rows = holdout_cross_size(train, [mk(3e7, 64)], fit_kwargs={"n_bootstrap": 10, "level_kwargs": {"plateau": False}})
+    rows = holdout_cross_size(train, [mk(3e7, 64)], fit_kwargs={"n_bootstrap": 10})
     assert len(rows) == 1 and rows[0]["error"] is None
     assert abs(rows[0]["final_err"]) < 0.01 and rows[0]["curve_err"] < 0.01
     assert np.isfinite(rows[0]["baseline_err"])
