@@ -293,11 +293,11 @@ def _warmup_end(run: RunHistory, warmup_steps: int | str | None, *, transient: b
 
     ``"auto"``: the step at which the recorded LR first reaches 99.9% of its maximum (the end of a linear warmup)
     and at least 1% of the run's last step; with ``transient`` (the L(N, S_min) power-law fit) twice that step and
-    at least ``_TRANSIENT_FRACTION`` (10%) of the run. Level crossings (B_crit) need no power law, so they keep the early levels. The loss
-    keeps falling faster than any power law for a while after the LR peaks (Adam's moment estimates and the
-    initial descent settle), and log-step binning gives those early steps as much weight as the late ones; on real
-    curves (Schaipp et al. 2025 constant-LR runs, 33M-152M -> 208M) dropping this transient cut the held-out
-    final-loss error from 0.40% to 0.11%.
+    at least ``_TRANSIENT_FRACTION`` (10%) of the run. Level crossings (B_crit) need no power law, so they keep
+    the early levels. The loss keeps falling faster than any power law for a while after the LR peaks (Adam's
+    moment estimates and the initial descent settle), and log-step binning gives those early steps as much weight
+    as the late ones; on real curves (Schaipp et al. 2025 constant-LR runs, 33M-152M -> 208M) dropping this
+    transient cut the held-out final-loss error from 0.40% to 0.11%.
     """
     if warmup_steps is None:
         return 0
@@ -463,10 +463,10 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
                             n_bootstrap: int = _BCRIT_BOOTSTRAP, plateau: bool = True) -> CriticalBatchFit:
     """Fit ``B_crit(L) = B_* / L^(1/alpha_B)`` from runs at several batch sizes.
 
-    Runs are grouped by model size and LR schedule shape (Kaplan found B_crit depends on L, not N, so the levels of all groups are
-    pooled into one power law). Per group and loss level the first step ``S`` reaching the level on the smoothed,
-    monotone curve (:func:`smooth_monotone`) gives one point per run; a weighted regression of ``S`` on ``1/B``
-    fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is fitted on the
+    Runs are grouped by model size and LR schedule shape (Kaplan found B_crit depends on L, not N, so the levels of
+    all groups are pooled into one power law). Per group and loss level the first step ``S`` reaching the level on
+    the smoothed, monotone curve (:func:`smooth_monotone`) gives one point per run; a weighted regression of ``S``
+    on ``1/B`` fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is fitted on the
     levels in the lower third of the log-loss range (at least 4): at the high losses of early training B_crit
     flattens, and the law is used below the sweep's levels, where a larger model trains. ``table["residual"]``
     holds every level's ``log(B_crit / law)``, ``alpha_b_interval`` a bootstrap interval over the runs.
