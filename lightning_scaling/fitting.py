@@ -466,10 +466,10 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
     Runs are grouped by model size and LR schedule shape (Kaplan found B_crit depends on L, not N, so the levels of
     all groups are pooled into one power law). Per group and loss level the first step ``S`` reaching the level on
     the smoothed, monotone curve (:func:`smooth_monotone`) gives one point per run; a weighted regression of ``S``
-    on ``1/B`` fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is
-    fitted on the levels in the lower third of the log-loss range (at least 4): at the high losses of early
-    training B_crit flattens, and the law is used below the sweep's levels, where a larger model trains.
-    ``table["residual"]`` holds every level's ``log(B_crit / law)``, ``alpha_b_interval`` a bootstrap interval over the runs.
+    on ``1/B`` fits the hyperbola ``S = S_min + E_min / B``, and ``B_crit = E_min / S_min``. The power law is fitted
+    on the levels in the lower third of the log-loss range (at least 4): at the high losses of early training B_crit
+    flattens, and the law is used below the sweep's levels, where a larger model trains. ``table["residual"]`` holds
+    every level's ``log(B_crit / law)``, ``alpha_b_interval`` a bootstrap interval over the runs.
 
     Args:
         runs: histories with ``batch_size`` set, at >= 2 (better >= 4, over >= 1 decade) batch sizes per size.
