@@ -202,6 +202,8 @@ class CriticalBatchFit:
         alpha_b_interval: 90% bootstrap interval of ``alpha_b`` over the sweep's runs, when fitted from a sweep.
         min_loss: the lowest loss level the law was fitted at (NaN if unknown); :class:`ScalingLaw` predictions
             that reach below it warn.
+        plateau_auto: ``fit_scaling_law`` may replace ``l_plateau`` by 0 when its own larger sizes are predicted
+            better with the power law extrapolated (set by ``fit_critical_batch_size(plateau=None)``, the default).
         l_plateau: B_crit is held at its value there below this loss (0: the power law extrapolated). A fit from
             a batch sweep sets it to ``min_loss``: B_crit plateaus late in training (Merrill et al. 2025), and on
             the CPU study's held-out larger models the extrapolated power law converted their steps to S_min far
@@ -222,6 +224,7 @@ class CriticalBatchFit:
     alpha_b_interval: tuple[float, float] | None = None
     min_loss: float = float("nan")
     l_plateau: float = 0.0
+    plateau_auto: bool = False
 
     def __call__(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in samples at ``loss``."""
@@ -239,6 +242,7 @@ class CriticalBatchFit:
                 "tokens_per_sample": self.tokens_per_sample, "source": self.source,
                 "alpha_b_interval": None if self.alpha_b_interval is None else list(self.alpha_b_interval),
                 "min_loss": _json_float(self.min_loss), "l_plateau": self.l_plateau,
+                "plateau_auto": self.plateau_auto,
                 "table": {k: [_json_float(v) for v in np.asarray(a, dtype=float)] for k, a in self.table.items()}}
 
     @classmethod
@@ -249,7 +253,8 @@ class CriticalBatchFit:
                    tokens_per_sample=data.get("tokens_per_sample"), source=data.get("source", "given"),
                    alpha_b_interval=None if data.get("alpha_b_interval") is None
                    else tuple(float(v) for v in data["alpha_b_interval"]),
-                   min_loss=float(data.get("min_loss", "nan")), l_plateau=float(data.get("l_plateau", 0.0)))
+                   min_loss=float(data.get("min_loss", "nan")), l_plateau=float(data.get("l_plateau", 0.0)),
+                   plateau_auto=bool(data.get("plateau_auto", False)))
 
 
 def _normal_quantile(level: float) -> float:
@@ -460,7 +465,7 @@ _BCRIT_BOOTSTRAP = 50
 def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | None = None,
                             tokens_per_sample: float | None = None, n_levels: int = 12,
                             warmup_steps: int | str | None = "auto",
-                            n_bootstrap: int = _BCRIT_BOOTSTRAP, plateau: bool = True) -> CriticalBatchFit:
+                            n_bootstrap: int = _BCRIT_BOOTSTRAP, plateau: bool | None = None) -> CriticalBatchFit:
     """Fit ``B_crit(L) = B_* / L^(1/alpha_B)`` from runs at several batch sizes.
 
     Runs are grouped by model size and LR schedule shape (Kaplan found B_crit depends on L, not N, so the levels of
@@ -480,7 +485,8 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
             :func:`fit_scaling_law`).
         n_bootstrap: resamples of the runs for ``alpha_b_interval`` (0: none).
         plateau: below the lowest level fitted, hold B_crit at its value there (``l_plateau = min_loss``)
-            instead of extrapolating the power law. B_crit plateaus late in training (Merrill et al. 2025); on the
+            instead of extrapolating the power law. ``None`` (default): held, and :func:`fit_scaling_law` may switch
+            to the power law when its own larger sizes say so (``plateau_auto``); ``True`` / ``False``: fixed. B_crit plateaus late in training (Merrill et al. 2025); on the
             CPU study's held-out larger models (the suite's one batch sweep) the extrapolated law, still growing
             below the sweep, made the final-loss error 12.5% against 8.3% with the plateau (docs/fitting.md).
 
@@ -504,8 +510,8 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         (0.3, 1.0)
     """
     runs = _check_runs(runs, "fit_critical_batch_size")
-    if not isinstance(plateau, (bool, np.bool_)):
-        raise ValueError(f"plateau must be True or False, got {plateau!r}")
+    if plateau is not None and not isinstance(plateau, (bool, np.bool_)):
+        raise ValueError(f"plateau must be None, True or False, got {plateau!r}")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     missing = [r.name for r in runs if r.batch_size is None]
@@ -519,12 +525,12 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
                          f"batch sizes {sorted({r.batch_size for r in runs})} over sizes "
                          f"{sorted({r.n_params for r in runs if r.n_params is not None})}")
     return _critical_from_tables(tables, tokens_per_sample=_tokens_per_sample(runs, tokens_per_sample),
-                                 n_bootstrap=n_bootstrap, plateau=bool(plateau))
+                                 n_bootstrap=n_bootstrap, plateau=plateau)
 
 
 def _critical_from_tables(tables: Sequence[_CrossingTable], *, tokens_per_sample: float | None,
                           rows: Sequence[np.ndarray] | None = None, n_bootstrap: int = 0,
-                          plateau: bool = True) -> CriticalBatchFit:
+                          plateau: bool | None = None) -> CriticalBatchFit:
     """Hyperbolas per level, the power law through the low-loss levels, residuals, and an interval on alpha_B."""
     parts = [_hyperbolas(t, None if rows is None else rows[i]) for i, t in enumerate(tables)]
     table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -546,7 +552,7 @@ def _critical_from_tables(tables: Sequence[_CrossingTable], *, tokens_per_sample
     min_loss = float(np.min(table["loss"][fitted]))
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, table=table, tokens_per_sample=tokens_per_sample,
                             source="hyperbola", alpha_b_interval=interval, min_loss=min_loss,
-                            l_plateau=min_loss if plateau else 0.0)
+                            l_plateau=min_loss if plateau is not False else 0.0, plateau_auto=plateau is None)
 
 
 def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | None) -> CriticalBatchFit | None:
@@ -1461,7 +1467,7 @@ def _resolve_critical(runs: Sequence[RunHistory], data: _Binned, critical_batch:
     if tables:
         try:
             # no alpha_B interval: the law's bootstrap refits B_crit on resampled runs itself
-            return _critical_from_tables(tables, tokens_per_sample=tps, plateau=kw.get("plateau", True)), tables
+            return _critical_from_tables(tables, tokens_per_sample=tps, plateau=kw.get("plateau")), tables
         except ValueError as err:  # an unusable sweep: fall back to the GNS record if there is one
             sweep_error = err
     fallback = _critical_from_gns(runs, tps) or _critical_from_joint(data.bins, tps)
@@ -1543,7 +1549,7 @@ def _choose_plateau(data: _Binned, cb: CriticalBatchFit, runs: Sequence[RunHisto
     Returns the choice and both RMS errors (``FitInfo.validation``).
     """
     if len(sizes) < 3 or not cb.l_plateau > 0:
-        return cb, {}
+        return replace(cb, plateau_auto=False), {}
     fit_idx, test_idx = _size_split(runs, sizes, _inner_split(len(sizes)))
     lay = _Layout(irreducible=False, anneal=anneal)
 
@@ -1552,6 +1558,7 @@ def _choose_plateau(data: _Binned, cb: CriticalBatchFit, runs: Sequence[RunHisto
         return float(np.sqrt(np.mean(_held_out_error(_subset(pts, fit_idx), _subset(pts, test_idx), lay,
                                                      n_starts) ** 2)))
 
+    cb = replace(cb, plateau_auto=False)
     power = replace(cb, l_plateau=0.0)
     errs = {"b_crit held": rms(cb), "b_crit power law": rms(power)}
     return (power if errs["b_crit power law"] < errs["b_crit held"] - 1e-6 else cb), errs
@@ -1718,7 +1725,7 @@ def fit_scaling_law(runs: Sequence[RunHistory], *, critical_batch: CriticalBatch
     cb, tables = _resolve_critical(runs, data, critical_batch, tps, level_kwargs, warmup_steps)
     anneal = data.decayed
     plateau_check: dict[str, float] = {}
-    if tables and "plateau" not in (level_kwargs or {}):
+    if cb.plateau_auto:
         cb, plateau_check = _choose_plateau(data, cb, runs, sizes, anneal, n_starts)
     pre_lay, pre = _Layout(irreducible=False, anneal=True), None
     if anneal and form == "auto":  # judge the forms at the momentum decay a Kaplan fit chooses

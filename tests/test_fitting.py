@@ -247,10 +247,13 @@ def test_given_critical_batch_and_explicit_warmup():
     assert law.params["alpha_s"] == pytest.approx(0.7, abs=0.05)
 
 
-def test_b_crit_below_the_sweep_is_held_or_extrapolated_as_the_larger_sizes_say(law):
+def test_b_crit_below_the_sweep_is_held_or_extrapolated_as_the_larger_sizes_say(law, runs):
     # The truth's power law holds below the sweep: the default fit finds its own larger sizes predicted better so.
     v = law.info.validation
     assert law.params["l_plateau"] == 0.0 and v["b_crit power law"] < v["b_crit held"]
+    # The same when the sweep's fit is passed in, as the recipe does (fit_critical_batch_size's default).
+    given = fit_scaling_law(runs, critical_batch=fit_critical_batch_size(runs[6:] + runs[2:3]), n_bootstrap=0)
+    assert given.params["l_plateau"] == 0.0 and "b_crit held" in given.info.validation
     plateau = 3.0  # the truth flattens inside the sweep: its larger sizes are predicted better held
     runs = ladder(l_plateau=plateau)
     held = fit_scaling_law(runs, n_bootstrap=4, seed=0)

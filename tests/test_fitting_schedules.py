@@ -213,7 +213,9 @@ def test_critical_batch_plateaus_below_the_lowest_fitted_level_by_default():
     power = fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0, plateau=False)
     assert power.l_plateau == 0.0 and power(0.8 * low) > power(low)
     assert (power.b_star, power.alpha_b) == (fit.b_star, fit.alpha_b)  # the plateau only bounds the law below
-    with pytest.raises(ValueError, match="plateau must be True or False"):
+    assert fit.plateau_auto and not power.plateau_auto  # the default lets fit_scaling_law check the choice
+    assert not fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0, plateau=True).plateau_auto
+    with pytest.raises(ValueError, match="plateau must be None, True or False"):
         fit_critical_batch_size(bending_sweep(), plateau="yes")
 
 
