@@ -486,9 +486,10 @@ def fit_critical_batch_size(runs: Sequence[RunHistory], *, levels: ArrayLike | N
         n_bootstrap: resamples of the runs for ``alpha_b_interval`` (0: none).
         plateau: below the lowest level fitted, hold B_crit at its value there (``l_plateau = min_loss``)
             instead of extrapolating the power law. ``None`` (default): held, and :func:`fit_scaling_law` may switch
-            to the power law when its own larger sizes say so (``plateau_auto``); ``True`` / ``False``: fixed. B_crit plateaus late in training (Merrill et al. 2025); on the
-            CPU study's held-out larger models (the suite's one batch sweep) the extrapolated law, still growing
-            below the sweep, made the final-loss error 12.5% against 8.3% with the plateau (docs/fitting.md).
+            to the power law when its own larger sizes say so (``plateau_auto``); ``True`` / ``False``: fixed.
+            B_crit plateaus late in training (Merrill et al. 2025); on the CPU study's held-out larger models (the
+            suite's one batch sweep) the extrapolated law, still growing below the sweep, made the final-loss error
+            8.97% against 1.46% held (docs/fitting.md).
 
     Returns:
         A :class:`CriticalBatchFit` (batch sizes in samples).
