@@ -141,15 +141,22 @@ def loss_n_smin(n: ArrayLike, s_min: ArrayLike, *, n_c: float, alpha_n: float, s
 # ----------------------------------------------------------------------------------------------------------------
 # Critical batch size and the S_min / E_min conversions (McCandlish et al. 2018; Kaplan section 5)
 # ----------------------------------------------------------------------------------------------------------------
-def critical_batch(loss: ArrayLike, *, b_star: float, alpha_b: float) -> np.ndarray:
-    """Critical batch size at loss ``L``: ``B_crit(L) = B_* / L^(1/alpha_B)`` (same unit as ``b_star``).
+def critical_batch(loss: ArrayLike, *, b_star: float, alpha_b: float, l_plateau: float = 0.0) -> np.ndarray:
+    """Critical batch size at loss ``L``: ``B_crit(L) = B_* / max(L, l_plateau)^(1/alpha_B)`` (unit of ``b_star``).
+
+    ``l_plateau`` (default 0: the pure power law) holds B_crit constant below that loss: the critical batch
+    plateaus late in training (Merrill et al. 2025), and a power law fitted at a sweep's levels keeps growing
+    below them, where a larger model trains.
 
     Example::
 
         >>> round(float(critical_batch(2.0, b_star=2.1e8, alpha_b=0.21)) / 1e6, 2)
         7.74
+        >>> bool(critical_batch(1.5, b_star=2.1e8, alpha_b=0.21, l_plateau=2.0) == critical_batch(
+        ...     2.0, b_star=2.1e8, alpha_b=0.21))
+        True
     """
-    return b_star / _f(loss) ** (1.0 / alpha_b)
+    return b_star / np.maximum(_f(loss), l_plateau) ** (1.0 / alpha_b)
 
 
 def s_min(steps: ArrayLike, batch: ArrayLike, b_crit: ArrayLike) -> np.ndarray:
@@ -214,7 +221,8 @@ def min_steps_for_loss(loss: ArrayLike, n: ArrayLike, *, n_c: float, alpha_n: fl
 
 
 def min_samples_for_loss(loss: ArrayLike, n: ArrayLike, *, n_c: float, alpha_n: float, s_c: float,
-                         alpha_s: float, b_star: float, alpha_b: float, e: float = 0.0) -> np.ndarray:
+                         alpha_s: float, b_star: float, alpha_b: float, e: float = 0.0,
+                         l_plateau: float = 0.0) -> np.ndarray:
     """``E_min(N, L) = B_crit(L) * S_min(N, L)`` in the unit of ``b_star``; ``inf`` where ``L <= L(N)``.
 
     Example::
@@ -223,12 +231,13 @@ def min_samples_for_loss(loss: ArrayLike, n: ArrayLike, *, n_c: float, alpha_n: 
         ...                            alpha_b=1.0))
         500.0
     """
-    return critical_batch(loss, b_star=b_star, alpha_b=alpha_b) * min_steps_for_loss(
+    return critical_batch(loss, b_star=b_star, alpha_b=alpha_b, l_plateau=l_plateau) * min_steps_for_loss(
         loss, n, n_c=n_c, alpha_n=alpha_n, s_c=s_c, alpha_s=alpha_s, e=e)
 
 
 def steps_for_loss(loss: ArrayLike, n: ArrayLike, batch: ArrayLike, *, n_c: float, alpha_n: float, s_c: float,
-                   alpha_s: float, b_star: float, alpha_b: float, e: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                   alpha_s: float, b_star: float, alpha_b: float, e: float = 0.0,
+                   l_plateau: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Steps and data to reach ``loss`` at ``batch``: ``S = S_min (1 + B_crit/B)``, ``E = B * S``.
 
     Explicit (no root finding): the inverse of :func:`loss_n_s_b`. Returns ``(steps, samples)`` in the unit of
@@ -242,7 +251,7 @@ def steps_for_loss(loss: ArrayLike, n: ArrayLike, batch: ArrayLike, *, n_c: floa
         (100.0, 3000.0)
     """
     smin = min_steps_for_loss(loss, n, n_c=n_c, alpha_n=alpha_n, s_c=s_c, alpha_s=alpha_s, e=e)
-    steps = steps_at_batch(smin, batch, critical_batch(loss, b_star=b_star, alpha_b=alpha_b))
+    steps = steps_at_batch(smin, batch, critical_batch(loss, b_star=b_star, alpha_b=alpha_b, l_plateau=l_plateau))
     return steps, steps * _f(batch)
 
 
@@ -250,14 +259,15 @@ def steps_for_loss(loss: ArrayLike, n: ArrayLike, batch: ArrayLike, *, n_c: floa
 # L(N, S, B): the implicit trajectory law (Su et al. 2024, function 3)
 # ----------------------------------------------------------------------------------------------------------------
 def loss_n_s_b(n: ArrayLike, steps: ArrayLike, batch: ArrayLike, *, n_c: float, alpha_n: float, s_c: float,
-               alpha_s: float, b_star: float, alpha_b: float, e: float = 0.0, iterations: int = 64) -> np.ndarray:
+               alpha_s: float, b_star: float, alpha_b: float, e: float = 0.0, l_plateau: float = 0.0,
+               iterations: int = 64) -> np.ndarray:
     """Loss after ``steps`` at batch ``batch``: the root ``L`` of ``L = L(N, S_min(S, B, B_crit(L)))``.
 
     Solved per point by a vectorised safeguarded Newton iteration (bisection whenever Newton would leave the bracket)
     on ``f(L) = L - E - L_N - (S_c (1 + B_crit(L)/B) / S)^alpha_S``.
 
-    Why the root is unique: ``B_crit(L) = B_*/L^(1/alpha_B)`` falls as ``L`` rises, so the last term of ``f``
-    falls and ``f`` is strictly increasing in ``L``. The bracket ``[lo, hi]`` with
+    Why the root is unique: ``B_crit(L) = B_*/max(L, l_plateau)^(1/alpha_B)`` does not rise with ``L``, so the
+    last term of ``f`` does not rise and ``f`` is strictly increasing in ``L``. The bracket ``[lo, hi]`` with
     ``lo = E + L_N + (S_c/S)^alpha_S`` (``B_crit -> 0``) and ``hi = E + L_N + (S_c (1 + B_crit(E + L_N)/B)/S)^alpha_S``
     (``B_crit`` at its largest value, since any root exceeds ``E + L_N``) has ``f(lo) < 0 <= f(hi)``, so the
     bracketed iteration always converges to the root (to machine precision, typically in < 10 iterations).
@@ -267,6 +277,7 @@ def loss_n_s_b(n: ArrayLike, steps: ArrayLike, batch: ArrayLike, *, n_c: float, 
         steps: optimizer steps (``<= 0`` gives ``inf``).
         batch: batch size, same unit as ``b_star``.
         n_c, alpha_n, s_c, alpha_s, b_star, alpha_b, e: law constants (``e`` = irreducible loss, default 0).
+        l_plateau: loss below which B_crit is held constant (:func:`critical_batch`; 0: the pure power law).
         iterations: maximum Newton/bisection iterations (typically < 10 are used).
 
     Returns:
@@ -285,7 +296,7 @@ def loss_n_s_b(n: ArrayLike, steps: ArrayLike, batch: ArrayLike, *, n_c: float, 
     pos = steps > 0
     s_safe = np.where(pos, steps, 1.0)
     inv_ab = 1.0 / alpha_b
-    bc_max = critical_batch(l_floor, b_star=b_star, alpha_b=alpha_b)
+    bc_max = critical_batch(l_floor, b_star=b_star, alpha_b=alpha_b, l_plateau=l_plateau)
     lo = l_floor + (s_c / s_safe) ** alpha_s
     hi = l_floor + (s_c * (1.0 + bc_max / batch) / s_safe) ** alpha_s
     # Iterate on u = log(L - L_floor): g(u) = u - alpha_S log(S_c (1 + rho(L)) / S), rho = B_crit(L)/B, is close to
@@ -298,12 +309,13 @@ def loss_n_s_b(n: ArrayLike, steps: ArrayLike, batch: ArrayLike, *, n_c: float, 
     for _ in range(iterations):
         d = np.exp(u)
         x = l_floor + d
-        rho = b_star * x**-inv_ab / batch
+        rho = b_star * np.maximum(x, l_plateau) ** -inv_ab / batch
         g = u - alpha_s * (log_sc_s + np.log1p(rho))
         up = g > 0
         uhi = np.where(up, u, uhi)
         ulo = np.where(up, ulo, u)
-        u_new = u - g / (1.0 + alpha_s * (rho / (1.0 + rho)) * inv_ab * d / x)
+        slope = np.where(x > l_plateau, alpha_s * (rho / (1.0 + rho)) * inv_ab * d / x, 0.0)  # flat on the plateau
+        u_new = u - g / (1.0 + slope)
         step = np.abs(u_new - u)
         tiny = step <= 1e-15 * np.maximum(1.0, np.abs(u))
         # Keep Newton where it lands strictly inside the bracket (landing on an end could cycle) and converges fast
@@ -363,13 +375,14 @@ def compute_optimal_kaplan_closed_form(c_min: ArrayLike, *, n_c: float, alpha_n:
 
 def compute_optimal_allocation(c_min: ArrayLike, *, n_c: float, alpha_n: float, s_c: float, alpha_s: float,
                                b_star: float, alpha_b: float, e: float = 0.0, tokens_per_sample: float = 1.0,
-                               iterations: int = 200) -> dict[str, np.ndarray]:
+                               l_plateau: float = 0.0, iterations: int = 200) -> dict[str, np.ndarray]:
     """Compute-efficient allocation for a minimal compute ``c_min = 6 N E_min`` FLOPs, any irreducible ``e``.
 
     At a fixed target loss ``L`` the cost ``C_min = 6 N B_crit(L) S_min(N, L)`` is minimised over ``N`` where the
     reducible size term is ``(L - e) / (1 + alpha_N/alpha_S)`` (Kaplan: stop ~``alpha_N/alpha_S`` above the converged
     loss). Along this optimum ``C_min(L)`` is strictly decreasing in ``L`` (N, B_crit and S_min all fall), so the
-    loss for a budget is the unique root, found by bisection in log space. With ``e = 0`` this reproduces
+    loss for a budget is the unique root, found by bisection in log space (``l_plateau``: B_crit held below
+    that loss, see :func:`critical_batch`; the cost still falls with ``L``). With ``e = 0`` this reproduces
     :func:`compute_optimal_kaplan_closed_form` exactly.
 
     Returns ``n``, ``loss``, ``s_min``, ``b_crit`` and ``e_min`` (unit of ``b_star``). Training at ``B = B_crit``
@@ -390,7 +403,7 @@ def compute_optimal_allocation(c_min: ArrayLike, *, n_c: float, alpha_n: float, 
         x = (loss - e) / (1.0 + r)  # optimal reducible size term
         n = n_c * x ** (-1.0 / alpha_n)
         smin = s_c * (loss - e - x) ** (-1.0 / alpha_s)
-        return n, smin, critical_batch(loss, b_star=b_star, alpha_b=alpha_b)
+        return n, smin, critical_batch(loss, b_star=b_star, alpha_b=alpha_b, l_plateau=l_plateau)
 
     def log_cost(loss: np.ndarray) -> np.ndarray:
         n, smin, bc = parts(loss)

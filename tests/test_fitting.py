@@ -33,11 +33,11 @@ TRUE = dict(n_c=1e10, alpha_n=0.08, s_c=300.0, alpha_s=0.7, b_star=5e4, alpha_b=
 TPS = 256
 
 
-def make_run(n, batch, *, steps=5000, noise=0.005, seed=0, e=0.0, warmup=100, gns=False):
+def make_run(n, batch, *, steps=5000, noise=0.005, seed=0, e=0.0, warmup=100, gns=False, l_plateau=0.0):
     """A run drawn from L(N, S, B) with known constants, 0.5% multiplicative loss noise and a linear LR warmup."""
     rng = np.random.default_rng(seed)
     s = np.arange(steps)
-    clean = np.minimum(laws.loss_n_s_b(n, s, batch, e=e, **TRUE), 10.0)
+    clean = np.minimum(laws.loss_n_s_b(n, s, batch, e=e, l_plateau=l_plateau, **TRUE), 10.0)
     kw = {}
     if gns:
         gs = s[100::100]
@@ -48,10 +48,10 @@ def make_run(n, batch, *, steps=5000, noise=0.005, seed=0, e=0.0, warmup=100, gn
                       lr=1e-3 * np.minimum(1.0, (s + 1) / warmup), **kw)
 
 
-def ladder(e=0.0):
+def ladder(e=0.0, l_plateau=0.0):
     """6 sizes at batch 64 plus a batch sweep (16..4096) at 4M: 10 runs x 5000 steps."""
-    sizes = [make_run(n, 64, seed=i, e=e) for i, n in enumerate([1e6, 2e6, 4e6, 8e6, 16e6, 32e6])]
-    sweep = [make_run(4e6, b, seed=10 + i, e=e) for i, b in enumerate([16, 256, 1024, 4096])]
+    sizes = [make_run(n, 64, seed=i, e=e, l_plateau=l_plateau) for i, n in enumerate([1e6, 2e6, 4e6, 8e6, 16e6, 32e6])]
+    sweep = [make_run(4e6, b, seed=10 + i, e=e, l_plateau=l_plateau) for i, b in enumerate([16, 256, 1024, 4096])]
     return sizes + sweep
 
 
@@ -247,6 +247,40 @@ def test_given_critical_batch_and_explicit_warmup():
     assert law.params["alpha_s"] == pytest.approx(0.7, abs=0.05)
 
 
+def test_b_crit_below_the_sweep_is_held_or_extrapolated_as_the_larger_sizes_say(law, runs):
+    # The truth's power law holds below the sweep: the default fit finds its own larger sizes predicted better so.
+    v = law.info.validation
+    assert law.params["l_plateau"] == 0.0 and v["b_crit power law"] < v["b_crit held"]
+    # The same when the sweep's fit is passed in, as the recipe does (fit_critical_batch_size's default).
+    given = fit_scaling_law(runs, critical_batch=fit_critical_batch_size(runs[6:] + runs[2:3]), n_bootstrap=0)
+    assert given.params["l_plateau"] == 0.0 and "b_crit held" in given.info.validation
+    plateau = 3.0  # the truth flattens inside the sweep: its larger sizes are predicted better held
+    runs = ladder(l_plateau=plateau)
+    held = fit_scaling_law(runs, n_bootstrap=4, seed=0)
+    assert held.params["l_plateau"] == held.bcrit_min_loss > 0
+    assert held.info.validation["b_crit held"] < held.info.validation["b_crit power law"]
+    col = held.bootstrap[:, ScalingLaw.PARAM_NAMES.index("l_plateau")]
+    assert np.all(col > 0)  # each resample's plateau sits at its own refitted sweep's lowest level
+    low = held.bcrit_min_loss
+    assert float(held.critical_batch_size(0.9 * low)) == pytest.approx(float(held.critical_batch_size(low)))
+    steps = np.arange(100, 20001, 50)
+    truth = laws.loss_n_s_b(128e6, steps, 64, l_plateau=plateau, **TRUE)
+    forced = fit_scaling_law(runs, n_bootstrap=0, level_kwargs={"plateau": False})  # the choice is skipped
+    assert forced.params["l_plateau"] == 0.0 and "b_crit held" not in forced.info.validation
+    errs = [np.mean(np.abs(m.predict_loss(128e6, steps, 64) / truth - 1)) for m in (held, forced)]
+    assert errs[0] < errs[1]
+
+
+def test_each_model_size_weighs_the_same_however_many_runs_it_has():
+    runs = [make_run(n, 64, seed=i, steps=2000) for i, n in enumerate([1e6, 4e6, 16e6])]
+    copies = [runs[0]] * 4  # a size run 5 times (e.g. a sweep) must not pull the law toward its curve
+    kw = dict(critical_batch=(TRUE["b_star"], TRUE["alpha_b"]), n_bootstrap=0)
+    one, many = fit_scaling_law(runs, **kw), fit_scaling_law(runs + copies, **kw)
+    for k in ("n_c", "alpha_n", "s_c", "alpha_s"):
+        assert many.params[k] == pytest.approx(one.params[k], rel=1e-3)
+
+
+@pytest.mark.timing
 def test_speed_ten_runs_of_5000_points_with_bootstrap(runs):
     t0 = time.perf_counter()
     law = fit_scaling_law(runs, n_bootstrap=100, seed=1)

@@ -129,12 +129,23 @@ def test_model_error_widens_loss_intervals_with_extrapolation_distance():
     assert law.bootstrap.shape == (5, len(ScalingLaw.PARAM_NAMES))
     centre = law.predict_loss(1e7, 1000, 64)
     lo, hi = law.interval("predict_loss", 1e7, 1000, 64, level=0.9)
-    # No bootstrap spread: the model error alone.
-    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR)) * centre
-    assert hi - centre == pytest.approx(half, rel=1e-3) and centre - lo == pytest.approx(half, rel=1e-3)
+    # No bootstrap spread: the model error alone, a relative error applied in log loss.
+    half = 1.6449 * float(np.hypot(0.02, fitting.MODEL_ERROR_FLOOR))
+    assert np.log(hi / centre) == pytest.approx(half, rel=1e-3) and np.log(centre / lo) == pytest.approx(half, rel=1e-3)
     far_lo, far_hi = law.interval("predict_loss", 1e7 * np.e**3, 1000, 64, level=0.9)
     far = law.predict_loss(1e7 * np.e**3, 1000, 64)
-    assert (far_hi - far) / far == pytest.approx(3 * (hi - centre) / centre, rel=1e-3)
+    assert np.log(far_hi / far) == pytest.approx(3 * half, rel=1e-3)
+
+
+def test_loss_intervals_stay_positive_far_out():
+    # A large model error extrapolated 20 e-folds in N: added to the loss itself it took the lower end below 0.
+    law = ScalingLaw(K, bootstrap=[[K[k] for k in list(K)] + [0.0]] * 5,
+                     model_error={"sigma": 0.3, "distance": 1.0, "n_max": 1e7})
+    for method, args in (("min_loss", (1e7 * np.e**20,)), ("predict_loss", (1e7 * np.e**20, 1000, 64))):
+        centre = float(getattr(law, method)(*args))
+        lo, hi = law.interval(method, *args, level=0.9)
+        assert 0 < float(lo) < centre < float(hi)
+        assert np.log(centre / float(lo)) == pytest.approx(np.log(float(hi) / centre), rel=1e-6)
 
 
 def test_fit_measures_its_own_held_out_size_error():
@@ -191,3 +202,56 @@ def test_prediction_below_the_fitted_levels_warns_once():
         warnings.simplefilter("error")
         law.predict_loss(1e9, [1e5], 64)  # once per law
         ScalingLaw(K, bcrit_min_loss=1.0).predict_loss(1e9, [1e5], 64)  # within the levels: silent
+
+
+def test_critical_batch_plateaus_below_the_lowest_fitted_level_by_default():
+    fit = fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0)
+    low = fit.min_loss
+    assert fit.l_plateau == low and fit(0.8 * low) == pytest.approx(fit(low), rel=1e-12)
+    assert fit(1.2 * low) == pytest.approx(fit.b_star / (1.2 * low) ** (1 / fit.alpha_b), rel=1e-12)
+    assert CriticalBatchFit.from_dict(fit.to_dict()).l_plateau == low
+    power = fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0, plateau=False)
+    assert power.l_plateau == 0.0 and power(0.8 * low) > power(low)
+    assert (power.b_star, power.alpha_b) == (fit.b_star, fit.alpha_b)  # the plateau only bounds the law below
+    assert fit.plateau_auto and not power.plateau_auto  # the default lets fit_scaling_law check the choice
+    assert not fit_critical_batch_size(bending_sweep(), warmup_steps=None, n_bootstrap=0, plateau=True).plateau_auto
+    with pytest.raises(ValueError, match="plateau must be None, True or False"):
+        fit_critical_batch_size(bending_sweep(), plateau="yes")
+
+
+def test_annealed_prediction_holds_b_crit_at_the_current_loss_on_the_plateau():
+    lp = 3.6
+    law = ScalingLaw({**K, "anneal": ANNEAL, "anneal_lambda": LAM, "l_plateau": lp})
+    lr, s = schedule("cosine"), np.arange(100, STEPS + 1, 100)
+    pred = law.predict_loss(3e7, s, 64, lr_schedule=lr)
+    assert pred.min() < lp < pred.max()
+    # The root solves L = f [L_N + (S_c (1 + B_crit(L)/B) / S_eff)^alpha_S], B_crit at L itself, held below lp.
+    s_eff, a = schedule_features(lr, s, lam=LAM)
+    bc = laws.critical_batch(pred, b_star=K["b_star"], alpha_b=K["alpha_b"], l_plateau=lp)
+    rhs = np.exp(-ANNEAL * a) * (laws.loss_n(3e7, n_c=K["n_c"], alpha_n=K["alpha_n"])
+                                 + (K["s_c"] * (1 + bc / 64) / s_eff) ** K["alpha_s"])
+    np.testing.assert_allclose(pred, rhs, rtol=1e-9)
+
+
+def test_law_carries_the_plateau_and_laws_saved_before_it_load_unchanged():
+    law = ScalingLaw({**K, "l_plateau": 2.5}, bootstrap=[[*K.values(), 0.0, 0.0, 0.999, 2.5]] * 3)
+    assert law.critical_batch_size(2.0) == law.critical_batch_size(2.5) < ScalingLaw(K).critical_batch_size(2.0)
+    steps = np.geomspace(100, 1e6, 9)
+    np.testing.assert_allclose(law.predict_loss(1e9, steps, 64), laws.loss_n_s_b(1e9, steps, 64, **K, l_plateau=2.5))
+    old = law.to_dict()
+    del old["params"]["l_plateau"]
+    old["bootstrap"] = [row[:9] for row in old["bootstrap"]]  # saved with 9 columns, before the plateau
+    back = ScalingLaw.from_dict(old)
+    assert back.params["l_plateau"] == 0.0 and back.bootstrap.shape == (3, len(ScalingLaw.PARAM_NAMES))
+    np.testing.assert_allclose(back.predict_loss(1e9, steps, 64), laws.loss_n_s_b(1e9, steps, 64, **K))
+
+
+def test_batch_sweep_ignores_runs_of_its_size_under_another_schedule():
+    sweep = [run(4e6, "constant", seed=i, batch=b) for i, b in enumerate((16, 64, 256, 1024, 4096))]
+    others = [run(4e6, kind, seed=9, batch=64) for kind in ("cosine", "wsd")]  # same size and batch, decayed LR
+    alone = fit_critical_batch_size(sweep, n_bootstrap=0)
+    mixed = fit_critical_batch_size(sweep + others, n_bootstrap=0)
+    assert (mixed.b_star, mixed.alpha_b, mixed.min_loss) == (alone.b_star, alone.alpha_b, alone.min_loss)
+    np.testing.assert_array_equal(mixed.table["b_crit"], alone.table["b_crit"])
+    with pytest.raises(ValueError, match="one model size and LR schedule at >= 2 distinct batch sizes"):
+        fit_critical_batch_size([sweep[1], *others])

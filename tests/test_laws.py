@@ -106,6 +106,25 @@ def test_trajectory_inverse_broadcasting_and_limits():
         smin * laws.critical_batch(3.0, b_star=K["b_star"], alpha_b=K["alpha_b"]))
 
 
+def test_critical_batch_plateau_holds_below_and_keeps_the_inverse():
+    lp = 2.6
+    bc = laws.critical_batch([2.0, 2.6, 3.5], **{k: K[k] for k in ("b_star", "alpha_b")}, l_plateau=lp)
+    pure = laws.critical_batch([2.0, 2.6, 3.5], b_star=K["b_star"], alpha_b=K["alpha_b"])
+    assert bc[0] == bc[1] == pure[1] and bc[2] == pure[2] and pure[0] > bc[0]
+    n, steps, batch = 1e9, np.geomspace(100, 1e7, 25), 2.0**18
+    loss = laws.loss_n_s_b(n, steps, batch, **K, l_plateau=lp)
+    assert loss.min() < lp < loss.max()  # the trajectory crosses onto the plateau
+    above, below = loss > lp, loss < lp
+    np.testing.assert_allclose(loss[above], laws.loss_n_s_b(n, steps, batch, **K)[above], rtol=1e-12)
+    # On the plateau the law is the constant-B_crit law at B_crit(l_plateau).
+    const = {**K, "b_star": float(pure[1]), "alpha_b": np.inf}
+    np.testing.assert_allclose(loss[below], laws.loss_n_s_b(n, steps, batch, **const)[below], rtol=1e-12)
+    back, _ = laws.steps_for_loss(loss, n, batch, **K, l_plateau=lp)
+    np.testing.assert_allclose(back, steps, rtol=1e-9)
+    assert laws.min_samples_for_loss(2.0, n, **K, l_plateau=lp) == pytest.approx(
+        float(pure[1]) * laws.min_steps_for_loss(2.0, n, **{k: K[k] for k in ("n_c", "alpha_n", "s_c", "alpha_s")}))
+
+
 def test_compute_optimal_closed_form_matches_numeric_and_kaplan():
     c = np.geomspace(1e18, 1e24, 5)
     ref = laws.compute_optimal_kaplan_closed_form(c, **K)
@@ -149,6 +168,7 @@ def test_compute_flops_and_preset():
         KAPLAN_2020.alpha_n = 0.1  # frozen
 
 
+@pytest.mark.timing
 def test_prediction_of_1e5_points_under_one_second():
     rng = np.random.default_rng(0)
     n = rng.uniform(1e6, 1e9, 100_000)
