@@ -35,12 +35,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -56,6 +54,9 @@ except ImportError:  # pragma: no cover - older scipy: a running minimum (slight
 
 from lightning_scaling import laws
 from lightning_scaling.history import RunHistory
+from lightning_scaling.numerics import first_crossing, huber, json_float, one_blas_thread, percentile_band
+from lightning_scaling.numerics import warmup_steps as lr_warmup
+from lightning_scaling.warnings import DataWarning, FitWarning
 
 __all__ = [
     "ComputeOptimal",
@@ -80,41 +81,10 @@ _PARAM_DEFAULTS = {"e": 0.0, "anneal": 0.0, "anneal_lambda": 0.999, "l_plateau":
 # BLAS threads: L-BFGS-B calls BLAS on 5-7 element vectors; on a busy 2-core machine OpenBLAS thread hand-offs made
 # each call ~10x slower, so fits run with one BLAS thread (best effort, restored afterwards; no-op off Linux).
 # ================================================================================================================
-_BLAS_FUNCS = ("scipy_openblas_{}_num_threads64_", "scipy_openblas_{}_num_threads", "openblas_{}_num_threads64_",
-               "openblas_{}_num_threads")
-
-
-@contextlib.contextmanager
-def _single_thread_blas() -> Iterator[None]:
-    restore: list[tuple[Any, int]] = []
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = {line.split()[-1] for line in fh if "openblas" in line.lower() and "/" in line}
-        for path in paths:
-            lib = ctypes.CDLL(path)
-            for pattern in _BLAS_FUNCS:
-                get = getattr(lib, pattern.format("get"), None)
-                put = getattr(lib, pattern.format("set"), None)
-                if get is not None and put is not None:
-                    restore.append((put, int(get())))
-                    put(1)
-                    break
-    except Exception:  # noqa: BLE001 - purely a speed-up; never fail a fit over it
-        pass
-    try:
-        yield
-    finally:
-        for put, n in restore:
-            try:
-                put(n)
-            except Exception:  # noqa: BLE001
-                pass
-
-
 def _blas_one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _single_thread_blas():
+        with one_blas_thread():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -167,21 +137,6 @@ def smooth_monotone(step: ArrayLike, loss: ArrayLike, *, half_width: float = 0.0
     if isotonic_regression is None:  # pragma: no cover
         return np.exp(grid), np.minimum.accumulate(med)
     return np.exp(grid), isotonic_regression(med, weights=(hi - lo).astype(float), increasing=False).x
-
-
-def _first_crossing(grid: np.ndarray, curve: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """First step at which a non-increasing curve reaches each level (log-linear interpolation; NaN if never)."""
-    out = np.full(levels.shape, np.nan)
-    below = curve[None, :] <= levels[:, None]
-    reached = below.any(axis=1)
-    j = np.argmax(below, axis=1)
-    for k in np.flatnonzero(reached & (j > 0)):
-        i = j[k]
-        y0, y1 = curve[i - 1], curve[i]
-        x0, x1 = np.log(grid[i - 1]), np.log(grid[i])
-        t = 0.0 if y0 == y1 else (y0 - levels[k]) / (y0 - y1)
-        out[k] = math.exp(x0 + t * (x1 - x0))
-    return out
 
 
 # ================================================================================================================
@@ -238,12 +193,12 @@ class CriticalBatchFit:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (``inf`` written as the string ``"inf"``)."""
-        return {"b_star": self.b_star, "alpha_b": _json_float(self.alpha_b),
+        return {"b_star": self.b_star, "alpha_b": json_float(self.alpha_b),
                 "tokens_per_sample": self.tokens_per_sample, "source": self.source,
                 "alpha_b_interval": None if self.alpha_b_interval is None else list(self.alpha_b_interval),
-                "min_loss": _json_float(self.min_loss), "l_plateau": self.l_plateau,
+                "min_loss": json_float(self.min_loss), "l_plateau": self.l_plateau,
                 "plateau_auto": self.plateau_auto,
-                "table": {k: [_json_float(v) for v in np.asarray(a, dtype=float)] for k, a in self.table.items()}}
+                "table": {k: [json_float(v) for v in np.asarray(a, dtype=float)] for k, a in self.table.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CriticalBatchFit:
@@ -267,11 +222,6 @@ def _normal_quantile(level: float) -> float:
 def _exp(x: float) -> float:
     """``exp`` that overflows to ``inf`` instead of raising (bounded optimisers can probe extreme corners)."""
     return math.exp(x) if x < 709.0 else float("inf")
-
-
-def _json_float(v: float) -> float | str:
-    v = float(v)
-    return v if math.isfinite(v) else str(v)
 
 
 def _check_runs(runs: Sequence[RunHistory] | RunHistory, what: str) -> list[RunHistory]:
@@ -318,7 +268,7 @@ def _warmup_end(run: RunHistory, warmup_steps: int | str | None, *, transient: b
         if lr is not None and np.isfinite(lr).any():
             peak = np.nanmax(lr)
             if peak > 0:
-                i = int(np.argmax(np.nan_to_num(lr, nan=-np.inf) >= 0.999 * peak))
+                i = lr_warmup(np.nan_to_num(lr, nan=0.0))
                 end = max(end, mult * int(run.step[i]))
         # Never drop more than half of the run (an LR that peaks late, e.g. a long warmup, would leave nothing).
         return min(end, last // 2)
@@ -350,7 +300,7 @@ class _CrossingTable:
 
 
 def _as_levels(levels: ArrayLike) -> np.ndarray:
-    """User-given loss levels as a descending float array (the order ``_first_crossing`` rows follow)."""
+    """User-given loss levels as a descending float array (the order ``first_crossing`` rows follow)."""
     try:
         lv = np.asarray(levels, dtype=np.float64).ravel()
     except (TypeError, ValueError):
@@ -378,7 +328,7 @@ def _crossing_table(runs: Sequence[RunHistory], *, levels: ArrayLike | None, n_l
         lv = np.exp(np.linspace(math.log(bottom) + 0.05 * span, math.log(top) - 0.3 * span, n_levels))[::-1]
     else:
         lv = _as_levels(levels)
-    steps = np.vstack([_first_crossing(g, c, lv) for g, c in curves])
+    steps = np.vstack([first_crossing(g, c, lv) for g, c in curves])
     n = runs[0].n_params
     return _CrossingTable(n_params=float(n) if n is not None else float("nan"),
                           batch=np.array([float(r.batch_size) for r in runs]), levels=lv, steps=steps)
@@ -576,7 +526,7 @@ def _critical_from_gns(runs: Sequence[RunHistory], tokens_per_sample: float | No
              "n_params": np.full(loss.size, np.nan)}
     warnings.warn("critical batch from the gradient noise scale B_simple: a proxy that can sit far below the true "
                   "critical batch under Adam; validate it with a batch-size sweep (fit_critical_batch_size)",
-                  UserWarning, stacklevel=5)
+                  FitWarning, stacklevel=5)
     try:
         b_star, alpha_b, _ = _power_law_b_crit(loss, b)
     except ValueError:
@@ -609,7 +559,7 @@ def _critical_from_joint(bins: Sequence[tuple[np.ndarray, np.ndarray, float, flo
         return None
     warnings.warn("critical batch fitted jointly with L(N, S, B) from the curves at their different batch sizes "
                   "(no usable batch sweep at one size): weakly identified; a batch sweep at one size "
-                  "(fit_critical_batch_size) pins it down", UserWarning, stacklevel=5)
+                  "(fit_critical_batch_size) pins it down", FitWarning, stacklevel=5)
     return CriticalBatchFit(b_star=b_star, alpha_b=alpha_b, tokens_per_sample=tokens_per_sample, source="joint")
 
 
@@ -839,7 +789,7 @@ class ScalingLaw:
 
     def _to_tokens(self, samples: np.ndarray) -> np.ndarray:
         if self.tokens_per_sample is None:
-            warnings.warn("tokens_per_sample is unknown: returning samples instead of tokens", UserWarning,
+            warnings.warn("tokens_per_sample is unknown: returning samples instead of tokens", DataWarning,
                           stacklevel=3)
             return samples
         return samples * self.tokens_per_sample
@@ -864,7 +814,7 @@ class ScalingLaw:
             self._warned_batch = True
             warnings.warn(f"this law was fitted with critical_batch='none' at batch sizes {self.fitted_batch_sizes}"
                           " (samples): the batch size effect is not modelled, so other batch sizes get the same "
-                          "per-step curve", UserWarning, stacklevel=3)
+                          "per-step curve", FitWarning, stacklevel=3)
 
     def predict_loss(self, n_params: ArrayLike, steps: ArrayLike, batch_size: ArrayLike,
                      lr_schedule: ArrayLike | None = None) -> np.ndarray:
@@ -915,7 +865,6 @@ class ScalingLaw:
         with np.errstate(all="ignore"):
             low = float(np.nanmin(loss)) if np.size(loss) and np.isfinite(loss).any() else float("inf")
         if low < self.bcrit_min_loss:
-            from lightning_scaling.warnings import FitWarning
 
             self._warned_range = True
             there = "held at its value there" if self.params["l_plateau"] > 0 else "the power law extrapolated"
@@ -994,10 +943,8 @@ class ScalingLaw:
         if len(self.bootstrap):
             samples = np.array([list(self._compute_optimal_values(compute, self._params_from_row(row)).values())
                                 for row in self.bootstrap])
-            q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-            for i, key in enumerate(values):
-                lo, hi = np.nanpercentile(samples[:, i], q)
-                intervals[key] = (float(lo), float(hi))
+            los, his = percentile_band(samples, level)
+            intervals = {key: (float(los[i]), float(his[i])) for i, key in enumerate(values)}
         return ComputeOptimal(compute=float(compute), intervals=intervals, level=level, **values)
 
     def _compute_optimal_values(self, compute: float, p: Mapping[str, float]) -> dict[str, float]:
@@ -1051,13 +998,11 @@ class ScalingLaw:
             raise ValueError("this law has no bootstrap samples: fit with n_bootstrap > 0")
         outs = [getattr(self.with_params(self._params_from_row(row)), method)(*args, **kwargs)
                 for row in self.bootstrap]
-        q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
 
         def band(stack: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                lo, hi = np.nanpercentile(np.stack([np.asarray(s, dtype=float) for s in stack]), q, axis=0)
-            return lo, hi
+                return percentile_band(np.stack([np.asarray(s, dtype=float) for s in stack]), level)
 
         if isinstance(outs[0], tuple):
             return tuple(band([o[i] for o in outs]) for i in range(len(outs[0])))
@@ -1106,11 +1051,10 @@ class ScalingLaw:
         """Bootstrap percentile intervals of the constants (empty without bootstrap)."""
         if not len(self.bootstrap):
             return {}
-        q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
         out = {}
         for k, col in zip(_PARAM_NAMES, self.bootstrap.T):
             # Held-fixed constants (e.g. alpha_b = inf for a constant B_crit) have a point interval.
-            lo, hi = (col[0], col[0]) if np.all(col == col[0]) else np.percentile(col, q)
+            lo, hi = (col[0], col[0]) if np.all(col == col[0]) else percentile_band(col, level)
             out[k] = (float(lo), float(hi))
         return out
 
@@ -1129,7 +1073,7 @@ class ScalingLaw:
         if self.info is not None:
             info = {k: getattr(self.info, k) for k in self.info.__dataclass_fields__}
         return {"type": "ScalingLaw", "form": self.form, "params": dict(self.params),
-                "tokens_per_sample": self.tokens_per_sample, "loss_cap": _json_float(self.loss_cap),
+                "tokens_per_sample": self.tokens_per_sample, "loss_cap": json_float(self.loss_cap),
                 "bootstrap": self.bootstrap.tolist(), "info": info, "fitted_batch_sizes": self.fitted_batch_sizes,
                 "schedule": None if self.schedule is None else self.schedule.tolist(),
                 "model_error": self.model_error, "bcrit_min_loss": self.bcrit_min_loss}
@@ -1206,7 +1150,6 @@ def schedule_features(lr: ArrayLike | None, steps: ArrayLike, *, lam: float = 0.
 def _run_schedule(run: RunHistory) -> np.ndarray | None:
     """The run's per-step LR (recorded ``planned_lr`` or ``lr``; None without one or when it is constant)."""
     from lightning_scaling.backtest import run_schedule  # the suite's own reading of a run's schedule
-    from lightning_scaling.forecast import warmup_steps as lr_warmup
 
     lr, _ = run_schedule(run)
     if lr is None or lr.size == 0 or not lr.max() > 0:
@@ -1260,10 +1203,8 @@ def _take(pts: _Points, sel: np.ndarray) -> _Points:
 
 def _huber(r: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
     """Summed Huber loss (delta ``_HUBER_DELTA``) of residuals ``r`` with weights ``w``, and its derivative."""
-    absr = np.abs(r)
-    small = absr <= _HUBER_DELTA
-    f = float(np.sum(w * np.where(small, 0.5 * r * r, _HUBER_DELTA * (absr - 0.5 * _HUBER_DELTA))))
-    return f, w * np.where(small, r, _HUBER_DELTA * np.sign(r))
+    rho, psi = huber(r, _HUBER_DELTA)
+    return float(np.sum(w * rho)), w * psi
 
 
 def _log_pred(theta: np.ndarray, pts: _Points, lay: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1441,7 +1382,7 @@ def _check_token_units(runs: Sequence[RunHistory], tps: float | None) -> None:
         if not 0.9 < ratio < 1.1:
             warnings.warn(f"run {r.name!r}: recorded tokens are {ratio:.3g}x step * batch_size * tokens_per_sample; "
                           "batch_size must be in samples (sequences) per optimizer step, not tokens, and "
-                          "tokens_per_sample the tokens per sample", UserWarning, stacklevel=3)
+                          "tokens_per_sample the tokens per sample", DataWarning, stacklevel=3)
             return
 
 
@@ -1479,7 +1420,7 @@ def _resolve_critical(runs: Sequence[RunHistory], data: _Binned, critical_batch:
                          "record no gradient noise scale)." + _NO_BCRIT_HELP)
     if sweep_error is not None:
         using = "the recorded gradient noise scale" if fallback.source == "gns" else "a joint fit of L(N, S, B)"
-        warnings.warn(f"batch-size sweep unusable ({sweep_error}); using {using}", UserWarning, stacklevel=4)
+        warnings.warn(f"batch-size sweep unusable ({sweep_error}); using {using}", FitWarning, stacklevel=4)
     return fallback, []
 
 
@@ -1528,7 +1469,7 @@ def _choose_form(data: _Binned, cb: CriticalBatchFit, runs: Sequence[RunHistory]
         return form, {}, None
     if len(sizes) < 3:
         warnings.warn("form='auto' needs >= 3 model sizes to validate on the largest; using 'kaplan'",
-                      UserWarning, stacklevel=4)
+                      FitWarning, stacklevel=4)
         return "kaplan", {}, None
     pts = _collect_points(data, cb)
     fit_idx, test_idx = _size_split(runs, sizes, _inner_split(len(sizes)))
