@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,7 @@ RESULTS = Path(__file__).parent / "results" / "e2e_overhead.json"
 
 
 # ----------------------------------------------------------------------------------------------- child process
-def _callbacks(config: str, tokens_per_sample: int, every: int) -> list:
+def _callbacks(config: str, tokens_per_sample: int, every: int, background: str = "auto") -> list:
     from lightning_scaling.callbacks import ForecastEarlyStopping, GradientNoiseScale, LossTrajectory, ScalingForecast
 
     cbs: list = []
@@ -57,13 +58,14 @@ def _callbacks(config: str, tokens_per_sample: int, every: int) -> list:
     if config in ("traj+gns", "all"):
         cbs.append(GradientNoiseScale())
     if config in ("traj+forecast", "all"):
-        cbs.append(ScalingForecast(every_n_steps=every, target_loss=2.0))
+        bg = {"auto": "auto", "thread": "thread", "false": False}[background]
+        cbs.append(ScalingForecast(every_n_steps=every, target_loss=2.0, background=bg))
     if config == "all":
         cbs.append(ForecastEarlyStopping(target_loss=0.5))  # out of reach: checks at every refit, never stops
     return cbs
 
 
-def child(config: str, size: str, steps: int, every: int, out: str) -> dict:
+def child(config: str, size: str, steps: int, every: int, out: str, background: str = "auto") -> dict:
     """Train one run in this process; returns its timings (printed as one JSON line)."""
     import torch
 
@@ -78,7 +80,7 @@ def child(config: str, size: str, steps: int, every: int, out: str) -> dict:
     pl.seed_everything(0, verbose=False)
     data = StdlibTextDataModule(block_size=block, batch_size=batch)
     model = GPT(n_layer=n_layer, d_model=width, n_head=heads, block_size=block, max_steps=steps)
-    cbs = _callbacks(config, data.tokens_per_sample, every)
+    cbs = _callbacks(config, data.tokens_per_sample, every, background)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(out, name=config),
                          callbacks=cbs, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, limit_val_batches=0, log_every_n_steps=50)
@@ -130,14 +132,19 @@ def profile_refit(history_path: str, steps: int, log_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- parent
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants: the run and its refit worker
+    return r.ru_utime + r.ru_stime
+
+
 def _run_child(args: list[str]) -> dict:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_children()
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=_child_env())
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_children() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"child {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    row["process_seconds"] = wall
+    row["process_seconds"], row["cpu_seconds"] = wall, cpu
     return row
 
 
@@ -160,43 +167,43 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
-def bench_size(size: str, steps: int, rounds: int, every: int, configs: tuple[str, ...], out: str) -> dict:
+def bench_size(size: str, steps: int, rounds: int, every: int, configs: tuple[str, ...], out: str,
+               background: str = "auto") -> dict:
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         for config in order:
             row = _run_child(["--child", config, "--size", size, "--steps", str(steps), "--every", str(every),
-                              "--out", out])
+                              "--out", out, "--forecast-background", background])
             runs[config].append(row)
             print(f"  {size} round {r + 1}/{rounds} {config:<14} fit {row['fit_seconds']:6.2f} s", flush=True)
     summary = {}
     for config in configs:
         ratios = [a["fit_seconds"] / b["fit_seconds"] for a, b in zip(runs[config], runs["none"])]
         proc = [a["process_seconds"] / b["process_seconds"] for a, b in zip(runs[config], runs["none"])]
+        cpu = [a["cpu_seconds"] / b["cpu_seconds"] for a, b in zip(runs[config], runs["none"])]
         summary[config] = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                            "ratio_max": max(ratios), "process_ratio_median": statistics.median(proc),
+                           "cpu_ratio_median": statistics.median(cpu),
                            "fit_seconds": [x["fit_seconds"] for x in runs[config]], "runs": runs[config]}
     return {"size": dict(zip(("n_layer", "d_model", "n_head", "block", "batch"), SIZES[size])), "steps": steps,
-            "every_n_steps": every, "rounds": rounds, "configs": summary}
+            "every_n_steps": every, "rounds": rounds, "forecast_background": background, "configs": summary}
 
 
 def table(results: dict) -> str:
-    lines = ["| size | callbacks | fit time vs none, median (range) | process time vs none | refits at steps | "
-             "refit s (median) | worst stall s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| size | callbacks | fit time vs none, median (range) | process time | CPU time (run + worker) | "
+             "refits at steps (last round) | refit s, median | worst stall s |", "|---|---|---|---|---|---|---|---|"]
     for size, res in results["sizes"].items():
         for config, s in res["configs"].items():
             if config == "none":
                 continue
-            last = s["runs"][-1]
-            steps = ", ".join(str(x) for x in last.get("refit_steps", [])) or "-"
             refit = [x for r in s["runs"] for x in r.get("refit_seconds", [])]
+            steps = ", ".join(str(x) for x in s["runs"][-1].get("refit_steps", [])) or "-"
             med = f"{statistics.median(refit):.3f}" if refit else "-"
-            stall = max((r.get("max_stall_seconds", 0.0) for r in s["runs"]), default=0.0)
+            stall = f"{max(r.get('max_stall_seconds', 0.0) for r in s['runs']):.3f}" if refit else "-"
             lines.append(f"| {size} | {config} | {s['ratio_median']:.3f} ({s['ratio_min']:.3f}-{s['ratio_max']:.3f})"
-                         f" | {s['process_ratio_median']:.3f} | {steps} | {med} | "
-                         f"{stall:.3f} |" if refit else
-                         f"| {size} | {config} | {s['ratio_median']:.3f} ({s['ratio_min']:.3f}-{s['ratio_max']:.3f})"
-                         f" | {s['process_ratio_median']:.3f} | - | - | - |")
+                         f" | {s['process_ratio_median']:.3f} | {s['cpu_ratio_median']:.3f} | {steps} | {med} | "
+                         f"{stall} |")
     return "\n".join(lines)
 
 
@@ -208,13 +215,15 @@ def main() -> None:
     p.add_argument("--every", type=int, default=100, help="ScalingForecast every_n_steps")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset; 'none' is always run")
     p.add_argument("--quick", action="store_true", help="demo size, 2 rounds, 300 steps (~2 min)")
+    p.add_argument("--forecast-background", choices=("auto", "thread", "false"), default="auto",
+                   help="ScalingForecast(background=...): worker process (auto), thread, or training thread")
     p.add_argument("--json", default=str(RESULTS), help="where to write the results ('' for nowhere)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.size, args.steps, args.every, args.out)))
+        print(json.dumps(child(args.child, args.size, args.steps, args.every, args.out, args.forecast_background)))
         return
     if args.profile is not None:
         print(json.dumps(profile_refit(args.profile, args.steps, args.out)))
@@ -231,7 +240,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ls_e2e_") as out:
         for s in sizes:
             steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)[s]
-            results["sizes"][s] = bench_size(s, steps, rounds, args.every, configs, out)
+            results["sizes"][s] = bench_size(s, steps, rounds, args.every, configs, out, args.forecast_background)
         last = next((r for r in results["sizes"][sizes[0]]["configs"].get("all", {}).get("runs", [])[::-1]), None)
         if last is not None and "history" in last:
             results["refit_profile"] = _run_child(["--profile", last["history"], "--steps",

@@ -1,17 +1,20 @@
 """Lightning-free refit scheduling for live forecasts: what one refit computes, and where it runs.
 
 A refit (:func:`compute_refit`) fits :func:`~lightning_scaling.forecast.forecast_run` to a history snapshot and,
-optionally, renders the forecast figure and writes the TensorBoard forecast run and ``latest.json``. A cold fit
-costs about a second of mostly-Python numpy work, so :class:`RefitScheduler` runs it where training does not
-pay for it:
+optionally (:func:`add_extras`), renders the forecast figure and writes the TensorBoard forecast run and
+``latest.json``. A cold fit costs about a second of mostly-Python numpy work, so :class:`RefitScheduler` runs the
+fit where training does not pay for it:
 
 - ``"process"``: a child Python process at a lower priority (``nice`` 10), fed pickled snapshots through a
   pipe. A thread would share the GIL with the training loop and slow every step while it fits; a process uses a
-  free core, and on a busy machine the OS scheduler favours training.
+  free core, and on a busy machine the OS scheduler favours training. It imports only the forecast maths.
 - ``"thread"``: a background thread (for a ``forecast_run`` patched in-process, or where subprocesses are not
   allowed).
-- ``"inline"``: on the caller's thread; figures and files are then rendered only while their total cost stays
-  under ``max_overhead`` of the training time so far (a coarser cadence, never a slower step on average).
+- ``"inline"``: on the caller's thread.
+
+The figure and files are made on the caller's thread when a result is picked up (matplotlib and TensorBoard's
+writer would cost the worker seconds of imports), and only while their total cost stays under ``max_overhead``
+of the training time so far: a coarser cadence on short or fast runs, a figure at every refit on long ones.
 
 Refits are due on the caller's cadence; while one is in flight the latest due snapshot waits (a newer one
 replaces it), so every refit belongs to a cadence step and none is lost behind a slow one. A process that cannot
@@ -29,7 +32,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,13 @@ import numpy as np
 from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time (tests patch it)
 from lightning_scaling.warnings import ForecastWarning
 
-__all__ = ["MODES", "RefitJob", "RefitResult", "RefitScheduler", "compute_refit"]
+__all__ = ["MODES", "RefitJob", "RefitResult", "RefitScheduler", "add_extras", "compute_refit"]
 
 MODES = ("process", "thread", "inline")
 #: Priority increment of the worker process: training keeps the cores it needs.
 WORKER_NICE = 10
+#: Expected cost of the first figure and files, imports included (matplotlib alone is about a second).
+FIRST_EXTRAS_SECONDS = 1.0
 
 
 @dataclass
@@ -55,7 +60,8 @@ class RefitJob:
         at_step: The cadence step the snapshot was taken at.
         fit_kwargs: Keyword arguments of ``forecast_run`` besides the history (``horizon``, ``init``, ...).
         draw: Render the forecast figure to an image array (needs matplotlib).
-        log_dir: Where to write the TensorBoard forecast run and ``latest.json`` (``None``: no files).
+        log_dir: Where to write ``latest.json`` (milliseconds; ``None``: no files).
+        write_run: Also write the TensorBoard forecast run under ``log_dir``.
         target_loss: Drawn on the figure.
     """
 
@@ -64,6 +70,7 @@ class RefitJob:
     fit_kwargs: dict[str, Any] = field(default_factory=dict)
     draw: bool = False
     log_dir: str | None = None
+    write_run: bool = False
     target_loss: float | None = None
 
 
@@ -103,8 +110,18 @@ def compute_refit(job: RefitJob) -> RefitResult:
         result.error = err
         result.fit_seconds = result.total_seconds = time.perf_counter() - t0
         return result
-    t1 = time.perf_counter()
-    result.fit_seconds = t1 - t0
+    result.fit_seconds = result.total_seconds = time.perf_counter() - t0
+    add_extras(job, result)
+    return result
+
+
+def add_extras(job: RefitJob, result: RefitResult) -> None:
+    """Draw the figure and write the files ``job`` asks for (``draw``, ``log_dir``, ``write_run``) for a successful
+    fit; ``result.extras_seconds`` times the figure and the forecast run (``latest.json`` costs milliseconds)."""
+    if result.forecast is None or not (job.draw or job.log_dir is not None):
+        return
+    t0 = time.perf_counter()
+    history = job.history
     if job.draw:
         try:
             from lightning_scaling.callbacks.panels import forecast_figure, render_figure
@@ -114,21 +131,31 @@ def compute_refit(job: RefitJob) -> RefitResult:
             pass  # matplotlib is optional for the figure
         except Exception as err:
             result.error = err  # reported by the caller, forecast still used
+    if job.log_dir is not None and job.write_run:
+        _write_run(job, result)
+    result.extras_seconds = time.perf_counter() - t0
     if job.log_dir is not None:
-        _write_files(job, result)
-    result.total_seconds = time.perf_counter() - t0
-    result.extras_seconds = result.total_seconds - (t1 - t0)
-    return result
+        _write_json(job, result)
+    result.total_seconds += time.perf_counter() - t0
 
 
-def _write_files(job: RefitJob, result: RefitResult) -> None:
-    from lightning_scaling.callbacks.panels import is_predictable, write_forecast_json, write_forecast_run
+def _write_run(job: RefitJob, result: RefitResult) -> None:
+    from lightning_scaling.callbacks.panels import is_predictable, write_forecast_run
 
     fc = result.forecast
     try:
         if is_predictable(fc.final_loss, fc.final_lower, fc.final_upper):  # else keep the last readable one
             write_forecast_run(job.log_dir, fc, history=job.history)
-        write_forecast_json(job.log_dir, fc, extra={"at_step": job.at_step, "fit_seconds": result.fit_seconds})
+    except Exception as err:
+        result.error = err
+
+
+def _write_json(job: RefitJob, result: RefitResult) -> None:
+    from lightning_scaling.callbacks.panels import write_forecast_json
+
+    try:
+        write_forecast_json(job.log_dir, result.forecast, extra={"at_step": job.at_step,
+                                                                 "fit_seconds": result.fit_seconds})
     except Exception as err:
         result.error = err
 
@@ -138,11 +165,12 @@ class RefitScheduler:
 
     The caller calls :meth:`submit` at each cadence step and :meth:`poll` often (every training step: a
     non-blocking pipe check). At most one refit is in flight and one waits; a newer submit replaces the waiting
-    one. With ``"inline"``, :meth:`wants_extras` tells whether the figure and files fit the time budget.
+    one. :meth:`wants_extras` tells whether the figure and files fit the time budget; they are made on the
+    caller's thread when the result is picked up.
 
     Args:
         mode: ``"process"``, ``"thread"`` or ``"inline"``.
-        max_overhead: Inline mode: fraction of the training time that figures and files may cost in total.
+        max_overhead: Fraction of the training time that figures and files may cost in total.
 
     Raises:
         ValueError: ``mode`` is not one of :data:`MODES` or ``max_overhead`` is not positive.
@@ -172,7 +200,9 @@ class RefitScheduler:
         self.submitted_steps: list[int] = []
         self.completed = 0
         self._extras_seconds = 0.0
+        self._extras_estimate = FIRST_EXTRAS_SECONDS  # cost of the next figure and files: the last one's
         self._in_flight: Any = None  # a Future (thread) or the job (process)
+        self._in_flight_job: RefitJob | None = None
         self._waiting: RefitJob | None = None
         self._done: list[RefitResult] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -184,8 +214,9 @@ class RefitScheduler:
         return self._in_flight is not None or self._waiting is not None
 
     def wants_extras(self, train_seconds: float) -> bool:
-        """Whether the next refit may draw and write files: always off the caller's thread, else within budget."""
-        return self.mode != "inline" or self._extras_seconds <= self.max_overhead * max(train_seconds, 0.0)
+        """Whether the next refit may draw and write files: if all of them, this one included, would have cost
+        at most ``max_overhead`` of ``train_seconds`` (the first is expected to cost :data:`FIRST_EXTRAS_SECONDS`)."""
+        return self._extras_seconds + self._extras_estimate <= self.max_overhead * max(train_seconds, 0.0)
 
     def submit(self, job: RefitJob) -> None:
         """Start ``job`` now, or keep it waiting (replacing an older waiting one) while a refit is in flight."""
@@ -218,23 +249,24 @@ class RefitScheduler:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        self._in_flight = self._waiting = None
+        self._in_flight = self._in_flight_job = self._waiting = None
 
     # ------------------------------------------------------------------------------------------ internals
     def _start(self, job: RefitJob) -> None:
+        fit_only = replace(job, draw=False, log_dir=None, write_run=False)  # the extras are made here, at pick-up
         if self.mode == "process":
             try:
                 if self._worker is None:
                     self._worker = _Worker()
-                self._worker.send(job)
-                self._in_flight = job
+                self._worker.send(fit_only)
+                self._in_flight, self._in_flight_job = fit_only, job
                 return
             except Exception as err:
                 self._fall_back(err)
         if self.mode == "thread":
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ScalingForecast")
-            self._in_flight = self._executor.submit(compute_refit, job)
+            self._in_flight, self._in_flight_job = self._executor.submit(compute_refit, fit_only), job
             return
         self._finish_one(compute_refit(job))
 
@@ -252,15 +284,17 @@ class RefitScheduler:
             return True
 
     def _collect(self) -> None:
-        job, self._in_flight = self._in_flight, None
-        if isinstance(job, Future):
-            result = job.result()
+        flight, job = self._in_flight, self._in_flight_job
+        self._in_flight = self._in_flight_job = None
+        if isinstance(flight, Future):
+            result = flight.result()
         else:
             try:
-                result = self._worker.receive() if self._worker is not None else compute_refit(job)
+                result = self._worker.receive() if self._worker is not None else compute_refit(flight)
             except Exception as err:  # the worker died mid-refit: redo it here
                 self._fall_back(err)
-                result = compute_refit(job)
+                result = compute_refit(flight)
+        add_extras(job, result)
         self._finish_one(result)
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
@@ -268,8 +302,9 @@ class RefitScheduler:
 
     def _finish_one(self, result: RefitResult) -> None:
         self.completed += 1
-        if self.mode == "inline":
+        if result.extras_seconds > 0:
             self._extras_seconds += result.extras_seconds
+            self._extras_estimate = result.extras_seconds
         self._done.append(result)
 
     def _fall_back(self, err: BaseException) -> None:

@@ -302,15 +302,28 @@ def test_background_refits_do_not_stall_training(tmp_path, monkeypatch):
     assert all(v == pytest.approx(curve(60), abs=1e-6) for v in final.values())
 
 
-def test_inline_figures_and_files_are_rendered_within_the_time_budget(tmp_path, stub):
-    # A budget of ~0: the first refit draws (nothing spent yet), the later ones log numbers only.
+def test_figures_and_files_are_skipped_beyond_the_time_budget(tmp_path, stub):
+    # A budget of ~0 s: no figure or forecast run, but latest.json (milliseconds) and every refit's numbers.
     sf = ScalingForecast(every_n_steps=5, background=False, max_overhead=1e-9, figure=True, forecast_runs=True)
     trainer = fit(tmp_path, [LossTrajectory(), sf], max_steps=20)
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images("forecast/curve")] == [5]
-    assert json.load(open(os.path.join(trainer.logger.log_dir, "forecast", "latest.json")))["at_step"] == 5
+    assert "forecast/curve" not in acc.Tags()["images"]
+    run = forecast_run_dir(trainer.logger.log_dir)
+    assert not any(p.startswith("events.out") for p in os.listdir(run))
+    assert json.load(open(os.path.join(run, "latest.json")))["at_step"] == 20
+    assert sorted(scalars(trainer.logger.log_dir, "forecast/final_loss")) == [5, 10, 15, 20]
     assert sf.n_refits == 4 and [s for s, _ in sf.refit_log] == [5, 10, 15, 20]
+
+
+def test_extras_budget_counts_what_figures_cost():
+    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitResult, RefitScheduler
+
+    sched = RefitScheduler("inline", max_overhead=0.1)
+    first = FIRST_EXTRAS_SECONDS / 0.1  # training seconds that pay for the first figure
+    assert not sched.wants_extras(0.99 * first) and sched.wants_extras(first)
+    sched._finish_one(RefitResult(at_step=1, extras_seconds=0.5))  # spent 0.5 s; the next is expected at 0.5 s
+    assert not sched.wants_extras(9.9) and sched.wants_extras(10.0)
 
 
 def _synthetic_history(n=400):

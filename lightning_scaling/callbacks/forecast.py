@@ -108,13 +108,14 @@ class ScalingForecast(Callback):
 
     **Cost.** The refit must not stall training. By default (``background="auto"``) the training thread only
     takes a snapshot of the history at each cadence step and hands it to a worker process at a lower priority
-    (:class:`~lightning_scaling.refit.RefitScheduler`), which fits, draws the figure and writes the files; the
-    result is logged at the first optimizer step after it is back, at the step it was made for. A cold fit is
-    about a second of Python work: in a thread it would hold the GIL against the training loop and slow every
-    step. While a refit is in flight the next due snapshot waits (a newer one replaces it), so refits always
-    belong to a cadence step. ``background="thread"`` uses a thread, ``False`` the training thread, where the
-    figure and files are then rendered only while they cost at most ``max_overhead`` of the training time. A
-    worker that cannot start falls back to the training thread with one warning. The cost of the latest refit is
+    (:class:`~lightning_scaling.refit.RefitScheduler`), which fits; the result is logged at the first optimizer
+    step after it is back, at the step it was made for. A cold fit is about a second of Python work: in a thread
+    it would hold the GIL against the training loop and slow every step. While a refit is in flight the next due
+    snapshot waits (a newer one replaces it), so refits always belong to a cadence step. ``background="thread"``
+    uses a thread, ``False`` the training thread. The figure and files are made on the training thread when a
+    result is picked up, only while they cost at most ``max_overhead`` of the training time so far (matplotlib
+    alone takes seconds to import): a coarser cadence on short runs. A worker that cannot start falls back to
+    the training thread with one warning. The cost of the latest refit is
     in :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread
     spent on refits in :attr:`stall_seconds`.
 
@@ -135,8 +136,8 @@ class ScalingForecast(Callback):
         method: Forecast method passed to ``forecast_run``.
         background: ``"auto"`` or ``True`` (a worker process), ``"thread"`` (a background thread) or ``False``
             (the training thread).
-        max_overhead: With ``background=False``, the fraction of the training time that figures and forecast
-            files may cost in all; above it a refit logs the numbers only (a coarser figure cadence).
+        max_overhead: Fraction of the training time that figures and forecast files may cost in all; above it
+            a refit logs the numbers only (a coarser figure cadence).
         refit_on_validation: Also refit after each validation run (off: the cadence is ``every_n_steps``).
         figure: Log a matplotlib figure of the forecast to TensorBoard at each refit (needs matplotlib).
         forecast_runs: Write the latest forecast to the TensorBoard run ``<log_dir>/forecast`` (replaced at each
@@ -409,8 +410,10 @@ class ScalingForecast(Callback):
                           method=self.method, **self.forecast_kwargs)
         if self.warm_start and self.forecast is not None:
             fit_kwargs["init"] = self.forecast
+        files = tb is not None and trainer.is_global_zero and self.forecast_runs
         return RefitJob(history, at_step=trainer.global_step, fit_kwargs=fit_kwargs, draw=bool(extras and self.figure),
-                        log_dir=tb.log_dir if extras and self.forecast_runs else None, target_loss=self.target_loss)
+                        log_dir=tb.log_dir if files else None, write_run=bool(extras and files),
+                        target_loss=self.target_loss)
 
     def _record_stall(self, seconds: float) -> None:
         self.stall_seconds = seconds
