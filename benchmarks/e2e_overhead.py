@@ -2,7 +2,7 @@
 
     python benchmarks/e2e_overhead.py                 # demo size and a larger CPU size, 3 rounds (~10 min idle)
     python benchmarks/e2e_overhead.py --quick         # demo size, 2 rounds, shorter runs (~2 min idle)
-    python benchmarks/e2e_overhead.py --size demo --rounds 5 --steps 600
+    python benchmarks/e2e_overhead.py --size demo --rounds 5 --steps 600 --every 100   # the setting
 
 Each run trains the demo GPT (``lightning_scaling.demo``) on one CPU thread with a TensorBoard logger and the
 demo's warmup + cosine schedule, in a fresh ``python`` process, with one of the configurations:
@@ -43,8 +43,8 @@ from pathlib import Path
 CONFIGS = ("none", "traj", "traj+gns", "traj+forecast", "all")
 #: name: (n_layer, d_model, n_head, block, batch). ``demo`` is the issue's 2 x 64 GPT at batch 16 x 64.
 SIZES = {"demo": (2, 64, 2, 64, 16), "large": (4, 128, 4, 128, 16)}
-DEFAULT_STEPS = {"demo": 600, "large": 200}
-QUICK_STEPS = {"demo": 300, "large": 100}
+DEFAULT_STEPS = {"demo": 600, "large": 100}
+QUICK_STEPS = {"demo": 200, "large": 60}
 RESULTS = Path(__file__).parent / "results" / "e2e_overhead.json"
 
 
@@ -162,8 +162,8 @@ def machine() -> dict:
         load = os.getloadavg()
     except OSError:  # pragma: no cover - not on every platform
         load = None
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads_per_run": 1, "load_average_at_start": load,
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads_per_run": 1, "load_average_at_start": load,
             "platform": platform.platform()}
 
 
@@ -212,9 +212,9 @@ def main() -> None:
     p.add_argument("--size", choices=(*SIZES, "both"), default=None, help="default: both (demo with --quick)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default per size)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of all configurations (default 3, quick 2)")
-    p.add_argument("--every", type=int, default=100, help="ScalingForecast every_n_steps")
+    p.add_argument("--every", type=int, default=None, help="ScalingForecast every_n_steps (default: steps // 6)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset; 'none' is always run")
-    p.add_argument("--quick", action="store_true", help="demo size, 2 rounds, 300 steps (~2 min)")
+    p.add_argument("--quick", action="store_true", help="demo size, 2 rounds, 200 steps (~2 min)")
     p.add_argument("--forecast-background", choices=("auto", "thread", "false"), default="auto",
                    help="ScalingForecast(background=...): worker process (auto), thread, or training thread")
     p.add_argument("--json", default=str(RESULTS), help="where to write the results ('' for nowhere)")
@@ -240,7 +240,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ls_e2e_") as out:
         for s in sizes:
             steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)[s]
-            results["sizes"][s] = bench_size(s, steps, rounds, args.every, configs, out, args.forecast_background)
+            every = args.every or max(steps // 6, 1)
+            results["sizes"][s] = bench_size(s, steps, rounds, every, configs, out, args.forecast_background)
         last = next((r for r in results["sizes"][sizes[0]]["configs"].get("all", {}).get("runs", [])[::-1]), None)
         if last is not None and "history" in last:
             results["refit_profile"] = _run_child(["--profile", last["history"], "--steps",

@@ -18,7 +18,8 @@ of the training time so far: a coarser cadence on short or fast runs, a figure a
 
 Refits are due on the caller's cadence; while one is in flight the latest due snapshot waits (a newer one
 replaces it), so every refit belongs to a cadence step and none is lost behind a slow one. A process that cannot
-start or dies makes the scheduler fall back to ``"inline"`` with one :class:`~lightning_scaling.warnings.ForecastWarning`.
+start or dies makes the scheduler fall back to ``"inline"`` with one
+:class:`~lightning_scaling.warnings.ForecastWarning`.
 
 Run as ``python -m lightning_scaling.refit`` it is the worker process itself.
 """

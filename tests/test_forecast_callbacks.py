@@ -283,7 +283,8 @@ def test_background_refits_do_not_stall_training(tmp_path, monkeypatch):
         return stub_forecast_run(history, *args, **kwargs)
 
     monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)  # in-process: the thread sees it
-    sf = ScalingForecast(every_n_steps=5, background="thread", figure=False, forecast_runs=False)
+    # max_overhead=1: at the end, wait for the last refits up to the 0.6 s of training (a 2% budget would drop them).
+    sf = ScalingForecast(every_n_steps=5, background="thread", max_overhead=1.0, figure=False, forecast_runs=False)
     t0 = time.perf_counter()
     trainer = fit(tmp_path, [LossTrajectory(), StepWork(step_time), sf], max_steps=60)
     wall = time.perf_counter() - t0
@@ -314,6 +315,18 @@ def test_figures_and_files_are_skipped_beyond_the_time_budget(tmp_path, stub):
     assert json.load(open(os.path.join(run, "latest.json")))["at_step"] == 20
     assert sorted(scalars(trainer.logger.log_dir, "forecast/final_loss")) == [5, 10, 15, 20]
     assert sf.n_refits == 4 and [s for s, _ in sf.refit_log] == [5, 10, 15, 20]
+
+
+def test_last_refits_are_dropped_when_they_would_delay_the_end(tmp_path, monkeypatch):
+    def slow(history, *args, **kwargs):
+        time.sleep(0.3)
+        return stub_forecast_run(history, *args, **kwargs)
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    sf = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
+    fit(tmp_path, [LossTrajectory(), sf], max_steps=20, logger=False)
+    # 2% of well under a second of training: the end does not wait 0.3 s for the refit of step 20.
+    assert [s for s, _ in sf.refit_log] in ([], [10]) and sf._scheduler is None
 
 
 def test_extras_budget_counts_what_figures_cost():

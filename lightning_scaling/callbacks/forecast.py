@@ -32,6 +32,8 @@ _BACKGROUND_MODES = {"auto": "process", True: "process", "thread": "thread", Fal
 PBAR_LOSS = "pred_loss"
 PBAR_ETA = "eta_min"
 PBAR_AVG = "avg_loss"
+#: Longest wait (seconds) for the refits still in flight when training ends.
+_MAX_END_WAIT = 120.0
 #: Summary keys that do not depend on the forecast's band (logged even while the forecast is not predictable).
 _TIME_KEYS = ("forecast/refit_seconds", "forecast/remaining_seconds", "forecast/critical_batch")
 
@@ -83,8 +85,8 @@ class ScalingForecast(Callback):
 
     Every ``every_n_steps`` optimizer steps (whatever the validation cadence; ``refit_on_validation=True`` adds a
     refit after each validation run) it fits :func:`~lightning_scaling.forecast.forecast_run` to the history
-    recorded by :class:`LossTrajectory` (a default one is added in ``setup`` when none is attached) and logs, at the current ``global_step`` to every
-    logger (rank 0):
+    recorded by :class:`LossTrajectory` (a default one is added in ``setup`` when none is attached) and logs, at
+    the step of the refit, to every logger (rank 0):
 
     - ``forecast/final_loss``, ``forecast/final_loss_lower``, ``forecast/final_loss_upper``: predicted loss at the
       last step of the run (``horizon``) with its ``confidence`` band;
@@ -117,7 +119,8 @@ class ScalingForecast(Callback):
     alone takes seconds to import): a coarser cadence on short runs. A worker that cannot start falls back to
     the training thread with one warning. The cost of the latest refit is
     in :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread
-    spent on refits in :attr:`stall_seconds`.
+    spent on refits in :attr:`stall_seconds`. When training ends, the refits still in flight are waited for at most
+    ``max_overhead`` of the training time (2 minutes at most); one that is later is dropped.
 
     **Failures.** A failed fit never raises into the training loop: the last good forecast is kept and the
     first failure of each kind is warned about once. ``forecast_run`` refuses (``ValueError``) while too little of
@@ -337,8 +340,9 @@ class ScalingForecast(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._scheduler is not None:  # pick up the last refits so the final summary is logged
-            self._apply_all(trainer, self._scheduler.finish(timeout=120))
+        if self._scheduler is not None:  # pick up the last refits, waiting no longer than the refit budget
+            wait = min(_MAX_END_WAIT, self.max_overhead * self._train_seconds)
+            self._apply_all(trainer, self._scheduler.finish(timeout=wait))
         self._shutdown()
         if self.n_refits == 0 and self.last_error is not None:
             self._warning_cache.warn(
