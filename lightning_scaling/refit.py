@@ -245,7 +245,7 @@ class RefitScheduler:
     def close(self) -> None:
         """Stop the worker (process or thread); a refit still in flight is dropped."""
         if self._worker is not None:
-            self._worker.close()
+            self._worker.close(busy=self._in_flight is not None)
             self._worker = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -312,7 +312,7 @@ class RefitScheduler:
         warnings.warn(f"ScalingForecast: the refit worker process failed ({type(err).__name__}: {err}); refitting "
                       "on the training thread from now on.", ForecastWarning, stacklevel=2)
         if self._worker is not None:
-            self._worker.close()
+            self._worker.close(busy=True)
             self._worker = None
         self.mode = "inline"
 
@@ -344,11 +344,14 @@ class _Worker:
     def receive(self) -> RefitResult:
         return pickle.loads(self._recv.recv_bytes())
 
-    def close(self) -> None:
+    def close(self, busy: bool = False) -> None:
+        """Close the pipe (an idle worker reads EOF and exits); a busy one is killed: nobody waits for its fit."""
         for conn in (self._send, self._recv):
-            conn.close()  # the worker reads EOF and exits
+            conn.close()
+        if busy:
+            self._proc.kill()
         try:
-            self._proc.wait(timeout=5)
+            self._proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
