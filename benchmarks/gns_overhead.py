@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - fallback if the demo package is missin
 
 PRESETS = {
     # name: (n_layer, d_model, n_head, block, micro_batch)
+    "demo": (2, 64, 2, 64, 16),  # the demo GPT and batch (issue 13)
     "tiny": (2, 128, 4, 128, 8),
     "small": (4, 256, 4, 256, 8),
     "gpt50m": (8, 768, 12, 512, 16),  # 12·8·768² ≈ 57M non-embedding parameters

@@ -1,14 +1,12 @@
 """What ScalingForecast's refits cost in a real run: ``forecast/refit_seconds`` read back from TensorBoard logs.
 
-``refit_seconds`` is the wall time of a whole refit (the fit, the figure and the TensorBoard/JSON files), measured
-where it ran: on the background thread it competes with training for the cores and the GIL, so it is longer than
-the same fit on an idle machine, while the training thread only waits for the hand-off. Usage::
+``refit_seconds`` is the wall time of a whole refit: the fit, measured where it ran (by default in the worker
+process, at a lower priority, so it stretches on a loaded machine while training does not wait for it), plus the
+figure and files made on the training thread when they fit the time budget. What the training thread itself
+spends is ``ScalingForecast.stall_seconds`` (``benchmarks/e2e_overhead.py`` reports it). Usage::
 
     lightning-scaling demo --out /tmp/demo
     python benchmarks/refit_cost.py /tmp/demo/runs
-
-Measured on the demo (9 runs, 4 refits each, 2-core CPU with load average ~5 from other jobs): 36 refits,
-median 2.17 s, mean 2.52 s, range 0.81-5.49 s.
 """
 
 from __future__ import annotations

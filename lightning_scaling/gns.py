@@ -272,6 +272,19 @@ class GNSEstimator:
         self._buf_len = 0
         self._device = device
 
+    def _update_constants(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(coef, add, skip) of the state update, built once per device: fields c·x + add, skipped: x + skip."""
+        key = (dtype, device, self.ema_decay)
+        cached = self.__dict__.get("_constants")
+        if cached is None or cached[0] != key:
+            beta, a = self.ema_decay, 1.0 - self.ema_decay
+            coef = [beta, beta * beta, beta, beta, beta, beta, beta, 1.0, 1.0]
+            add = [a, a * a, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+            skip = [0.0] * 8 + [1.0]
+            # Built on the host and copied once: the only host-to-device copy, at the first update.
+            cached = self._constants = (key, *(torch.tensor(v, dtype=dtype).to(device) for v in (coef, add, skip)))
+        return cached[1], cached[2], cached[3]
+
     def _flush(self) -> None:
         if self._buf is None or self._buf_len == 0:
             return
@@ -338,37 +351,21 @@ class GNSEstimator:
         small = torch.as_tensor(small_sq_norm, device=device).to(dtype)
         big = torch.as_tensor(big_sq_norm, device=device).to(dtype)
         g, s = unbiased_from_two_sizes(small, big, b_small=b_small, b_big=b_big)
-        ok = torch.isfinite(g) & torch.isfinite(s)
-        beta = self.ema_decay
-        zero = torch.zeros((), dtype=dtype, device=device)
-        g0 = torch.where(ok, g, zero)
-        s0 = torch.where(ok, s, zero)
-        # Candidate new state if the step is finite; torch.where keeps the old one otherwise.
-        w_sum, w2_sum, eg, es, egg, ess, egs, n_steps, n_skipped = self._state.unbind()
-        a = 1.0 - beta
-        new = torch.stack(
-            [
-                beta * w_sum + a,
-                beta * beta * w2_sum + a * a,
-                beta * eg + a * g0,
-                beta * es + a * s0,
-                beta * egg + a * g0 * g0,
-                beta * ess + a * s0 * s0,
-                beta * egs + a * g0 * s0,
-                n_steps + 1,
-                n_skipped,
-            ]
-        )
-        old = self._state.clone()
-        old[-1] = n_skipped + 1
-        self._state = torch.where(ok, new, old)
+        gs = torch.stack([g, s])
+        ok = torch.isfinite(gs).all()
+        gs = torch.where(ok, gs, 0.0)
+        # Every field is c·field + add (see _STATE_FIELDS): a handful of kernels per step instead of one per field,
+        # which is most of the cost on a small model. A non-finite step only counts as skipped.
+        coef, add, skip = self._update_constants(dtype, device)
+        moments = torch.cat([gs, gs * gs, (gs[0] * gs[1]).reshape(1)])  # g, s, g², s², g·s
+        add = torch.cat([add[:2], (1.0 - self.ema_decay) * moments, add[7:]])
+        self._state = torch.where(ok, torch.addcmul(add, coef, self._state), self._state + skip)
         self._last_b_big = b_big
         if self.keep_raw:
             # torch.full is a fill kernel; new_tensor(python_float) would be a host-to-device copy (a sync).
             bs = torch.full((), b_small, dtype=dtype, device=device)
             bb = torch.full((), b_big, dtype=dtype, device=device)
-            row = torch.stack([small, big, bs, bb, g, s])
-            self._buf[self._buf_len].copy_(row)
+            torch.stack([small, big, bs, bb, g, s], out=self._buf[self._buf_len])
             self._buf_steps.append(step)
             self._buf_len += 1
             if self._buf_len == self.buffer_size:

@@ -499,6 +499,8 @@ def test_per_example_hooks_equal_explicit_loop(d_in, d_hidden, t, norm):
         cb._in_backward_window = True
         model.zero_grad()
         (model(x) - target).square().flatten(1).sum(1).mean().backward()  # one batched, mean-reduced backward
+        cb._enabled = True
+        cb.on_after_backward(None, None)  # folds the micro-batch's norm-layer rows into one squared sum
         got = torch.stack(cb._pe_sq).sum()
         cb._remove_hooks()
         cb._in_backward_window = False
@@ -526,3 +528,21 @@ def test_lightning_cli_config(tmp_path, capsys):
                        run=False, save_config_callback=None)
     gns = [c for c in cli.trainer.callbacks if isinstance(c, GradientNoiseScale)]
     assert len(gns) == 1 and gns[0].method == "auto" and gns[0].per_example_layers == "norm"
+
+
+def test_layer_norm_rows_from_saved_stats_equal_a_recomputed_norm():
+    from lightning_scaling.callbacks.gns import _layer_norm_stats
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    with torch.no_grad():
+        ln.weight.add_(0.3 * torch.randn(8))
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    out = ln(x)
+    stats = _layer_norm_stats(out)
+    assert stats is not None and tuple(stats[0].shape) == (4, 5, 1)
+    assert _layer_norm_stats(out * 2.0) is None  # any other autograd node: recompute
+    cb = GradientNoiseScale("per_example")
+    g = torch.randn(4, 5, 8)
+    fast, slow = cb._norm_rows("ln", ln, x, g, stats), cb._norm_rows("ln", ln, x, g, None)
+    assert len(fast) == 2 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast, slow))

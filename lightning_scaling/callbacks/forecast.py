@@ -6,8 +6,6 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -19,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_debug,
 from typing_extensions import override
 
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
-from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time
+from lightning_scaling.refit import RefitJob, RefitResult, RefitScheduler, recent_mean_loss
 from lightning_scaling.warnings import ForecastWarning
 
 if TYPE_CHECKING:
@@ -28,15 +26,16 @@ if TYPE_CHECKING:
 
 __all__ = ["ScalingForecast", "predictable", "recent_mean_loss", "resolve_horizon"]
 
-_BACKGROUND_CHOICES = ("auto", True, False)
+#: ``background`` -> where refits run (see :class:`~lightning_scaling.refit.RefitScheduler`).
+_BACKGROUND_MODES = {"auto": "process", True: "process", "thread": "thread", False: "inline"}
 # Progress-bar keys (short: the bar is one line).
 PBAR_LOSS = "pred_loss"
 PBAR_ETA = "eta_min"
 PBAR_AVG = "avg_loss"
+#: Longest wait (seconds) for the refits still in flight when training ends.
+_MAX_END_WAIT = 120.0
 #: Summary keys that do not depend on the forecast's band (logged even while the forecast is not predictable).
 _TIME_KEYS = ("forecast/refit_seconds", "forecast/remaining_seconds", "forecast/critical_batch")
-#: Fraction of the logged history averaged for ``avg_loss`` (at least ``_AVG_MIN_POINTS`` records).
-_AVG_FRACTION, _AVG_MIN_POINTS = 0.02, 5
 
 
 def resolve_horizon(trainer: pl.Trainer, horizon: int | None = None) -> int | None:
@@ -81,27 +80,13 @@ def _load_reference(reference: Any) -> list[RunHistory] | None:
     return refs
 
 
-@dataclass
-class _Result:
-    """What one refit produced (computed on the worker or the training thread, applied on the training thread)."""
-
-    at_step: int
-    forecast: Forecast | None = None
-    error: BaseException | None = None
-    image: np.ndarray | None = None
-    critical_batch: float | None = None
-    smoothed_loss: float | None = None
-    fit_seconds: float = 0.0
-    total_seconds: float = 0.0
-
-
 class ScalingForecast(Callback):
     r"""Refit the run's loss curve while it trains and log the predicted final loss, band, ETA and target steps.
 
     Every ``every_n_steps`` optimizer steps (whatever the validation cadence; ``refit_on_validation=True`` adds a
     refit after each validation run) it fits :func:`~lightning_scaling.forecast.forecast_run` to the history
-    recorded by :class:`LossTrajectory` (a default one is added in ``setup`` when none is attached) and logs, at the current ``global_step`` to every
-    logger (rank 0):
+    recorded by :class:`LossTrajectory` (a default one is added in ``setup`` when none is attached) and logs, at
+    the step of the refit, to every logger (rank 0):
 
     - ``forecast/final_loss``, ``forecast/final_loss_lower``, ``forecast/final_loss_upper``: predicted loss at the
       last step of the run (``horizon``) with its ``confidence`` band;
@@ -123,13 +108,19 @@ class ScalingForecast(Callback):
     band (``forecast/curve``) and the latest forecast with its fitted parameters as
     ``<log_dir>/forecast/latest.json``.
 
-    **Cost.** The refit must not stall training. Every refit is timed; with ``background="auto"`` it runs on the
-    training thread only while the slowest refit so far cost at most ``max_overhead`` of the training time of the
-    interval, else in a background thread (one refit in flight; the history snapshot is taken on the training
-    thread, the result is picked up at the next optimizer step). The first refit, whose cost is unknown (a cold fit
-    costs 10-50x a warm-started one), runs in the background. ``background=True``/``False`` forces either mode.
-    The cost of the latest refit is in :attr:`refit_seconds`, the time the training thread spent on it in
-    :attr:`stall_seconds`.
+    **Cost.** The refit must not stall training. By default (``background="auto"``) the training thread only
+    takes a snapshot of the history at each cadence step and hands it to a worker process at a lower priority
+    (:class:`~lightning_scaling.refit.RefitScheduler`), which fits; the result is logged at the first optimizer
+    step after it is back, at the step it was made for. A cold fit is about a second of Python work: in a thread
+    it would hold the GIL against the training loop and slow every step. While a refit is in flight the next due
+    snapshot waits (a newer one replaces it), so refits always belong to a cadence step. ``background="thread"``
+    uses a thread, ``False`` the training thread. The figure and files are made on the training thread when a
+    result is picked up, only while they cost at most ``max_overhead`` of the training time so far (matplotlib
+    alone takes seconds to import): a coarser cadence on short runs. A worker that cannot start falls back to
+    the training thread with one warning. The cost of the latest refit is
+    in :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread
+    spent on refits in :attr:`stall_seconds`. When training ends, the refits still in flight are waited for at most
+    ``max_overhead`` of the training time (2 minutes at most); one that is later is dropped.
 
     **Failures.** A failed fit never raises into the training loop: the last good forecast is kept and the
     first failure of each kind is warned about once. ``forecast_run`` refuses (``ValueError``) while too little of
@@ -146,9 +137,10 @@ class ScalingForecast(Callback):
         confidence: Coverage of the band, in (0, 1).
         law: Optional prior law from smaller runs of the same setup (see ``forecast_run``).
         method: Forecast method passed to ``forecast_run``.
-        background: ``"auto"``, ``True`` (always off the training thread) or ``False`` (always on it).
-        max_overhead: With ``background="auto"``, the fraction of the interval's training time above which refits
-            move off the training thread.
+        background: ``"auto"`` or ``True`` (a worker process), ``"thread"`` (a background thread) or ``False``
+            (the training thread).
+        max_overhead: Fraction of the training time that figures and forecast files may cost in all; above it
+            a refit logs the numbers only (a coarser figure cadence).
         refit_on_validation: Also refit after each validation run (off: the cadence is ``every_n_steps``).
         figure: Log a matplotlib figure of the forecast to TensorBoard at each refit (needs matplotlib).
         forecast_runs: Write the latest forecast to the TensorBoard run ``<log_dir>/forecast`` (replaced at each
@@ -165,14 +157,15 @@ class ScalingForecast(Callback):
     Raises:
         ValueError: ``every_n_steps`` or ``horizon`` is not a positive int, ``confidence`` not in (0, 1),
             ``max_overhead`` not positive, ``target_loss`` not finite or ``background`` not one of
-            ``"auto"``, ``True``, ``False``; ``reference`` is not runs or a path holding runs.
+            ``"auto"``, ``True``, ``"thread"``, ``False``; ``reference`` is not runs or a path holding runs.
         FileNotFoundError: ``reference`` is a path that does not exist.
 
     Attributes:
         forecast: The latest successful :class:`~lightning_scaling.forecast.Forecast` (``None`` before the first).
         summary: The latest logged summary (Python floats, non-finite kept), restored from checkpoints.
         n_refits: Successful refits; ``n_failures``: failed ones.
-        refit_seconds: Wall time of the latest refit (fit, figure and files).
+        refit_seconds: Wall time of the latest refit (fit, figure and files), where it ran.
+        refit_log: ``(cadence step, refit seconds)`` of every refit picked up, in order.
         stall_seconds: Time the training thread spent on the latest refit; ``max_stall_seconds`` the worst.
         step_seconds: Measured seconds per optimizer step (EMA), ``None`` before two steps.
         background_active: Whether refits currently run off the training thread.
@@ -217,8 +210,8 @@ class ScalingForecast(Callback):
             raise ValueError(f"`target_loss` must be a finite number or None, got {target_loss!r}")
         if not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"`max_overhead` must be a positive fraction, got {max_overhead!r}")
-        if background not in _BACKGROUND_CHOICES or isinstance(background, int) and not isinstance(background, bool):
-            raise ValueError(f"`background` must be 'auto', True or False, got {background!r}")
+        if not any(background is k or (isinstance(k, str) and background == k) for k in _BACKGROUND_MODES):
+            raise ValueError(f"`background` must be 'auto', True, 'thread' or False, got {background!r}")
         self.every_n_steps = every_n_steps
         self.target_loss = float(target_loss) if target_loss is not None else None
         self.horizon = horizon
@@ -241,22 +234,21 @@ class ScalingForecast(Callback):
         self.n_refits = 0
         self.n_failures = 0
         self.refit_seconds: float | None = None
+        self.refit_log: list[tuple[int, float]] = []
         self.stall_seconds: float | None = None
         self.max_stall_seconds = 0.0
-        self.background_active = background is True
+        self.background_active = background is not False
         self.last_error: str | None = None
         self._step_ema: float | None = None
         self._ema_weight = 0.0  # for bias correction of the EMA
         self._warning_cache = WarningCache()
         self._traj: LossTrajectory | None = None
         self._resolved_horizon: int | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._future: Future | None = None
+        self._scheduler: RefitScheduler | None = None
         self._last_observed: int | None = None
         self._seen_step: int | None = None
         self._t_last: float | None = None
-        self._interval_seconds = 0.0
-        self._worst_refit_seconds: float | None = None  # slowest refit so far (background="auto" decides by it)
+        self._train_seconds = 0.0  # training time measured so far (inline refits excluded)
         self._pbar_pending = False
         self._said_unpredictable = False  # the "not yet predictable" line is printed once per such stretch
 
@@ -311,7 +303,9 @@ class ScalingForecast(Callback):
         self._resolved_horizon = resolve_horizon(trainer, self.horizon)
         self._seen_step = trainer.global_step
         self._t_last = None
-        self._interval_seconds = 0.0
+        self._train_seconds = 0.0
+        self._shutdown()
+        self._scheduler = RefitScheduler(_mode(self.background), max_overhead=self.max_overhead)
 
     @override
     def on_train_batch_end(
@@ -325,7 +319,7 @@ class ScalingForecast(Callback):
             n = max(step - self._seen_step, 1)
             dt = (now - self._t_last) / n
             self._update_ema(dt)
-            self._interval_seconds += now - self._t_last
+            self._train_seconds += now - self._t_last
         self._t_last, self._seen_step = now, step
         self._poll(trainer)
         if step % self.every_n_steps == 0:
@@ -346,12 +340,9 @@ class ScalingForecast(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._future is not None:
-            try:  # pick up the last refit so the final summary is logged
-                self._future.result(timeout=120)
-            except Exception:
-                pass
-            self._poll(trainer)
+        if self._scheduler is not None:  # pick up the last refits, waiting no longer than the refit budget
+            wait = min(_MAX_END_WAIT, self.max_overhead * self._train_seconds)
+            self._apply_all(trainer, self._scheduler.finish(timeout=wait))
         self._shutdown()
         if self.n_refits == 0 and self.last_error is not None:
             self._warning_cache.warn(
@@ -360,11 +351,11 @@ class ScalingForecast(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._shutdown(wait=False)
+        self._shutdown()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._shutdown(wait=False)
+        self._shutdown()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -394,11 +385,9 @@ class ScalingForecast(Callback):
         self._ema_weight = beta * self._ema_weight + (1 - beta)
 
     def _refit(self, trainer: pl.Trainer) -> None:
-        """Snapshot the history on the training thread and fit it now or in the background."""
-        if self._future is not None:
-            return  # one refit in flight; the next interval will try again
+        """Snapshot the history on the training thread and hand it to the scheduler (due at this step)."""
         traj = self._traj or find_trajectory(trainer)
-        if traj is None:
+        if traj is None or self._scheduler is None:
             return
         t0 = time.perf_counter()
         try:
@@ -409,115 +398,48 @@ class ScalingForecast(Callback):
         if len(history) == 0 or int(history.step[-1]) == self._last_observed:
             return  # nothing new since the last refit
         self._last_observed = int(history.step[-1])
-        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        rank_zero = trainer.is_global_zero
-        job_args = dict(
-            at_step=trainer.global_step,
-            log_dir=tb.log_dir if (tb is not None and rank_zero) else None,
-            draw=bool(self.figure and tb is not None and rank_zero),
-            horizon=self.resolved_horizon,
-            init=self.forecast if self.warm_start else None,
-        )
-        interval, self._interval_seconds = self._interval_seconds, 0.0  # training time since the last refit
-        if self.background == "auto":
-            # Off the training thread unless every refit measured so far was cheap for this interval: the first
-            # (cold) one costs 10-50x a warm refit, so it is never run inline just to measure it.
-            worst = self._worst_refit_seconds
-            background = worst is None or worst > self.max_overhead * interval
-            if background and not self.background_active and worst is not None:
-                rank_zero_info(
-                    f"ScalingForecast: a refit took {worst * 1e3:.1f} ms, more than {100 * self.max_overhead:g}% of "
-                    f"the {interval:.2f} s of training since the last one; refitting in a background thread."
-                )
-            self.background_active = background
-        if self.background_active:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ScalingForecast")
-            self._future = self._executor.submit(self._compute, history, **job_args)
-            self._record_stall(time.perf_counter() - t0)
-            return
-        result = self._compute(history, **job_args)
-        self._apply(trainer, result)
+        self._scheduler.submit(self._job(trainer, history))
+        self.background_active = self._scheduler.mode != "inline"
+        self._apply_all(trainer, self._scheduler.poll())  # inline: the result is ready now
         self._record_stall(time.perf_counter() - t0)
         if self._t_last is not None:
             self._t_last = time.perf_counter()  # the refit is not training time
+
+    def _job(self, trainer: pl.Trainer, history: RunHistory) -> RefitJob:
+        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        # Figures and files only where TensorBoard shows them (rank 0), within budget on the training thread.
+        extras = tb is not None and trainer.is_global_zero and self._scheduler.wants_extras(self._train_seconds)
+        fit_kwargs = dict(horizon=self.resolved_horizon, lr_schedule=self.lr_schedule, law=self.law,
+                          target_loss=self.target_loss, reference=self.reference, confidence=self.confidence,
+                          method=self.method, **self.forecast_kwargs)
+        if self.warm_start and self.forecast is not None:
+            fit_kwargs["init"] = self.forecast
+        files = tb is not None and trainer.is_global_zero and self.forecast_runs
+        return RefitJob(history, at_step=trainer.global_step, fit_kwargs=fit_kwargs, draw=bool(extras and self.figure),
+                        log_dir=tb.log_dir if files else None, write_run=bool(extras and files),
+                        target_loss=self.target_loss)
 
     def _record_stall(self, seconds: float) -> None:
         self.stall_seconds = seconds
         self.max_stall_seconds = max(self.max_stall_seconds, seconds)
 
-    def _compute(
-        self,
-        history: RunHistory,
-        *,
-        at_step: int,
-        log_dir: str | None,
-        draw: bool,
-        horizon: int | None,
-        init: Forecast | None = None,
-    ) -> _Result:
-        """Fit and render; runs on the worker thread in background mode, so it touches no trainer state."""
-        t0 = time.perf_counter()
-        result = _Result(at_step=at_step, critical_batch=_last_finite(getattr(history, "gns_b_simple", None)),
-                         smoothed_loss=recent_mean_loss(history))
-        try:
-            result.forecast = _forecast.forecast_run(
-                history,
-                horizon,
-                self.lr_schedule,
-                law=self.law,
-                target_loss=self.target_loss,
-                reference=self.reference,
-                confidence=self.confidence,
-                method=self.method,
-                **({"init": init} if init is not None else {}),
-                **self.forecast_kwargs,
-            )
-        except Exception as err:
-            result.error = err
-            result.fit_seconds = result.total_seconds = time.perf_counter() - t0
-            return result
-        result.fit_seconds = time.perf_counter() - t0
-        if draw:
-            try:
-                from lightning_scaling.callbacks.panels import forecast_figure, render_figure
-
-                result.image = render_figure(forecast_figure(history, result.forecast, target_loss=self.target_loss))
-            except ImportError:
-                pass  # matplotlib is optional for the figure
-            except Exception as err:
-                result.error = err  # reported on the training thread, forecast still used
-        if log_dir is not None and self.forecast_runs:
-            from lightning_scaling.callbacks.panels import is_predictable, write_forecast_json, write_forecast_run
-
-            fc = result.forecast
-            try:
-                if is_predictable(fc.final_loss, fc.final_lower, fc.final_upper):  # else keep the last readable one
-                    write_forecast_run(log_dir, fc, history=history)
-                write_forecast_json(log_dir, result.forecast, extra={"at_step": at_step,
-                                                                      "fit_seconds": result.fit_seconds})
-            except Exception as err:
-                result.error = err
-        result.total_seconds = time.perf_counter() - t0
-        return result
-
     def _poll(self, trainer: pl.Trainer) -> None:
-        """Apply a finished background refit (training thread)."""
-        if self._future is None or not self._future.done():
+        """Apply finished refits (training thread); a pipe check when none is in flight."""
+        if self._scheduler is None or not self._scheduler.busy:
             return
-        future, self._future = self._future, None
         t0 = time.perf_counter()
-        try:
-            result = future.result()
-        except Exception as err:  # _compute catches everything; this is belt and braces
-            result = _Result(at_step=trainer.global_step, error=err)
-        self._apply(trainer, result)
-        self._record_stall((self.stall_seconds or 0.0) + time.perf_counter() - t0)
+        results = self._scheduler.poll()
+        if results:
+            self._apply_all(trainer, results)
+            self._record_stall(time.perf_counter() - t0)
 
-    def _apply(self, trainer: pl.Trainer, result: _Result) -> None:
+    def _apply_all(self, trainer: pl.Trainer, results: list[RefitResult]) -> None:
+        for result in results:
+            self._apply(trainer, result)
+
+    def _apply(self, trainer: pl.Trainer, result: RefitResult) -> None:
         self.refit_seconds = result.total_seconds
-        if result.total_seconds is not None:
-            self._worst_refit_seconds = max(self._worst_refit_seconds or 0.0, result.total_seconds)
+        self.refit_log.append((result.at_step, result.total_seconds))
         if result.forecast is None:
             self.n_failures += 1
             err = result.error
@@ -540,7 +462,7 @@ class ScalingForecast(Callback):
         if not ok:  # numbers from a band wider than the loss would only mislead
             metrics = {k: v for k, v in metrics.items() if k in _TIME_KEYS}
         metrics["forecast/predictable"] = float(ok)
-        step = trainer.global_step
+        step = result.at_step  # the step the snapshot was taken at, even when the result came back later
         for lg in trainer.loggers:
             try:
                 lg.log_metrics(metrics, step=step)
@@ -560,7 +482,7 @@ class ScalingForecast(Callback):
             # WarningCache keys on the message; remember the kind so that other messages of it stay silent.
             self._warning_cache.add(key)
 
-    def _summarise(self, result: _Result, current_step: int) -> dict[str, float]:
+    def _summarise(self, result: RefitResult, current_step: int) -> dict[str, float]:
         fc = result.forecast
         assert fc is not None
         horizon = self.resolved_horizon
@@ -624,12 +546,14 @@ class ScalingForecast(Callback):
         except Exception as err:  # e.g. logging disabled in this context
             self._warning_cache.warn(f"ScalingForecast: could not update the progress bar ({err}).")
 
-    def _shutdown(self, wait: bool = True) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=wait, cancel_futures=True)
-            self._executor = None
-        if not wait:
-            self._future = None
+    def _shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
+
+def _mode(background: bool | str) -> str:
+    return _BACKGROUND_MODES[background]  # validated in __init__: True/False/"auto"/"thread" only
 
 
 def predictable(summary: Mapping[str, float]) -> bool:
@@ -648,28 +572,3 @@ def predictable(summary: Mapping[str, float]) -> bool:
     from lightning_scaling.callbacks.panels import is_predictable
 
     return is_predictable(*(summary.get(f"forecast/final_loss{k}", math.nan) for k in ("", "_lower", "_upper")))
-
-
-def recent_mean_loss(history: Any) -> float | None:
-    """Mean finite loss over the last 2% of a history (at least 5 records): the training loss as a person reads it.
-
-    Example::
-
-        >>> import types
-        >>> recent_mean_loss(types.SimpleNamespace(loss=np.r_[np.full(95, 9.0), 3.0, 1.0, 2.0, 3.0, 1.0]))
-        2.0
-    """
-    loss = np.asarray(getattr(history, "loss", ()), dtype=np.float64)
-    loss = loss[np.isfinite(loss)]
-    if loss.size == 0:
-        return None
-    k = max(_AVG_MIN_POINTS, int(round(_AVG_FRACTION * loss.size)))
-    return float(np.mean(loss[-k:]))
-
-
-def _last_finite(values: Any) -> float | None:
-    if values is None:
-        return None
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    return float(arr[-1]) if arr.size else None

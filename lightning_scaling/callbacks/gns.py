@@ -125,6 +125,17 @@ def _is_norm_module(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _layer_norm_stats(output: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(mean, rstd) that autograd saved for a native layer norm's backward, or ``None`` for any other node."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    try:
+        return node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):  # freed or renamed: recompute instead
+        return None
+
+
 class GradientNoiseScale(Callback):
     r"""Logs the gradient noise scale ``B_simple = tr(Σ)/|G|²`` and the batch size relative to it, while training.
 
@@ -252,7 +263,8 @@ class GradientNoiseScale(Callback):
         self._hook_norms: list[Tensor] = []  # accumulation: per-parameter micro-batch grad norms
         self._ddp_sq: list[Tensor] = []  # ddp: per-bucket local squared norms
         self._ddp_syncs = 0
-        self._pe_sq: list[Tensor] = []  # per_example: per-(micro, module) sums of per-example squared norms
+        self._pe_sq: list[Tensor] = []  # per_example: per-micro-batch sums of per-example squared norms
+        self._pe_rows: list[Tensor] = []  # per_example: this micro-batch's per-example norm-layer gradients
         self._in_backward_window = False
 
     # ------------------------------------------------------------------ setup
@@ -399,53 +411,67 @@ class GradientNoiseScale(Callback):
             return
         # Autograd already keeps the input of LayerNorm/Linear for their own backward: holding it costs no memory.
         x = args[0]
-        output.register_hook(functools.partial(self._bwd_hook, kind, module, x))
+        stats = _layer_norm_stats(output) if kind == "ln" else None
+        output.register_hook(functools.partial(self._bwd_hook, kind, module, x, stats))
 
-    def _bwd_hook(self, kind: str, module: nn.Module, x: Tensor, grad_out: Tensor) -> None:
+    def _bwd_hook(self, kind: str, module: nn.Module, x: Tensor, stats: Optional[tuple[Tensor, Tensor]],
+                  grad_out: Tensor) -> None:
         with torch.no_grad():
-            self._pe_sq.append(self._per_example_sq_sum(kind, module, x, grad_out))
+            if kind == "linear":
+                self._pe_sq.append(self._linear_sq_sum(module, x, grad_out))
+            else:  # squared and summed once per micro-batch, in on_after_backward
+                self._pe_rows.extend(self._norm_rows(kind, module, x, grad_out, stats))
 
-    def _per_example_sq_sum(self, kind: str, module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-        """Σ_b |∂ℓ_b/∂θ|² over the micro-batch, undoing the mean reduction (×B²)."""
+    def _mean_factor(self, b: int) -> float:
+        """Undoes the mean reduction of the loss over the micro-batch in squared per-example norms (×B²)."""
+        return float(b * b) if self.loss_reduction == "mean" else 1.0
+
+    def _linear_sq_sum(self, module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+        """Σ_b |∂ℓ_b/∂θ|² of a Linear layer over the micro-batch."""
         b = x.shape[0]
-        x = x.detach().float()
-        g = g.detach().float()
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        if kind == "linear":
-            x = x.reshape(b, -1, x.shape[-1])
-            g = g.reshape(b, -1, g.shape[-1])
-            t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
-            total = x.new_zeros(())
-            if weight is not None and weight.requires_grad:
-                if t == 1:
-                    total = total + (x.square().sum((1, 2)) * g.square().sum((1, 2))).sum()
-                elif t * (d_in + d_out) < d_in * d_out:  # Gram ("ghost") norm: Σ_tt' (a_t·a_t')(δ_t·δ_t')
-                    total = total + (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum()
-                else:  # explicit per-example weight gradients
-                    total = total + torch.bmm(g.transpose(1, 2), x).square().sum()
-            if isinstance(bias, Tensor) and bias.requires_grad:
-                total = total + g.sum(1).square().sum()
-        else:
-            d = weight.numel()
-            shape = tuple(weight.shape)
+        x = x.detach().float().reshape(b, -1, x.shape[-1])
+        g = g.detach().float().reshape(b, -1, g.shape[-1])
+        weight, bias = module.weight, getattr(module, "bias", None)
+        t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
+        total = x.new_zeros(())
+        if weight is not None and weight.requires_grad:
+            if t == 1:
+                total = total + (x.square().sum((1, 2)) * g.square().sum((1, 2))).sum()
+            elif t * (d_in + d_out) < d_in * d_out:  # Gram ("ghost") norm: Σ_tt' (a_t·a_t')(δ_t·δ_t')
+                total = total + (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum()
+            else:  # explicit per-example weight gradients
+                total = total + torch.bmm(g.transpose(1, 2), x).square().sum()
+        if isinstance(bias, Tensor) and bias.requires_grad:
+            total = total + g.sum(1).square().sum()
+        return total * self._mean_factor(b)
+
+    def _norm_rows(self, kind: str, module: nn.Module, x: Tensor, g: Tensor,
+                   stats: Optional[tuple[Tensor, Tensor]] = None) -> list[Tensor]:
+        """Per-example gradients ``(B, d)`` of a LayerNorm/RMSNorm weight (and bias), before the ×B² factor.
+
+        ``stats``: LayerNorm's own (mean, rstd) from its autograd node, which make x̂ two elementwise ops instead
+        of a second layer norm (the costliest part of the hook on a small model).
+        """
+        b = x.shape[0]
+        x, g = x.detach().float(), g.detach().float()
+        weight, bias = module.weight, getattr(module, "bias", None)
+        d, shape = weight.numel(), tuple(weight.shape)
+        g = g.reshape(b, -1, d)
+        rows = []
+        if weight.requires_grad:
             eps = getattr(module, "eps", None)
             if eps is None:  # e.g. Hugging Face RMSNorm; None for RMSNorm means finfo(dtype).eps, as in torch
                 eps = getattr(module, "variance_epsilon", None)
-            if kind == "ln":
+            if kind == "ln" and stats is not None:
+                xhat = (x - stats[0].float()) * stats[1].float()
+            elif kind == "ln":
                 xhat = F.layer_norm(x, shape, eps=1e-5 if eps is None else eps)
             else:
                 xhat = F.rms_norm(x, shape, eps=eps)
-            xhat = xhat.reshape(b, -1, d)
-            g = g.reshape(b, -1, d)
-            total = x.new_zeros(())
-            if weight.requires_grad:
-                total = total + (g * xhat).sum(1).square().sum()
-            if isinstance(bias, Tensor) and bias.requires_grad:
-                total = total + g.sum(1).square().sum()
-        if self.loss_reduction == "mean":
-            total = total * float(b * b)
-        return total
+            rows.append((g * xhat.reshape(b, -1, d)).sum(1))
+        if isinstance(bias, Tensor) and bias.requires_grad:
+            rows.append(g.sum(1))
+        return rows
 
     # ------------------------------------------------------------------ per micro-batch
     @override
@@ -467,6 +493,9 @@ class GradientNoiseScale(Callback):
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._enabled:
             self._n_micro += 1
+            if self._pe_rows:  # one fused norm over every norm layer of the micro-batch
+                rows, self._pe_rows = self._pe_rows, []
+                self._pe_sq.append(_sq_norm(rows) * self._mean_factor(rows[0].shape[0]))
 
     # ------------------------------------------------------------------ per optimizer step
     @override
@@ -545,9 +574,12 @@ class GradientNoiseScale(Callback):
             if not self._pe_sq:
                 return
             local_sum = torch.stack(self._pe_sq).sum() * float(k * k)
-            n = torch.full((), local_samples, dtype=local_sum.dtype, device=local_sum.device)  # fill, not H2D copy
-            totals = _all_reduce_sum(torch.stack([local_sum, n]))
-            small = totals[0] / totals[1]
+            if _dist_ready():
+                n = torch.full((), local_samples, dtype=local_sum.dtype, device=local_sum.device)  # fill, not H2D
+                totals = _all_reduce_sum(torch.stack([local_sum, n]))
+                small = totals[0] / totals[1]
+            else:  # one process: the sample count is already a host number
+                small = local_sum / local_samples
             b_small, b_big = 1.0, local_samples * world
         if inv2 is not None:
             small = small * inv2

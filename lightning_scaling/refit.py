@@ -1,0 +1,422 @@
+"""Lightning-free refit scheduling for live forecasts: what one refit computes, and where it runs.
+
+A refit (:func:`compute_refit`) fits :func:`~lightning_scaling.forecast.forecast_run` to a history snapshot and,
+optionally (:func:`add_extras`), renders the forecast figure and writes the TensorBoard forecast run and
+``latest.json``. A cold fit costs about a second of mostly-Python numpy work, so :class:`RefitScheduler` runs the
+fit where training does not pay for it:
+
+- ``"process"``: a child Python process at a lower priority (``nice`` 10), fed pickled snapshots through a
+  pipe. A thread would share the GIL with the training loop and slow every step while it fits; a process uses a
+  free core, and on a busy machine the OS scheduler favours training. It imports only the forecast maths.
+- ``"thread"``: a background thread (for a ``forecast_run`` patched in-process, or where subprocesses are not
+  allowed).
+- ``"inline"``: on the caller's thread.
+
+The figure and files are made on the caller's thread when a result is picked up (matplotlib and TensorBoard's
+writer would cost the worker seconds of imports), and only while their total cost stays under ``max_overhead``
+of the training time so far: a coarser cadence on short or fast runs, a figure at every refit on long ones.
+
+Refits are due on the caller's cadence; while one is in flight the latest due snapshot waits (a newer one
+replaces it), so every refit belongs to a cadence step and none is lost behind a slow one. A process that cannot
+start or dies makes the scheduler fall back to ``"inline"`` with one
+:class:`~lightning_scaling.warnings.ForecastWarning`.
+
+Run as ``python -m lightning_scaling.refit`` it is the worker process itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time (tests patch it)
+from lightning_scaling.warnings import ForecastWarning
+
+__all__ = ["MODES", "RefitJob", "RefitResult", "RefitScheduler", "add_extras", "compute_refit"]
+
+MODES = ("process", "thread", "inline")
+#: Priority increment of the worker process: training keeps the cores it needs.
+WORKER_NICE = 10
+#: Expected cost of the first figure and files, imports included (matplotlib alone is about a second).
+FIRST_EXTRAS_SECONDS = 1.0
+
+
+@dataclass
+class RefitJob:
+    """One refit: the history snapshot and what to do with its forecast.
+
+    Attributes:
+        history: A private :class:`~lightning_scaling.RunHistory` snapshot (the worker may keep it).
+        at_step: The cadence step the snapshot was taken at.
+        fit_kwargs: Keyword arguments of ``forecast_run`` besides the history (``horizon``, ``init``, ...).
+        draw: Render the forecast figure to an image array (needs matplotlib).
+        log_dir: Where to write ``latest.json`` (milliseconds; ``None``: no files).
+        write_run: Also write the TensorBoard forecast run under ``log_dir``.
+        target_loss: Drawn on the figure.
+    """
+
+    history: Any
+    at_step: int
+    fit_kwargs: dict[str, Any] = field(default_factory=dict)
+    draw: bool = False
+    log_dir: str | None = None
+    write_run: bool = False
+    target_loss: float | None = None
+
+
+@dataclass
+class RefitResult:
+    """What one refit produced; ``error`` holds an exception from the fit (no forecast) or from the extras."""
+
+    at_step: int
+    forecast: Any = None
+    error: BaseException | None = None
+    image: np.ndarray | None = None
+    critical_batch: float | None = None
+    smoothed_loss: float | None = None
+    fit_seconds: float = 0.0
+    total_seconds: float = 0.0
+    extras_seconds: float = 0.0
+
+
+def compute_refit(job: RefitJob) -> RefitResult:
+    """Fit, then optionally draw and write files; never raises (errors are returned in ``result.error``).
+
+    Example::
+
+        >>> from lightning_scaling.history import RunHistory
+        >>> h = RunHistory(name="r", step=np.arange(3), loss=np.array([3.0, 2.9, 2.8]))
+        >>> r = compute_refit(RefitJob(h, at_step=3, fit_kwargs={"horizon": 100}))
+        >>> r.forecast is None and isinstance(r.error, ValueError)  # too little of the curve yet
+        True
+    """
+    t0 = time.perf_counter()
+    history = job.history
+    result = RefitResult(at_step=job.at_step, critical_batch=_last_finite(getattr(history, "gns_b_simple", None)),
+                         smoothed_loss=recent_mean_loss(history))
+    try:
+        result.forecast = _forecast.forecast_run(history, **job.fit_kwargs)
+    except Exception as err:
+        result.error = err
+        result.fit_seconds = result.total_seconds = time.perf_counter() - t0
+        return result
+    result.fit_seconds = result.total_seconds = time.perf_counter() - t0
+    add_extras(job, result)
+    return result
+
+
+def add_extras(job: RefitJob, result: RefitResult) -> None:
+    """Draw the figure and write the files ``job`` asks for (``draw``, ``log_dir``, ``write_run``) for a successful
+    fit; ``result.extras_seconds`` times the figure and the forecast run (``latest.json`` costs milliseconds)."""
+    if result.forecast is None or not (job.draw or job.log_dir is not None):
+        return
+    t0 = time.perf_counter()
+    history = job.history
+    if job.draw:
+        try:
+            from lightning_scaling.callbacks.panels import forecast_figure, render_figure
+
+            result.image = render_figure(forecast_figure(history, result.forecast, target_loss=job.target_loss))
+        except ImportError:
+            pass  # matplotlib is optional for the figure
+        except Exception as err:
+            result.error = err  # reported by the caller, forecast still used
+    if job.log_dir is not None and job.write_run:
+        _write_run(job, result)
+    result.extras_seconds = time.perf_counter() - t0
+    if job.log_dir is not None:
+        _write_json(job, result)
+    result.total_seconds += time.perf_counter() - t0
+
+
+def _write_run(job: RefitJob, result: RefitResult) -> None:
+    from lightning_scaling.callbacks.panels import is_predictable, write_forecast_run
+
+    fc = result.forecast
+    try:
+        if is_predictable(fc.final_loss, fc.final_lower, fc.final_upper):  # else keep the last readable one
+            write_forecast_run(job.log_dir, fc, history=job.history)
+    except Exception as err:
+        result.error = err
+
+
+def _write_json(job: RefitJob, result: RefitResult) -> None:
+    from lightning_scaling.callbacks.panels import write_forecast_json
+
+    try:
+        write_forecast_json(job.log_dir, result.forecast, extra={"at_step": job.at_step,
+                                                                 "fit_seconds": result.fit_seconds})
+    except Exception as err:
+        result.error = err
+
+
+class RefitScheduler:
+    """Runs refits on the caller's cadence without stalling the caller: in a worker process, a thread or inline.
+
+    The caller calls :meth:`submit` at each cadence step and :meth:`poll` often (every training step: a
+    non-blocking pipe check). At most one refit is in flight and one waits; a newer submit replaces the waiting
+    one. :meth:`wants_extras` tells whether the figure and files fit the time budget; they are made on the
+    caller's thread when the result is picked up.
+
+    Args:
+        mode: ``"process"``, ``"thread"`` or ``"inline"``.
+        max_overhead: Fraction of the training time that figures and files may cost in total.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES` or ``max_overhead`` is not positive.
+
+    Attributes:
+        mode: The mode in use (``"inline"`` after a worker failure).
+        submitted_steps: Cadence steps of the submitted refits, in order; ``completed`` counts the results.
+
+    Example::
+
+        >>> from lightning_scaling.history import RunHistory
+        >>> s = RefitScheduler("inline")
+        >>> h = RunHistory(name="r", step=np.arange(3), loss=np.array([3.0, 2.9, 2.8]))
+        >>> s.submit(RefitJob(h, at_step=3, fit_kwargs={"horizon": 100}))
+        >>> [r.at_step for r in s.poll()]
+        [3]
+        >>> s.close()
+    """
+
+    def __init__(self, mode: str = "process", *, max_overhead: float = 0.02) -> None:
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        if not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
+            raise ValueError(f"`max_overhead` must be a positive fraction, got {max_overhead!r}")
+        self.mode = mode
+        self.max_overhead = float(max_overhead)
+        self.submitted_steps: list[int] = []
+        self.completed = 0
+        self._extras_seconds = 0.0
+        self._extras_estimate = FIRST_EXTRAS_SECONDS  # cost of the next figure and files: the last one's
+        self._in_flight: Any = None  # a Future (thread) or the job (process)
+        self._in_flight_job: RefitJob | None = None
+        self._waiting: RefitJob | None = None
+        self._done: list[RefitResult] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._worker: _Worker | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a refit is in flight or waiting."""
+        return self._in_flight is not None or self._waiting is not None
+
+    def wants_extras(self, train_seconds: float) -> bool:
+        """Whether the next refit may draw and write files: if all of them, this one included, would have cost
+        at most ``max_overhead`` of ``train_seconds`` (the first is expected to cost :data:`FIRST_EXTRAS_SECONDS`)."""
+        return self._extras_seconds + self._extras_estimate <= self.max_overhead * max(train_seconds, 0.0)
+
+    def submit(self, job: RefitJob) -> None:
+        """Start ``job`` now, or keep it waiting (replacing an older waiting one) while a refit is in flight."""
+        self.submitted_steps.append(job.at_step)
+        if self._in_flight is None:
+            self._start(job)
+        else:
+            self._waiting = job
+
+    def poll(self) -> list[RefitResult]:
+        """Finished refits since the last call (oldest first), starting the waiting job when the worker frees."""
+        if self._in_flight is not None and self._finished():
+            self._collect()
+        done, self._done = self._done, []
+        return done
+
+    def finish(self, timeout: float = 120.0) -> list[RefitResult]:
+        """Wait (up to ``timeout`` seconds in all) for the refit in flight and the waiting one; returns them."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight is not None and time.monotonic() < deadline:
+            if self._finished(wait=max(deadline - time.monotonic(), 0.0)):
+                self._collect()
+        return self.poll()
+
+    def close(self) -> None:
+        """Stop the worker (process or thread); a refit still in flight is dropped."""
+        if self._worker is not None:
+            self._worker.close(busy=self._in_flight is not None)
+            self._worker = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._in_flight = self._in_flight_job = self._waiting = None
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _start(self, job: RefitJob) -> None:
+        fit_only = replace(job, draw=False, log_dir=None, write_run=False)  # the extras are made here, at pick-up
+        if self.mode == "process":
+            try:
+                if self._worker is None:
+                    self._worker = _Worker()
+                self._worker.send(fit_only)
+                self._in_flight, self._in_flight_job = fit_only, job
+                return
+            except Exception as err:
+                self._fall_back(err)
+        if self.mode == "thread":
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ScalingForecast")
+            self._in_flight, self._in_flight_job = self._executor.submit(compute_refit, fit_only), job
+            return
+        self._finish_one(compute_refit(job))
+
+    def _finished(self, wait: float = 0.0) -> bool:
+        if isinstance(self._in_flight, Future):
+            try:
+                self._in_flight.result(timeout=wait)
+            except Exception:
+                pass  # compute_refit returns its errors; a timeout means not yet
+            return self._in_flight.done()
+        try:
+            return self._worker is not None and self._worker.ready(wait)
+        except Exception as err:
+            self._fall_back(err)
+            return True
+
+    def _collect(self) -> None:
+        flight, job = self._in_flight, self._in_flight_job
+        self._in_flight = self._in_flight_job = None
+        if isinstance(flight, Future):
+            result = flight.result()
+        else:
+            try:
+                result = self._worker.receive() if self._worker is not None else compute_refit(flight)
+            except Exception as err:  # the worker died mid-refit: redo it here
+                self._fall_back(err)
+                result = compute_refit(flight)
+        add_extras(job, result)
+        self._finish_one(result)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self._start(waiting)
+
+    def _finish_one(self, result: RefitResult) -> None:
+        self.completed += 1
+        if result.extras_seconds > 0:
+            self._extras_seconds += result.extras_seconds
+            self._extras_estimate = result.extras_seconds
+        self._done.append(result)
+
+    def _fall_back(self, err: BaseException) -> None:
+        warnings.warn(f"ScalingForecast: the refit worker process failed ({type(err).__name__}: {err}); refitting "
+                      "on the training thread from now on.", ForecastWarning, stacklevel=2)
+        if self._worker is not None:
+            self._worker.close(busy=True)
+            self._worker = None
+        self.mode = "inline"
+
+
+class _Worker:
+    """The parent's end of ``python -m lightning_scaling.refit``: pickled jobs in, pickled results out."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parent.parent)  # this copy of the package, whatever sys.path says
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        self._proc = subprocess.Popen([sys.executable, "-m", "lightning_scaling.refit"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
+        self._recv = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
+        self._proc.stdin.close()
+        self._proc.stdout.close()
+
+    def send(self, job: RefitJob) -> None:
+        self._send.send_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def ready(self, wait: float = 0.0) -> bool:
+        if self._recv.poll(wait):
+            return True
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"worker exited with code {self._proc.returncode}")
+        return False
+
+    def receive(self) -> RefitResult:
+        return pickle.loads(self._recv.recv_bytes())
+
+    def close(self, busy: bool = False) -> None:
+        """Close the pipe (an idle worker reads EOF and exits); a busy one is killed: nobody waits for its fit."""
+        for conn in (self._send, self._recv):
+            conn.close()
+        if busy:
+            self._proc.kill()
+        try:
+            self._proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _serve(recv: Connection, send: Connection) -> None:
+    """Worker loop: one job at a time until the parent closes the pipe."""
+    while True:
+        try:
+            job = pickle.loads(recv.recv_bytes())
+        except EOFError:
+            return
+        result = compute_refit(job)
+        try:
+            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as err:  # an unpicklable exception: send its text
+            result.error = RuntimeError(f"{type(result.error).__name__}: {result.error} ({err})")
+            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        send.send_bytes(data)
+
+
+def _worker_main() -> None:
+    if hasattr(os, "nice"):
+        try:
+            os.nice(WORKER_NICE)
+        except OSError:
+            pass
+    # The protocol owns the original stdout; anything a library prints goes to stderr instead.
+    recv, send = Connection(os.dup(0), writable=False), Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _serve(recv, send)
+
+
+def recent_mean_loss(history: Any) -> float | None:
+    """Mean finite loss over the last 2% of a history (at least 5 records): the training loss as a person reads it.
+
+    Example::
+
+        >>> import types
+        >>> recent_mean_loss(types.SimpleNamespace(loss=np.r_[np.full(95, 9.0), 3.0, 1.0, 2.0, 3.0, 1.0]))
+        2.0
+    """
+    loss = np.asarray(getattr(history, "loss", ()), dtype=np.float64)
+    loss = loss[np.isfinite(loss)]
+    if loss.size == 0:
+        return None
+    k = max(_AVG_MIN_POINTS, int(round(_AVG_FRACTION * loss.size)))
+    return float(np.mean(loss[-k:]))
+
+
+#: Fraction of the logged history averaged for ``recent_mean_loss`` (at least ``_AVG_MIN_POINTS`` records).
+_AVG_FRACTION, _AVG_MIN_POINTS = 0.02, 5
+
+
+def _last_finite(values: Any) -> float | None:
+    if values is None:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr[-1]) if arr.size else None
+
+
+if __name__ == "__main__":
+    # Run from the imported module, not this __main__ copy: results must pickle as lightning_scaling.refit classes.
+    from lightning_scaling.refit import _worker_main as _main
+
+    _main()
