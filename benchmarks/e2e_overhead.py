@@ -103,8 +103,8 @@ def profile_refit(history_path: str, steps: int, log_dir: str) -> dict:
     """Time each part of one refit on a recorded history: cold and warm fit, figure, TensorBoard run, JSON."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_scaling.callbacks.panels import forecast_figure, render_figure, write_forecast_json
-    from lightning_scaling.callbacks.panels import write_forecast_run
+    from lightning_scaling.report.figures import forecast_figure, render_figure
+    from lightning_scaling.report.tensorboard import write_forecast_json, write_forecast_run
     from lightning_scaling.forecast import forecast_run
     from lightning_scaling.history import RunHistory
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_scaling.history import AppendArray
+from lightning_scaling.warnings import DataWarning
 
 __all__ = [
     "GNSEstimator",
@@ -341,7 +342,7 @@ class GNSEstimator:
                     "GNS: the small and big batches have the same size (K = 1), so the gradient noise scale is not"
                     " identifiable (0/0); no estimate is made for such steps. Use accumulation >= 2, several"
                     " devices or per-example norms.",
-                    UserWarning,
+                    DataWarning,
                     stacklevel=2,
                 )
             return
@@ -475,7 +476,7 @@ class GNSEstimator:
             warnings.warn(
                 f"GNS: restoring EMAs computed with ema_decay={state_dict['ema_decay']} into an estimator with"
                 f" ema_decay={self.ema_decay}; the restored averages keep their old weights.",
-                UserWarning,
+                DataWarning,
                 stacklevel=2,
             )
         state = state_dict.get("state")

@@ -125,7 +125,7 @@ def add_extras(job: RefitJob, result: RefitResult) -> None:
     history = job.history
     if job.draw:
         try:
-            from lightning_scaling.callbacks.panels import forecast_figure, render_figure
+            from lightning_scaling.report.figures import forecast_figure, render_figure
 
             result.image = render_figure(forecast_figure(history, result.forecast, target_loss=job.target_loss))
         except ImportError:
@@ -141,7 +141,8 @@ def add_extras(job: RefitJob, result: RefitResult) -> None:
 
 
 def _write_run(job: RefitJob, result: RefitResult) -> None:
-    from lightning_scaling.callbacks.panels import is_predictable, write_forecast_run
+    from lightning_scaling.report.figures import is_predictable
+    from lightning_scaling.report.tensorboard import write_forecast_run
 
     fc = result.forecast
     try:
@@ -152,7 +153,7 @@ def _write_run(job: RefitJob, result: RefitResult) -> None:
 
 
 def _write_json(job: RefitJob, result: RefitResult) -> None:
-    from lightning_scaling.callbacks.panels import write_forecast_json
+    from lightning_scaling.report.tensorboard import write_forecast_json
 
     try:
         write_forecast_json(job.log_dir, result.forecast, extra={"at_step": job.at_step,

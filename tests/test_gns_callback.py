@@ -395,11 +395,12 @@ def test_logs_to_logger_and_loss_trajectory(tmp_path):
     from unittest.mock import MagicMock
 
     data = regression_data(20 * 16, seed=9)
-    class Traj(pl.Callback):  # stands in for LossTrajectory (duck-typed: record_gns + tokens_per_sample)
-        tokens_per_sample = 64
+    from lightning_scaling.callbacks import LossTrajectory
+
+    class Traj(LossTrajectory):  # a LossTrajectory (found by class) whose record_gns is watched
         record_gns = MagicMock()
 
-    traj = Traj()
+    traj = Traj(tokens_per_sample=64)
     class SpyLogger(CSVLogger):
         log_metrics = MagicMock()
 

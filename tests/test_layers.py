@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "lightning_scaling.numerics": 0, "lightning_scaling.history": 0, "lightning_scaling.laws": 0,
     "lightning_scaling.fitting": 1, "lightning_scaling.forecast": 1, "lightning_scaling.gns": 1,
     "lightning_scaling.backtest": 1, "lightning_scaling.stopping": 1, "lightning_scaling.recorder": 0,
-    "lightning_scaling.report": 2, "lightning_scaling.study": 2,
+    "lightning_scaling.report": 2, "lightning_scaling.study": 2, "lightning_scaling.refit": 2,
     "lightning_scaling.callbacks": 3,
     "lightning_scaling.study.run": 4, "lightning_scaling.study.ray_backend": 4,
     "lightning_scaling.cli": 5, "lightning_scaling.demo": 5,

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_debug,
 from typing_extensions import override
 
 from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+from lightning_scaling.callbacks.utils import find_callback, run_horizon
 from lightning_scaling.refit import RefitJob, RefitResult, RefitScheduler, recent_mean_loss
 from lightning_scaling.warnings import ForecastWarning
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from lightning_scaling.forecast import Forecast
     from lightning_scaling.history import RunHistory
 
-__all__ = ["ScalingForecast", "predictable", "recent_mean_loss", "resolve_horizon"]
+__all__ = ["ScalingForecast", "predictable", "recent_mean_loss"]
 
 #: ``background`` -> where refits run (see :class:`~lightning_scaling.refit.RefitScheduler`).
 _BACKGROUND_MODES = {"auto": "process", True: "process", "thread": "thread", False: "inline"}
@@ -36,25 +37,6 @@ PBAR_AVG = "avg_loss"
 _MAX_END_WAIT = 120.0
 #: Summary keys that do not depend on the forecast's band (logged even while the forecast is not predictable).
 _TIME_KEYS = ("forecast/refit_seconds", "forecast/remaining_seconds", "forecast/critical_batch")
-
-
-def resolve_horizon(trainer: pl.Trainer, horizon: int | None = None) -> int | None:
-    """The last optimizer step of the run: ``horizon`` if given, else ``trainer.max_steps``, else
-    ``trainer.estimated_stepping_batches`` when finite, else ``None`` (open-ended run)."""
-    if horizon is not None:
-        return int(horizon)
-    if trainer.max_steps is not None and trainer.max_steps > 0:
-        return int(trainer.max_steps)
-    try:
-        est = trainer.estimated_stepping_batches
-    except Exception:  # no dataloader length, infinite iterable, ...
-        return None
-    return int(est) if est is not None and math.isfinite(est) and est > 0 else None
-
-
-def find_trajectory(trainer: pl.Trainer) -> LossTrajectory | None:
-    """The :class:`LossTrajectory` attached to ``trainer``, if any."""
-    return next((c for c in trainer.callbacks if isinstance(c, LossTrajectory)), None)
 
 
 def _finite(x: Any) -> float | None:
@@ -104,7 +86,7 @@ class ScalingForecast(Callback):
     *not yet predictable*: ``pred_loss`` is left out of the bar and an info line says so. With a
     :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes, on rank 0, the custom-scalars layout
     (once per run), the latest forecast curve with the smoothed observed loss as one run ``<log_dir>/forecast``
-    (replaced at each refit, see :mod:`~lightning_scaling.callbacks.panels`), a figure of the curve, forecast and
+    (replaced at each refit, see :mod:`~lightning_scaling.report.tensorboard`), a figure of the curve, forecast and
     band (``forecast/curve``) and the latest forecast with its fitted parameters as
     ``<log_dir>/forecast/latest.json``.
 
@@ -273,7 +255,7 @@ class ScalingForecast(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._traj = find_trajectory(trainer)
+        self._traj = find_callback(trainer, LossTrajectory)
         if self._traj is None:
             # Composable configs: forecast.yaml alone, or with scaling.yaml, must not make two LossTrajectory
             # (same state key) or none. First in the list, so it records each step before the others read it.
@@ -289,18 +271,19 @@ class ScalingForecast(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from lightning_scaling.callbacks.panels import write_custom_scalars
+        from lightning_scaling.report.tensorboard import write_custom_scalars
 
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 try:
                     write_custom_scalars(lg.experiment)
                 except Exception as err:  # a logging nicety must not stop training
-                    self._warning_cache.warn(f"ScalingForecast: could not write the TensorBoard layout ({err}).")
+                    self._warning_cache.warn(f"ScalingForecast: could not write the TensorBoard layout ({err}).",
+                                             category=ForecastWarning)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resolved_horizon = resolve_horizon(trainer, self.horizon)
+        self._resolved_horizon = run_horizon(trainer, self.horizon)
         self._seen_step = trainer.global_step
         self._t_last = None
         self._train_seconds = 0.0
@@ -346,8 +329,8 @@ class ScalingForecast(Callback):
         self._shutdown()
         if self.n_refits == 0 and self.last_error is not None:
             self._warning_cache.warn(
-                f"ScalingForecast: no forecast could be made during this run; last error: {self.last_error}"
-            )
+                f"ScalingForecast: no forecast could be made during this run; last error: {self.last_error}",
+                category=ForecastWarning)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -386,14 +369,15 @@ class ScalingForecast(Callback):
 
     def _refit(self, trainer: pl.Trainer) -> None:
         """Snapshot the history on the training thread and hand it to the scheduler (due at this step)."""
-        traj = self._traj or find_trajectory(trainer)
+        traj = self._traj or find_callback(trainer, LossTrajectory)
         if traj is None or self._scheduler is None:
             return
         t0 = time.perf_counter()
         try:
             history = traj.history  # fresh arrays: a private snapshot for the worker
         except Exception as err:
-            self._warning_cache.warn(f"ScalingForecast: could not read the loss history ({err}).")
+            self._warning_cache.warn(f"ScalingForecast: could not read the loss history ({err}).",
+                                     category=ForecastWarning)
             return
         if len(history) == 0 or int(history.step[-1]) == self._last_observed:
             return  # nothing new since the last refit
@@ -544,7 +528,8 @@ class ScalingForecast(Callback):
             pl_module.log(key, torch.tensor(float(value)), prog_bar=True, logger=False, on_step=True, on_epoch=False,
                           batch_size=1)
         except Exception as err:  # e.g. logging disabled in this context
-            self._warning_cache.warn(f"ScalingForecast: could not update the progress bar ({err}).")
+            self._warning_cache.warn(f"ScalingForecast: could not update the progress bar ({err}).",
+                                     category=ForecastWarning)
 
     def _shutdown(self) -> None:
         if self._scheduler is not None:
@@ -569,6 +554,6 @@ def predictable(summary: Mapping[str, float]) -> bool:
         >>> predictable({"forecast/final_loss": 3.0, **band(0.09, 35.8)})
         False
     """
-    from lightning_scaling.callbacks.panels import is_predictable
+    from lightning_scaling.report.figures import is_predictable
 
     return is_predictable(*(summary.get(f"forecast/final_loss{k}", math.nan) for k in ("", "_lower", "_upper")))

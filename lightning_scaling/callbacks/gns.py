@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
@@ -18,7 +17,10 @@ from torch import Tensor, nn
 
 from typing_extensions import override
 
+from lightning_scaling.callbacks.utils import find_callback
 from lightning_scaling.gns import GNSEstimator, GNSReading
+from lightning_scaling.numerics import infer_batch_size
+from lightning_scaling.warnings import ScalingWarning
 
 __all__ = ["GradientNoiseScale"]
 
@@ -75,25 +77,6 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def _default_batch_size(batch: Any) -> int:
-    """Samples in a (micro-)batch: the leading dimension of the first tensor found."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            try:
-                return _default_batch_size(v)
-            except TypeError:
-                continue
-    elif isinstance(batch, Sequence) and not isinstance(batch, str):
-        for v in batch:
-            try:
-                return _default_batch_size(v)
-            except TypeError:
-                continue
-    raise TypeError(f"Cannot infer the batch size from a batch of type {type(batch).__name__}; pass `batch_size_fn`.")
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
@@ -276,7 +259,8 @@ class GradientNoiseScale(Callback):
             reason = self._ddp_possible(trainer)
             if reason is None:
                 return "ddp"
-            rank_zero_warn(f"GradientNoiseScale(method='auto'): not using the DDP comm hook because {reason}.")
+            rank_zero_warn(f"GradientNoiseScale(method='auto'): not using the DDP comm hook because {reason}.",
+                           category=ScalingWarning)
         if k >= 2:
             return "accumulation"
         return "per_example"
@@ -304,10 +288,12 @@ class GradientNoiseScale(Callback):
         self._reset_window()
         self._enabled = False
         if _is_deepspeed(trainer):
-            rank_zero_warn("GradientNoiseScale: DeepSpeed owns the gradients; no gradient noise scale is measured.")
+            rank_zero_warn("GradientNoiseScale: DeepSpeed owns the gradients; no gradient noise scale is measured.",
+                           category=ScalingWarning)
             return
         if not pl_module.automatic_optimization:
-            rank_zero_warn("GradientNoiseScale supports automatic optimization only; no noise scale is measured.")
+            rank_zero_warn("GradientNoiseScale supports automatic optimization only; no noise scale is measured.",
+                           category=ScalingWarning)
             return
         method = self._resolve_method(trainer)
         if method == "ddp":
@@ -329,7 +315,8 @@ class GradientNoiseScale(Callback):
             if method == "per_example" and not self._tracked:
                 rank_zero_warn(
                     "GradientNoiseScale(method='per_example') found no LayerNorm/RMSNorm (or Linear) layers with"
-                    " trainable parameters; no noise scale is measured."
+                    " trainable parameters; no noise scale is measured.",
+                    category=ScalingWarning,
                 )
                 return
         self._enabled = True
@@ -364,7 +351,8 @@ class GradientNoiseScale(Callback):
             # A parameter shared with another module gets gradient from both; its per-example norm is not local.
             if not params or any(counts[id(p)] > 1 for p in params):
                 if params:
-                    warning_cache.warn(f"GradientNoiseScale: skipping {type(m).__name__} with shared parameters.")
+                    warning_cache.warn(f"GradientNoiseScale: skipping {type(m).__name__} with shared parameters.",
+                                       category=ScalingWarning)
                 continue
             self._handles.append(m.register_forward_hook(functools.partial(self._fwd_hook, kind)))
             for p in params:
@@ -480,11 +468,12 @@ class GradientNoiseScale(Callback):
     ) -> None:
         if not self._enabled:
             return
-        fn = self.batch_size_fn or _default_batch_size
+        fn = self.batch_size_fn or infer_batch_size
         try:
             self._micro_sizes.append(int(fn(batch)))
         except Exception as err:  # never raise into the training loop: warn and stop measuring
-            rank_zero_warn(f"GradientNoiseScale: cannot get the batch size ({err}); pass `batch_size_fn`. Disabled.")
+            rank_zero_warn(f"GradientNoiseScale: cannot get the batch size ({err}); pass `batch_size_fn`. Disabled.",
+                           category=ScalingWarning)
             self._disable()
             return
         self._in_backward_window = True
@@ -526,7 +515,8 @@ class GradientNoiseScale(Callback):
             return
         grads = [p.grad for p in self._tracked if p.grad is not None]
         if not grads:
-            warning_cache.warn("GradientNoiseScale: no gradients at the optimizer step; skipped.")
+            warning_cache.warn("GradientNoiseScale: no gradients at the optimizer step; skipped.",
+                               category=ScalingWarning)
             return
         device = grads[0].device
         big = _sq_norm(grads).to(device)
@@ -543,7 +533,8 @@ class GradientNoiseScale(Callback):
             if self._ddp_syncs != 1 or not self._ddp_sq:
                 warning_cache.warn(
                     "GradientNoiseScale(method='ddp'): the gradient was all-reduced "
-                    f"{self._ddp_syncs} times in this window (expected once, under no_sync); step skipped."
+                    f"{self._ddp_syncs} times in this window (expected once, under no_sync); step skipped.",
+                    category=ScalingWarning,
                 )
                 return
             local_sq = torch.stack(self._ddp_sq).sum()  # |local window-mean grad|² (× scale²)
@@ -554,7 +545,8 @@ class GradientNoiseScale(Callback):
             if not self._hook_norms:
                 warning_cache.warn(
                     "GradientNoiseScale(method='accumulation'): the parameter hooks saw no gradients (a strategy"
-                    " that manages gradients itself, e.g. FSDP1 flat parameters?). Try method='per_example'."
+                    " that manages gradients itself, e.g. FSDP1 flat parameters?). Try method='per_example'.",
+                    category=ScalingWarning,
                 )
                 return
             # Lightning divides each micro loss by K: micro mean-grad = K × hook grad, so |·|² gains K².
@@ -569,7 +561,8 @@ class GradientNoiseScale(Callback):
                 b_small = local_samples / k
             b_big = local_samples * world
             if any(s != sizes[0] for s in sizes):
-                warning_cache.warn("GradientNoiseScale: unequal micro-batch sizes; using their mean as b_small.")
+                warning_cache.warn("GradientNoiseScale: unequal micro-batch sizes; using their mean as b_small.",
+                                   category=ScalingWarning)
         else:
             if not self._pe_sq:
                 return
@@ -587,9 +580,9 @@ class GradientNoiseScale(Callback):
 
     # ------------------------------------------------------------------ read-out
     def _find_trajectory(self, trainer: "pl.Trainer") -> Any:
-        return next(
-            (c for c in trainer.callbacks if c is not self and callable(getattr(c, "record_gns", None))), None
-        )
+        from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
+
+        return find_callback(trainer, LossTrajectory)
 
     def _tokens_per_sample(self, trainer: "pl.Trainer") -> Optional[float]:
         if self.tokens_per_sample is not None:

@@ -43,7 +43,7 @@ from lightning_scaling.study.plan import (
 from lightning_scaling.study.predict import (
     _half_run_forecast, _references, compare_prediction, fit_and_predict,
 )
-from lightning_scaling.warnings import ForecastWarning
+from lightning_scaling.warnings import ForecastWarning, ScalingWarning
 
 
 def _done_record(cfg: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
@@ -404,10 +404,10 @@ class _Quiet:
         warnings.simplefilter("ignore", ForecastWarning)
         # torch's deprecation of the LeafSpec/TreeSpec names Lightning still uses.
         warnings.filterwarnings("ignore", message=".*(LeafSpec|TreeSpec).*", category=FutureWarning)
-        # Still plain UserWarnings from the callbacks/gns.py, callbacks/forecast.py and fitting.py of this package
-        # (issues 11 and 13 give them ForecastWarning/FitWarning; these two lines go then).
-        for pattern in (".*GradientNoiseScale.*", ".*ScalingForecast.*", ".*critical batch from the gradient noise.*"):
-            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+        # Two of this package's own: the noise-scale callback's notes on small models and the B_simple proxy note
+        # (the recipe reports B_crit from its sweep); other ScalingWarnings (FitWarning, DataWarning) stay visible.
+        for pattern in (".*GradientNoiseScale.*", ".*critical batch from the gradient noise.*"):
+            warnings.filterwarnings("ignore", message=pattern, category=ScalingWarning)
         if not _is_rank_zero():  # under DDP every rank fits the same runs: rank 0's warnings are enough
             warnings.simplefilter("ignore")
         return self
