@@ -999,7 +999,14 @@ _MAX_GAIN_FRAC = 0.2
 # The L(S) candidate of a decayed schedule is credited with this share of the loss for a full anneal still to come
 # (chosen leave-one-dataset-out among 0.03, 0.05, 0.08: 0.05 for every dataset).
 _CREDIT_FRAC = 0.05
-_WARM_TOL = 1e-7  # optimiser tolerance of fits started from a previous fit (a priori: far below the band)
+# Optimiser tolerance and evaluation budget of fits from grid starts and from a previous fit of the same run
+# (a priori, checked on the suite: the forecasts move far less than their bands; a noisy prefix whose MPL is not
+# identified otherwise wanders over a flat valley for hundreds of evaluations)
+_COLD_TOL, _COLD_NFEV = 1e-8, 100
+# A warm refit re-optimises only the candidates with at least this weight (a priori; the others move the
+# combination by their small weight times how far new points would move them, and revalidations refit all)
+_WARM_REFIT_MIN = 0.15
+_WARM_TOL, _WARM_NFEV = 1e-6, 30
 
 
 @dataclass(frozen=True)
@@ -1088,18 +1095,25 @@ class _Opts:
 class _LawFit:
     """One schedule-aware (or L(S)) law fitted to a window of the binned curve."""
 
-    def __init__(self, prob: _Problem, curve: _Curve, sel: np.ndarray, opts: _Opts, init: np.ndarray | None):
+    def __init__(self, prob: _Problem, curve: _Curve, sel: np.ndarray, opts: _Opts, init: np.ndarray | None,
+                 n_starts: int = 2, optimise: bool = True):
         self.prob, self.curve, self.sel = prob, curve, sel
         self.fixed = _fixed_for(prob.form, curve.lawp)
         self.des = prob.design(curve.bs[sel])
         scale = _anneal_scale(curve)
         self.prior = _prior_for(prob.form, scale, opts.lam, opts.tail_scale)
         y, w = curve.by[sel], curve.bw[sel]
-        inits = [init] if init is not None else _grid_inits(prob.form, [self.des], [y], [w], self.fixed, n_best=2)
-        # a start from a previous fit of the same run is already near the optimum: a looser tolerance stops the
-        # optimiser once the forecast no longer moves (1e-7 in log loss) instead of polishing digits nobody reads
-        self.z, _ = _fit_z(prob.form, [self.des], [y], [w], delta=opts.delta, inits=inits, fixed=self.fixed,
-                           prior=self.prior, max_nfev=200, tol=_WARM_TOL if init is not None else 1e-10)
+        inits = [init] if init is not None else _grid_inits(prob.form, [self.des], [y], [w], self.fixed,
+                                                            n_best=n_starts)
+        # a start from a previous fit of the same run is already near the optimum: a looser tolerance and budget
+        # stop the optimiser once the forecast no longer moves instead of polishing digits far below the band
+        warm = init is not None
+        if warm and not optimise:  # a minor candidate of a warm refit keeps its parameters (see _fit_candidates)
+            self.z = np.asarray(init, dtype=np.float64)
+        else:
+            self.z, _ = _fit_z(prob.form, [self.des], [y], [w], delta=opts.delta, inits=inits, fixed=self.fixed,
+                               prior=self.prior, max_nfev=_WARM_NFEV if warm else _COLD_NFEV,
+                               tol=_WARM_TOL if warm else _COLD_TOL)
         self.prior3 = None if self.prior is None else (self.prior[0], self.prior[1], opts.tail_scale)
         self._raw: dict[bytes, np.ndarray] = {}
         self._gain_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -1403,7 +1417,7 @@ def _fitter(key: str, form: str, frac: float, curve: _Curve, opts: _Opts, refs: 
     if form == "reference":
         ref = refs[int(key[3:])]
 
-        def fit_ref(end: float, init: Any = None) -> _RefFit:
+        def fit_ref(end: float, init: Any = None, **_: Any) -> _RefFit:  # closed form: no starts, no optimiser
             lo = curve.t_first + (1 - _REF_WINDOW) * (end - curve.t_first)
             sel = (curve.bs >= lo) & (curve.bs <= end)
             if sel.sum() < 4:
@@ -1412,12 +1426,12 @@ def _fitter(key: str, form: str, frac: float, curve: _Curve, opts: _Opts, refs: 
         return fit_ref
     prob = prob if prob is not None else _problem(form, curve, opts.lam)
 
-    def fit_law(end: float, init: Any = None) -> _LawFit:
+    def fit_law(end: float, init: Any = None, n_starts: int = 2, optimise: bool = True) -> _LawFit:
         sel = (curve.bs >= curve.t_first + frac * (end - curve.t_first)) & (curve.bs <= end)
         if sel.sum() < 8:
             raise ValueError("too few points in the window")
         z0 = prob.cls.to_z(init) if init is not None and all(k in init for k in prob.cls.names) else None
-        return _LawFit(prob, curve, sel, opts, z0)
+        return _LawFit(prob, curve, sel, opts, z0, n_starts=n_starts, optimise=optimise)
     return fit_law
 
 
@@ -1450,7 +1464,9 @@ def _fit_candidates(curve: _Curve, opts: _Opts, refs: list, st0: ForecastState |
                 e = np.abs(np.log(pre.predict(curve.bs[tail])) - np.log(curve.by[tail]))
                 errs[key] = float(np.average(e, weights=curve.bw[tail]))
                 init = pre.params if init is None else init
-            fits[key] = fitter(curve.t_obs, init)
+            # warm: candidates below _WARM_REFIT_MIN of the weight keep their parameters until the next cold fit
+            major = not warm or st0.weights.get(key, 0.0) >= _WARM_REFIT_MIN
+            fits[key] = fitter(curve.t_obs, init, optimise=major)
         except _FIT_ERRORS:
             continue
     if not fits:
@@ -1511,7 +1527,7 @@ def _calibrate(curve: _Curve, fitter: Callable, confidence: float) -> float:
         if later.sum() < 2:
             continue
         try:
-            fb = fitter(cut, None)
+            fb = fitter(cut, None, n_starts=1)  # the band's slope is a quantile of errors, not one fit's optimum
         except _FIT_ERRORS:
             continue
         dist = np.log(curve.bs[later] / float(curve.bs[curve.bs <= cut][-1]))
