@@ -1602,16 +1602,17 @@ def forecast_run(history: Any, horizon: int | None = None, lr_schedule: ArrayLik
     losses are excluded and counted; the rest is averaged in ``max_bins`` windows of log loss, spikes clipped);
     **fit candidates**; **combine**; **calibrate** the band; **package** the :class:`Forecast`.
 
-    Candidates (``method="auto"``): with a planned schedule that is not constant after warmup, the Multi-Power
-    Law and the momentum law; with no schedule or a constant one the schedule-blind L(S) form
-    (:func:`lightning_scaling.laws.loss_steps`, in steps or, when a critical batch size is known, in
-    ``S_min = S / (1 + B_crit/B)``) from four window starts (0, 10, 25, 40% into the observed span, which lets
-    the fit leave out an early transient). Each candidate is fitted to the first ``1 - holdout`` of the observed
-    span, scored on the held-out tail, and refitted to the whole window; the forecast is the weighted mean of
-    the candidates' log forecasts with weights ``∝ 1/(tail error + 1e-4)²`` (no single winner), and their
+    Candidates (``method="auto"``): the L(S) form (:func:`lightning_scaling.laws.loss_steps`, in steps or, when a
+    critical batch size is known, in ``S_min = S / (1 + B_crit/B)``) from four window starts (0, 10, 25, 40% into
+    the observed span, which lets the fit leave out an early transient) and, with a planned schedule that is not
+    constant after warmup, the Multi-Power Law and the momentum law beside it (L(S) is then credited with an
+    expected anneal, 5% of the loss for a full one). Each candidate is fitted to the first ``1 - holdout`` of the
+    observed span, scored on the held-out tail, and refitted to the whole window; the forecast is the weighted mean
+    of the candidates' log forecasts with weights ``∝ 1/(tail error + 1e-4)²`` (no single winner), and their
     weighted disagreement enters the band; a candidate whose uncapped forecast is not a positive loss or wants over
-    twice the supportable annealing gain is left out (none left: ``ValueError``). The annealing terms carry a weak prior relative to the run's own
-    loss (a full anneal buys about 3% of the current loss), which an observed decay overrides.
+    twice the supportable annealing gain is left out (none left: ``ValueError``), and so is one with a parameter on
+    its bound while another remains. The annealing terms carry a weak prior relative to the run's own loss (a full
+    anneal buys about 3% of the current loss), which an observed decay overrides.
 
     With ``reference`` (finished runs of the same setup: smaller models or earlier runs, same schedule shape,
     any length) the candidates are curve collapses instead: ``log L(f) = a + b·log L_ref(f)`` at the same
