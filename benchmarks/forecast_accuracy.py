@@ -321,14 +321,14 @@ def section_lodo(datasets=("mpl", "schaipp", "gemstones", "cpu_study")) -> dict:
                     fc._MAX_GAIN_FRAC = v
                     errs["cap"][v][ds.name].append(score(kept[v], fc._weights(kept[v], terr, None, False, True)))
                 fc._MAX_GAIN_FRAC = cap0
-                credit0 = fc._CREDIT_FRAC
+                credit0 = fc._ANNEAL_FRAC
                 for v in LODO_CREDITS:  # the L(S) candidate's expected-anneal credit (tail errors kept at the default)
-                    fc._CREDIT_FRAC = v
+                    fc._ANNEAL_FRAC = v
                     for f in kept[cap0].values():
                         getattr(f, "_raw", {}).clear()
                     w0 = fc._weights(kept[cap0], terr, None, False, True)
                     errs["credit"][v][ds.name].append(score(kept[cap0], w0))
-                fc._CREDIT_FRAC = credit0
+                fc._ANNEAL_FRAC = credit0
                 for f in kept[cap0].values():
                     getattr(f, "_raw", {}).clear()
                 if refs:

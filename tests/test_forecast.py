@@ -200,9 +200,7 @@ def test_forecast_schedule_aware_prefix_on_real_curve():
     f = forecast_run(RunHistory(step=s[:k], loss=y[:k], planned_lr=lr))
     # the schedule-aware laws take part in the combination (beside L(S) credited with the prior's expected anneal)
     assert {"mpl", "momentum"} & set(f.warm_state.weights) and f.horizon == lr.size
-    # -1.4%: L(S) is credited with a 5% full-anneal gain (chosen leave-one-dataset-out), more than this WSD
-    # cooldown buys; the 90% band misses by 0.4% here (coverage is measured on the suite, benchmarks/validate.py)
-    assert abs(f.final_loss / y[-1] - 1) < 0.015 and f.final_lower <= y[-1] <= 1.005 * f.final_upper
+    assert abs(f.final_loss / y[-1] - 1) < 0.015 and f.final_lower <= y[-1] <= f.final_upper
     blind = forecast_run(RunHistory(step=s[:k], loss=y[:k], planned_lr=lr), method="power")
     assert abs(blind.final_loss / y[-1] - 1) > abs(f.final_loss / y[-1] - 1)
 
@@ -241,8 +239,8 @@ def test_warm_refit_is_fast_and_consistent():
     f1 = forecast_run(h, init=f0)
     truth = multi_power_law(lr, [horizon], **dict(zip(NAMES, PUBLISHED[25])))[0]
     # every candidate predicts the held-out tail at the noise level, so the momentum law and L(S) (credited with
-    # the expected anneal, 5% of the loss for a full one, more than this pure-MPL truth's cosine buys) keep about
-    # two thirds of the weight and pull the combination 1.0% off it; the band holds the truth either way
+    # the annealing prior's expected gain) keep part of the weight and pull the combination off this pure-MPL
+    # truth; the band holds the truth either way
     assert abs(f0.final_loss / truth - 1) < 0.012 and abs(f1.final_loss / f0.final_loss - 1) < 1e-3
     assert f0.final_lower <= truth <= f0.final_upper and f1.final_lower <= truth <= f1.final_upper
     assert not f0.state["warm"] and f1.state["warm"] and f1.state["q_model"] == f0.state["q_model"]

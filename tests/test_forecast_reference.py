@@ -81,7 +81,7 @@ def test_candidates_are_combined_by_validated_error_and_their_disagreement_widen
         assert w[best] == max(w.values())
     single = forecast_run(h, method=f.method)
     assert (f.final_upper - f.final_lower) >= 0.999 * (single.final_upper - single.final_lower)
-    assert f.final_lower <= y[-1] <= 1.005 * f.final_upper  # a 0.4% miss, see test_forecast's WSD prefix case
+    assert f.final_lower <= y[-1] <= f.final_upper
 
 
 def test_sparse_constant_curve_with_fifteen_points_is_forecast():
