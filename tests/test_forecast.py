@@ -250,7 +250,7 @@ def test_warm_refit_is_fast_and_consistent():
 def test_refit_cost_does_not_regress(request):
     """CPU time of one forecast_run on a 10k-point cosine history, cold and warm (``init=``).
 
-    Measured 464 ms cold / 37 ms warm CPU (benchmarks/forecast_cost.py --cpu); the guard is twice that. Issue 13's
+    Measured 405 ms cold / 36 ms warm CPU (benchmarks/forecast_cost.py --cpu); the guard is twice that. Issue 13's
     targets (200 ms / 20 ms) are not met yet: six candidates, each a scipy trust-region fit (see docs/forecast.md).
     """
     if "timing" not in (request.config.getoption("markexpr") or ""):
