@@ -233,6 +233,7 @@ LODO_FLOORS = (1e-4, 5e-4, 2e-3, 5e-3)
 LODO_CAPS = (0.05, 0.1, 0.2, 0.5, float("inf"))
 LODO_SLOPE_SDS = (0.03, 0.1, 0.3, 1.0)
 LODO_PREFIXES = (0.2, 0.3, 0.5)
+LODO_CREDITS = (0.03, 0.05, 0.08)
 
 
 def _lodo_table(errs: dict, label: str) -> dict:
@@ -267,6 +268,15 @@ def _lodo_replay(fc, run, p, lr, horizon, opts):
     return curve, fits, errs
 
 
+def _kept(fc, fits, grid, cap):
+    """The candidates forecast_run combines when the gain cap is ``cap`` (ValueError: it would refuse)."""
+    cap0, fc._MAX_GAIN_FRAC = fc._MAX_GAIN_FRAC, cap
+    try:
+        return fc._drop_at_bounds(fc._drop_wild(fits, grid))
+    finally:
+        fc._MAX_GAIN_FRAC = cap0
+
+
 def section_lodo(datasets=("mpl", "schaipp", "gemstones", "cpu_study")) -> dict:
     """Leave-one-dataset-out choice of the weight floor, the gain cap and the reference slope prior."""
     import suite_data as sd
@@ -277,7 +287,7 @@ def section_lodo(datasets=("mpl", "schaipp", "gemstones", "cpu_study")) -> dict:
 
     opts = fc._Opts(delta=1e-3, lam=0.999, holdout=0.25, validate=True, exclude_transient=True, confidence=0.9)
     errs = {"floor": {v: {} for v in LODO_FLOORS}, "cap": {v: {} for v in LODO_CAPS},
-            "slope": {v: {} for v in LODO_SLOPE_SDS}}
+            "slope": {v: {} for v in LODO_SLOPE_SDS}, "credit": {v: {} for v in LODO_CREDITS}}
     cap0 = fc._MAX_GAIN_FRAC
     for name in datasets:
         if name not in sd.available():
@@ -298,13 +308,29 @@ def section_lodo(datasets=("mpl", "schaipp", "gemstones", "cpu_study")) -> dict:
                 except (ValueError, FloatingPointError, np.linalg.LinAlgError):
                     continue
                 score = lambda f, w: abs(float(fc._combine(f, w, fin)[0].mean()) / actual - 1)  # noqa: E731
+                grid = fc._future_grid(curve.observed_until + 1, horizon, 256)
+                try:  # the candidates forecast_run keeps (wild ones and ones on a bound left out) at each cap
+                    kept = {v: _kept(fc, fits, grid, v) for v in LODO_CAPS}
+                except ValueError:
+                    continue
+                fc._MAX_GAIN_FRAC = cap0
                 for v in LODO_FLOORS:
-                    errs["floor"][v][ds.name].append(score(fits, fc._weights(fits, terr, None, False, True, floor=v)))
-                w0 = fc._weights(fits, terr, None, False, True)
+                    k0 = kept[cap0]
+                    errs["floor"][v][ds.name].append(score(k0, fc._weights(k0, terr, None, False, True, floor=v)))
                 for v in LODO_CAPS:
                     fc._MAX_GAIN_FRAC = v
-                    errs["cap"][v][ds.name].append(score(fits, w0))
+                    errs["cap"][v][ds.name].append(score(kept[v], fc._weights(kept[v], terr, None, False, True)))
                 fc._MAX_GAIN_FRAC = cap0
+                credit0 = fc._ANNEAL_FRAC
+                for v in LODO_CREDITS:  # the L(S) candidate's expected-anneal credit (tail errors kept at the default)
+                    fc._ANNEAL_FRAC = v
+                    for f in kept[cap0].values():
+                        getattr(f, "_raw", {}).clear()
+                    w0 = fc._weights(kept[cap0], terr, None, False, True)
+                    errs["credit"][v][ds.name].append(score(kept[cap0], w0))
+                fc._ANNEAL_FRAC = credit0
+                for f in kept[cap0].values():
+                    getattr(f, "_raw", {}).clear()
                 if refs:
                     sel = curve.bs >= curve.t_first + (1 - fc._REF_WINDOW) * (curve.t_obs - curve.t_first)
                     for v in LODO_SLOPE_SDS:

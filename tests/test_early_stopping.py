@@ -251,7 +251,9 @@ def test_real_sweep_paired_reference_never_stops_the_best_run(schaipp):
     assert replay(histories[165], horizon, paired=paired, **kw) == (None, None)  # 0.022 worse: within margin
     for clearly_worse in (164, 143, 231):  # lr 1e-4 (3.097), diverged lr 5e-3 (7.55), constant LR (3.074)
         step, reason = replay(histories[clearly_worse], horizon, paired=paired, **kw)
-        assert step is not None and step <= 0.5 * horizon, (clearly_worse, step)
+        # the lr 1e-4 run is stopped at 85% of the run since the forecast's L(S) candidate joined the combination
+        # for decayed schedules (issue 10): its band is wider while the candidates disagree (2.94-3.15 at 20%)
+        assert step is not None and step <= 0.9 * horizon, (clearly_worse, step)
         assert reason.startswith("baseline")
 
 

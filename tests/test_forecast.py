@@ -198,7 +198,8 @@ def test_forecast_schedule_aware_prefix_on_real_curve():
     s, y, lr = load(100, "wsd_20000_24000")
     k = s.size // 2
     f = forecast_run(RunHistory(step=s[:k], loss=y[:k], planned_lr=lr))
-    assert f.method in ("mpl", "momentum") and f.horizon == lr.size
+    # the schedule-aware laws take part in the combination (beside L(S) credited with the prior's expected anneal)
+    assert {"mpl", "momentum"} & set(f.warm_state.weights) and f.horizon == lr.size
     assert abs(f.final_loss / y[-1] - 1) < 0.015 and f.final_lower <= y[-1] <= f.final_upper
     blind = forecast_run(RunHistory(step=s[:k], loss=y[:k], planned_lr=lr), method="power")
     assert abs(blind.final_loss / y[-1] - 1) > abs(f.final_loss / y[-1] - 1)
@@ -235,16 +236,33 @@ def test_warm_refit_is_fast_and_consistent():
     clean = multi_power_law(lr, steps, **dict(zip(NAMES, PUBLISHED[25])))
     h = RunHistory(step=steps, loss=clean * np.exp(0.01 * rng.standard_normal(steps.size)), planned_lr=lr)
     f0 = forecast_run(h)
-    t = time.perf_counter()
     f1 = forecast_run(h, init=f0)
-    dt = time.perf_counter() - t
     truth = multi_power_law(lr, [horizon], **dict(zip(NAMES, PUBLISHED[25])))[0]
-    # both forms predict the held-out tail at the noise level, so the momentum law keeps about a third of the
-    # weight and pulls the combination 0.46% off this pure-MPL truth; the band holds the truth either way
-    assert abs(f0.final_loss / truth - 1) < 0.006 and abs(f1.final_loss / f0.final_loss - 1) < 1e-3
+    # every candidate predicts the held-out tail at the noise level, so the momentum law and L(S) (credited with
+    # the annealing prior's expected gain) keep part of the weight and pull the combination off this pure-MPL
+    # truth; the band holds the truth either way
+    assert abs(f0.final_loss / truth - 1) < 0.012 and abs(f1.final_loss / f0.final_loss - 1) < 1e-3
     assert f0.final_lower <= truth <= f0.final_upper and f1.final_lower <= truth <= f1.final_upper
     assert not f0.state["warm"] and f1.state["warm"] and f1.state["q_model"] == f0.state["q_model"]
-    assert dt < 0.25  # ~10 ms measured on 2 cores; loose for slow CI machines
+
+
+@pytest.mark.timing
+def test_refit_cost_does_not_regress(request):
+    """CPU time of one forecast_run on a 10k-point cosine history, cold and warm (``init=``).
+
+    Measured 405 ms cold / 36 ms warm CPU (benchmarks/forecast_cost.py --cpu); the guard is twice that. Issue 13's
+    targets (200 ms / 20 ms) are not met yet: six candidates, each a scipy trust-region fit (see docs/forecast.md).
+    """
+    if "timing" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("wall-clock check: run with -m timing")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from forecast_cost import measure
+
+    measure("cosine", 2_000, warm_calls=2)  # imports and first-call costs out of the measured calls
+    row = measure("cosine", 10_000, clock=time.process_time)
+    assert row["cold_ms"] <= 950 and row["warm_ms"] <= 75, row
 
 
 def test_warm_refits_revalidate_periodically_and_on_growth():
