@@ -131,7 +131,7 @@ def test_scaling_forecast_takes_reference_histories_or_a_folder(tmp_path):
     assert ScalingForecast().reference is None
     with pytest.raises(ValueError, match="must be RunHistory runs or a folder"):
         ScalingForecast(reference=[1.0])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         ScalingForecast(reference=tmp_path / "missing")
 
 

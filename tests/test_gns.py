@@ -40,7 +40,7 @@ def test_k_batch_form_is_two_size_form_and_bessel_for_b1():
 
 @pytest.mark.parametrize("bad", [dict(k=1, b=2), dict(k=0, b=2), dict(k=2, b=0)])
 def test_k_batch_rejects_bad_input(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`k` must be an integer >= 2|`b_small` must be positive"):
         unbiased_from_k_batches(1.0, 1.0, **bad)
 
 
@@ -167,11 +167,11 @@ def test_update_does_not_sync(monkeypatch):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"`ema_decay` must be in \[0, 1\), got 1.0"):
         GNSEstimator(ema_decay=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`tokens_per_sample` must be positive or None"):
         GNSEstimator(tokens_per_sample=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Need 0 < b_small <= b_big, got b_small=4.0, b_big=2.0"):
         GNSEstimator().update(1.0, 1.0, b_small=4, b_big=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`delta_sq_norm` must be positive"):
         b_simple_linear_regression(d=4, noise_std=1.0, delta_sq_norm=0.0)

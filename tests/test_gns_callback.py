@@ -449,13 +449,13 @@ def test_existing_comm_hook_is_detected():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`method` must be one of .*got 'sketch'"):
         GradientNoiseScale("sketch")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"`ema_decay` must be in \[0, 1\), got 1.5"):
         GradientNoiseScale(ema_decay=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`per_example_layers` must be one of .*got 'all'"):
         GradientNoiseScale(per_example_layers="all")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`log_every_n_steps` must be a positive integer or None, got 0"):
         GradientNoiseScale(log_every_n_steps=0)
 
 

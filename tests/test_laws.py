@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -164,7 +165,7 @@ def test_compute_flops_and_preset():
     d = KAPLAN_2020.to_dict()
     assert d["b_star"] == 2.1e8 and d["units"]["b_star"] == "tokens"
     assert (d["alpha_n"], d["alpha_s"], d["n_c"], d["s_c"], d["alpha_b"]) == (0.077, 0.76, 6.5e13, 2.1e3, 0.21)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'alpha_n'"):
         KAPLAN_2020.alpha_n = 0.1  # frozen
 
 
