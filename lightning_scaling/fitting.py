@@ -395,11 +395,29 @@ def _sweeps(runs: Sequence[RunHistory], scheds: Sequence[np.ndarray | None]) -> 
     Runs of one size under other schedules (a cosine and a WSD run beside the constant-LR sweep) cross the loss
     levels at steps the hyperbola cannot explain, and made the CPU study's sweep unusable.
     """
-    groups: dict[tuple[float, bytes | None], list[int]] = {}
+    groups: list[tuple[float, np.ndarray | None, list[int]]] = []  # (size, post-warmup shape, members)
     for i, (r, sc) in enumerate(zip(runs, scheds)):
-        shape = None if sc is None else np.round(sc / sc.max(), 4).tobytes()
-        groups.setdefault((float(r.n_params) if r.n_params is not None else float("nan"), shape), []).append(i)
-    return [np.array(g) for g in groups.values() if len({runs[i].batch_size for i in g}) >= 2]
+        size, shape = float(r.n_params) if r.n_params is not None else math.nan, _shape(sc)
+        same = (g for g in groups if g[0] == size and (g[1] is None) == (shape is None)
+                and (shape is None or float(np.max(np.abs(g[1] - shape))) <= 0.02))
+        group = next(same, None)
+        if group is None:
+            groups.append((size, shape, [i]))
+        else:
+            group[2].append(i)
+    return [np.array(g) for _, _, g in groups if len({runs[i].batch_size for i in g}) >= 2]
+
+
+def _shape(sc: np.ndarray | None) -> np.ndarray | None:
+    """The LR schedule's shape after warmup on 32 points of the run's own time (relative to its peak): runs of any
+    length with one shape (a token-matched sweep), recorded as ``lr`` or ``planned_lr``, agree within 2%."""
+    if sc is None or sc.size == 0 or not np.nanmax(sc) > 0:
+        return None
+    sc = np.nan_to_num(np.asarray(sc, dtype=float), nan=0.0)
+    tail = sc[lr_warmup(sc):] / sc.max()
+    if tail.size < 2:
+        return np.ones(32)
+    return np.interp(np.linspace(0.0, 1.0, 32), np.linspace(0.0, 1.0, tail.size), tail)
 
 
 def _sweep_tables(runs: Sequence[RunHistory], scheds: Sequence[np.ndarray | None], *, levels: ArrayLike | None,

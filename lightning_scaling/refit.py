@@ -21,13 +21,15 @@ replaces it), so every refit belongs to a cadence step and none is lost behind a
 start or dies makes the scheduler fall back to ``"inline"`` with one
 :class:`~lightning_scaling.warnings.ForecastWarning`.
 
-Run as ``python -m lightning_scaling.refit`` it is the worker process itself.
+Run as ``python -m lightning_scaling.refit JOB_FD RESULT_FD`` it is the worker process itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -197,7 +199,8 @@ class RefitScheduler:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         if not (isinstance(max_overhead, (int, float)) and max_overhead > 0):
             raise ValueError(f"`max_overhead` must be a positive fraction, got {max_overhead!r}")
-        self.mode = mode
+        # Connection over plain pipe descriptors is POSIX-only (on Windows it expects sockets): a thread there.
+        self.mode = "thread" if mode == "process" and sys.platform == "win32" else mode
         self.max_overhead = float(max_overhead)
         self.submitted_steps: list[int] = []
         self.completed = 0
@@ -313,24 +316,41 @@ class RefitScheduler:
         warnings.warn(f"ScalingForecast: the refit worker process failed ({type(err).__name__}: {err}); refitting "
                       "on the training thread from now on.", ForecastWarning, stacklevel=2)
         if self._worker is not None:
-            self._worker.close(busy=True)
+            with contextlib.suppress(Exception):
+                self._worker.close(busy=True)
             self._worker = None
         self.mode = "inline"
 
 
 class _Worker:
-    """The parent's end of ``python -m lightning_scaling.refit``: pickled jobs in, pickled results out."""
+    """The parent's end of the worker process: pickled jobs in, pickled results out, on two private pipes.
+
+    The pipes are passed as file descriptors (not stdin/stdout), so whatever the interpreter or a library prints
+    at start-up cannot corrupt the protocol. The worker starts from ``-c`` with this copy of the package first on
+    its path only when it is not importable from there already (never ahead of the standard library).
+    """
 
     def __init__(self) -> None:
-        root = str(Path(__file__).resolve().parent.parent)  # this copy of the package, whatever sys.path says
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        self._proc = subprocess.Popen([sys.executable, "-m", "lightning_scaling.refit"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env, close_fds=True)
-        self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
-        self._recv = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
-        self._proc.stdin.close()
-        self._proc.stdout.close()
+        root = str(Path(__file__).resolve().parent.parent)  # this copy of the package
+        boot = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
+                f"if {root!r} not in sys.path: sys.path.insert(0, {root!r})\n"
+                "from lightning_scaling.refit import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))")
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", boot, str(job_r), str(res_w)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+                                          close_fds=True, pass_fds=(job_r, res_w))
+        except BaseException:
+            for fd in (job_w, res_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (job_r, res_w):
+                os.close(fd)
+        self._send = Connection(job_w, readable=False)
+        self._recv = Connection(res_r, writable=False)
 
     def send(self, job: RefitJob) -> None:
         self._send.send_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
@@ -346,11 +366,17 @@ class _Worker:
         return pickle.loads(self._recv.recv_bytes())
 
     def close(self, busy: bool = False) -> None:
-        """Close the pipe (an idle worker reads EOF and exits); a busy one is killed: nobody waits for its fit."""
+        """Ask an idle worker to quit (an empty message: processes forked since, e.g. DataLoader workers, may hold
+        the pipe open, so end of file alone could take long); a busy one is killed: nobody waits for its fit."""
+        with contextlib.suppress(Exception):
+            if not busy:
+                self._send.send_bytes(b"")
         for conn in (self._send, self._recv):
-            conn.close()
+            with contextlib.suppress(Exception):
+                conn.close()
         if busy:
-            self._proc.kill()
+            with contextlib.suppress(Exception):
+                self._proc.kill()
         try:
             self._proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
@@ -359,13 +385,15 @@ class _Worker:
 
 
 def _serve(recv: Connection, send: Connection) -> None:
-    """Worker loop: one job at a time until the parent closes the pipe."""
+    """Worker loop: one job at a time until the parent sends an empty message or closes the pipe."""
     while True:
         try:
-            job = pickle.loads(recv.recv_bytes())
+            data = recv.recv_bytes()
         except EOFError:
             return
-        result = compute_refit(job)
+        if not data:
+            return
+        result = compute_refit(pickle.loads(data))
         try:
             data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:  # an unpicklable exception: send its text
@@ -374,17 +402,16 @@ def _serve(recv: Connection, send: Connection) -> None:
         send.send_bytes(data)
 
 
-def _worker_main() -> None:
+def _worker_main(job_fd: int, result_fd: int) -> None:
+    """The worker process: lower priority, deaf to Ctrl-C (the parent ends it), serving jobs from ``job_fd``."""
+    if hasattr(signal, "SIGINT"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         try:
             os.nice(WORKER_NICE)
         except OSError:
             pass
-    # The protocol owns the original stdout; anything a library prints goes to stderr instead.
-    recv, send = Connection(os.dup(0), writable=False), Connection(os.dup(1), readable=False)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    _serve(recv, send)
+    _serve(Connection(job_fd, writable=False), Connection(result_fd, readable=False))
 
 
 def recent_mean_loss(history: Any) -> float | None:
@@ -416,8 +443,8 @@ def _last_finite(values: Any) -> float | None:
     return float(arr[-1]) if arr.size else None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lightning_scaling.refit JOB_FD RESULT_FD
     # Run from the imported module, not this __main__ copy: results must pickle as lightning_scaling.refit classes.
     from lightning_scaling.refit import _worker_main as _main
 
-    _main()
+    _main(int(sys.argv[1]), int(sys.argv[2]))

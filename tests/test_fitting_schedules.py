@@ -255,3 +255,22 @@ def test_batch_sweep_ignores_runs_of_its_size_under_another_schedule():
     np.testing.assert_array_equal(mixed.table["b_crit"], alone.table["b_crit"])
     with pytest.raises(ValueError, match="one model size and LR schedule at >= 2 distinct batch sizes"):
         fit_critical_batch_size([sweep[1], *others])
+
+
+def test_a_token_matched_sweep_is_one_sweep_whatever_each_run_s_length():
+    from lightning_scaling.fitting import _sweeps
+
+    def cosine(horizon: int, warmup: int = 100) -> np.ndarray:
+        s = np.arange(horizon)
+        decay = 0.1 + 0.45 * (1 + np.cos(np.pi * (s - warmup) / (horizon - warmup)))
+        return np.where(s < warmup, (s + 1) / warmup, decay)
+
+    batches = (32, 64, 128, 256)
+    runs = [RunHistory(name=f"b{b}", n_params=1e6, batch_size=b, step=np.arange(3), loss=np.ones(3)) for b in batches]
+    token_matched = [cosine(4000 * 32 // b) for b in batches]  # same shape, 4000 to 500 steps
+    assert [g.tolist() for g in _sweeps(runs, token_matched)] == [[0, 1, 2, 3]]
+    one_step_off = [cosine(4000), cosine(4000), np.r_[cosine(4000)[1:], 0.1], cosine(4000)]  # lr vs planned_lr
+    assert [g.tolist() for g in _sweeps(runs, one_step_off)] == [[0, 1, 2, 3]]
+    constant = np.r_[np.linspace(0.01, 1, 100), np.ones(3900)]
+    mixed = [constant, constant, cosine(4000), cosine(4000)]  # two schedules: two sweeps of two batch sizes
+    assert [g.tolist() for g in _sweeps(runs, mixed)] == [[0, 1], [2, 3]]

@@ -374,6 +374,31 @@ def test_worker_process_refits_match_inline_and_keep_the_latest_waiting_job():
     assert results[1].forecast.final_loss == pytest.approx(inline.forecast.final_loss, rel=1e-9)
 
 
+def test_worker_survives_start_up_output_ctrl_c_and_closes_at_once_when_idle(tmp_path, monkeypatch):
+    import signal
+    import time as _time
+
+    from lightning_scaling.refit import RefitJob, RefitScheduler
+
+    # Something on the path prints while the interpreter starts (a sitecustomize, a noisy .pth): with the protocol
+    # on stdout this made the parent read text as a message length and block for ever.
+    (tmp_path / "sitecustomize.py").write_text("print('hello from sitecustomize ' * 50)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    h = _synthetic_history(300)
+    sched = RefitScheduler("process")
+    try:
+        sched.submit(RefitJob(h, at_step=300, fit_kwargs={"horizon": 1000, "method": "power"}))
+        assert [r.at_step for r in sched.finish(timeout=60)] == [300]
+        sched._worker._proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the whole process group: ignored
+        sched.submit(RefitJob(h, at_step=301, fit_kwargs={"horizon": 1000, "method": "power"}))
+        results = sched.finish(timeout=60)
+        assert sched.mode == "process" and [r.at_step for r in results] == [301] and results[0].error is None
+        t0 = _time.perf_counter()
+    finally:
+        sched.close()
+    assert _time.perf_counter() - t0 < 0.9  # an idle worker is told to quit, not left to time out
+
+
 def test_worker_that_cannot_start_falls_back_to_inline(monkeypatch):
     from lightning_scaling import refit
     from lightning_scaling.warnings import ForecastWarning
