@@ -192,7 +192,7 @@ class CriticalBatchFit:
         return self(loss) * self.tokens_per_sample
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (``inf`` written as the string ``"inf"``)."""
+        """JSON-able dict (non-finite values written as the strings ``"Infinity"``, ``"NaN"``)."""
         return {"b_star": self.b_star, "alpha_b": json_float(self.alpha_b),
                 "tokens_per_sample": self.tokens_per_sample, "source": self.source,
                 "alpha_b_interval": None if self.alpha_b_interval is None else list(self.alpha_b_interval),

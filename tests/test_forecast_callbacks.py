@@ -484,3 +484,15 @@ def test_forecast_figure_draws_observed_forecast_band_and_target():
     assert f"{curve(999):.4f}" in ax.get_title()
     img = render_figure(fig)
     assert img.dtype == np.uint8 and img.shape == (420, 700, 3)
+
+
+def test_a_second_fit_from_step_zero_does_not_warm_start_from_the_first(tmp_path, stub):
+    sf = ScalingForecast(every_n_steps=5, background=False, figure=False, forecast_runs=False)
+    fit(tmp_path / "a", [LossTrajectory(), sf], max_steps=20)
+    assert sf.forecast is not None and sf._last_observed is not None
+    seen = []
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)  # step 0
+    sf.on_train_start(trainer, None)
+    seen.append((sf.forecast, sf.summary, sf._last_observed))
+    sf._shutdown()
+    assert seen == [(None, {}, None)]

@@ -197,7 +197,8 @@ class ScalingForecast(Callback):
         self.every_n_steps = every_n_steps
         self.target_loss = float(target_loss) if target_loss is not None else None
         self.horizon = horizon
-        self.lr_schedule = lr_schedule
+        # Plain float64 (a torch tensor would make the refit worker import torch to unpickle it).
+        self.lr_schedule = None if lr_schedule is None else np.asarray(lr_schedule, dtype=np.float64)
         self.confidence = float(confidence)
         self.law = law
         self.method = method
@@ -284,6 +285,9 @@ class ScalingForecast(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolved_horizon = run_horizon(trainer, self.horizon)
+        if self._last_observed is not None and trainer.global_step < self._last_observed:
+            # fit() called again for a new run: nothing of the last one may warm-start or stand for this one.
+            self.forecast, self.summary, self._last_observed = None, {}, None
         self._seen_step = trainer.global_step
         self._t_last = None
         self._train_seconds = 0.0
