@@ -205,6 +205,25 @@ def test_forecast_schedule_aware_prefix_on_real_curve():
     assert abs(blind.final_loss / y[-1] - 1) > abs(f.final_loss / y[-1] - 1)
 
 
+def test_candidates_on_a_bound_are_left_out_unless_all_are():
+    from lightning_scaling.forecast import _drop_at_bounds
+
+    fit = lambda bound: SimpleNamespace(at_bounds=lambda: bound)  # noqa: E731
+    fits = {"mpl": fit(True), "momentum": fit(False), "power@0": fit(False)}
+    assert set(_drop_at_bounds(fits)) == {"momentum", "power@0"}  # L0 = 0 is where the optimiser stopped
+    every = {"mpl": fit(True), "power@0": fit(True)}
+    assert _drop_at_bounds(every) is every  # none left: keep them (the band is widened instead)
+
+
+def test_decayed_schedules_combine_the_schedule_blind_law_with_the_schedule_aware_ones():
+    s, y, lr = load(100, "cosine_24000")
+    k = s.size * 3 // 10
+    f = forecast_run(RunHistory(step=s[:k], loss=y[:k], planned_lr=lr))
+    kinds = {key.split("@")[0] for key in f.warm_state.weights}
+    assert "power" in kinds and kinds & {"mpl", "momentum"}  # L(S) is a candidate beside MPL / momentum
+    assert abs(f.final_loss / y[-1] - 1) < 0.02
+
+
 def test_forecast_law_prior_fixes_exponent():
     h = _power_history(noise=0.01)
     law = SimpleNamespace(params={"alpha_s": 0.5, "s_c": 1.0})
