@@ -36,6 +36,7 @@ from numpy.typing import ArrayLike
 from scipy import optimize, signal, stats
 
 from lightning_scaling import laws
+from lightning_scaling.numerics import to_jsonable, warmup_steps
 
 __all__ = [
     "Forecast",
@@ -76,21 +77,6 @@ def _as_steps(steps: ArrayLike, n_lr: int) -> np.ndarray:
     if s.size and s.max() > n_lr:
         raise ValueError(f"step {int(s.max())} needs lr[:{int(s.max())}] but the schedule has {n_lr} entries")
     return s.astype(np.int64)
-
-
-def warmup_steps(lr: ArrayLike, *, rtol: float = 1e-3) -> int:
-    """Length of the initial warmup: the first index where the schedule reaches its peak (within ``rtol``).
-
-    Example::
-
-        >>> warmup_steps(np.r_[np.linspace(0, 1, 10, endpoint=False), np.ones(5)])
-        10
-    """
-    arr = _as_lr(lr)
-    peak = arr.max()
-    if peak <= 0:
-        return 0
-    return int(np.argmax(arr >= peak * (1 - rtol)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,14 +378,6 @@ _FORM_CLS: dict[str, type[_Form]] = {"mpl": _MPL, "momentum": _Momentum, "power"
 # ----------------------------------------------------------------------------------------------------------------
 # Robust objective and optimiser
 # ----------------------------------------------------------------------------------------------------------------
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    a = np.abs(r)
-    quad = a <= delta
-    rho = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta))
-    psi = np.where(quad, r, delta * np.sign(r))
-    return rho, psi
-
-
 @dataclass(frozen=True)
 class ScheduleLawFit:
     """A schedule-aware law fitted by :func:`fit_schedule_law`.
@@ -794,20 +772,9 @@ class Forecast:
         return s * self.tokens_per_step if math.isfinite(s) else s
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (arrays as lists, non-finite floats as ``None``)."""
-        def enc(v: Any) -> Any:
-            if isinstance(v, np.ndarray):
-                return [enc(x) for x in v.tolist()]
-            if isinstance(v, (float, np.floating)):
-                return float(v) if math.isfinite(v) else None
-            if isinstance(v, (np.integer,)):
-                return int(v)
-            if isinstance(v, dict):
-                return {k: enc(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [enc(x) for x in v]
-            return v
-        return {f.name: enc(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "warm_state"}
+        """A JSON-serialisable dict: arrays as lists, non-finite floats as ``"NaN"``/``"Infinity"`` (the package's one
+        convention, :func:`lightning_scaling.numerics.to_jsonable`)."""
+        return to_jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "warm_state"})
 
 
 def _law_params(law: Any) -> dict[str, float]:
