@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from typing_extensions import override
 
+from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
 from lightning_scaling.callbacks.utils import find_callback
 from lightning_scaling.gns import GNSEstimator, GNSReading
 from lightning_scaling.numerics import infer_batch_size
@@ -579,20 +580,14 @@ class GradientNoiseScale(Callback):
         self.estimator.update(small, big, b_small=b_small, b_big=b_big, step=trainer.global_step)
 
     # ------------------------------------------------------------------ read-out
-    def _find_trajectory(self, trainer: "pl.Trainer") -> Any:
-        from lightning_scaling.callbacks.loss_trajectory import LossTrajectory
-
-        return find_callback(trainer, LossTrajectory)
-
-    def _tokens_per_sample(self, trainer: "pl.Trainer") -> Optional[float]:
+    def _tokens_per_sample(self, traj: LossTrajectory | None) -> Optional[float]:
         if self.tokens_per_sample is not None:
             return self.tokens_per_sample
-        traj = self._find_trajectory(trainer)
-        return None if traj is None else getattr(traj, "tokens_per_sample", None)
+        return None if traj is None else traj.tokens_per_sample
 
     def _log(self, trainer: "pl.Trainer", step: int) -> None:
-        traj = self._find_trajectory(trainer)
-        r = self.estimator.read(tokens_per_sample=self._tokens_per_sample(trainer))  # one host sync per interval
+        traj = find_callback(trainer, LossTrajectory)
+        r = self.estimator.read(tokens_per_sample=self._tokens_per_sample(traj))  # one host sync per interval
         self.last_reading = r
         if r.n_steps == 0:
             return
@@ -618,7 +613,8 @@ class GradientNoiseScale(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._enabled:  # final read-out for programmatic use (one host sync, once)
-            self.last_reading = self.estimator.read(tokens_per_sample=self._tokens_per_sample(trainer))
+            self.last_reading = self.estimator.read(
+                tokens_per_sample=self._tokens_per_sample(find_callback(trainer, LossTrajectory)))
 
     # ------------------------------------------------------------------ state
     @override
