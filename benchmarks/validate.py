@@ -169,13 +169,12 @@ QUICK_STOP_CHECKS = (0.2, 0.3, 0.4, 0.5)  # --quick: one curve per schedule, the
 STOP_TARGETS = {"reachable": 1.01, "out_of_reach": 0.97}
 
 
-def _baseline_stop(prefix: RunHistory, lr: Any, horizon: int, target: float) -> bool:
-    """The simple rule beside ours: stop when the power law's final loss (no band) misses the target."""
+def _baseline_final(prefix: RunHistory, lr: Any, horizon: int) -> float:
+    """The simple rule's forecast: the power law's final loss (no band); NaN (never a stop) if it cannot be fitted."""
     try:
-        base = power_law_baseline(prefix.step, prefix.loss, start=_warmup_end(lr))
-        return bool(base(np.array([float(horizon)]))[0] > target)
+        return float(power_law_baseline(prefix.step, prefix.loss, start=_warmup_end(lr))(np.array([float(horizon)]))[0])
     except (ValueError, RuntimeError):
-        return False
+        return math.nan
 
 
 def replay_stop(run: RunHistory, checks: Sequence[float] = STOP_CHECKS) -> dict[str, Any]:
@@ -201,11 +200,15 @@ def replay_stop(run: RunHistory, checks: Sequence[float] = STOP_CHECKS) -> dict[
             row["refused"] += 1  # no forecast, no verdict: the callback counts nothing either
             continue
         current = current_loss(prev)
+        # The power-law rule beside ours: one fit per check serves both targets; it stops when the law's final loss
+        # misses a target not yet reached (lowest recent loss) at `patience` checks in a row.
+        base_final = _baseline_final(prefix, lr, horizon)
+        recent_min = float(np.nanmin(prefix.loss[-max(3, prefix.loss.size // 50):]))
         for k, rule in rules.items():
             if row[f"{k}_stop"] is None and rule.update(prev, current_step=cut, current_loss=current):
                 row[f"{k}_stop"] = p
-            reached = float(np.nanmin(prefix.loss[-max(3, prefix.loss.size // 50):])) <= targets[k]
-            base_wait[k] = 0 if reached or not _baseline_stop(prefix, lr, horizon, targets[k]) else base_wait[k] + 1
+            misses = not recent_min <= targets[k] and base_final > targets[k]  # NaN recent loss: not reached
+            base_wait[k] = base_wait[k] + 1 if misses else 0
             if row[f"{k}_baseline_stop"] is None and base_wait[k] >= rule.patience:
                 row[f"{k}_baseline_stop"] = p
     return row
