@@ -205,6 +205,29 @@ def test_forecast_schedule_aware_prefix_on_real_curve():
     assert abs(blind.final_loss / y[-1] - 1) > abs(f.final_loss / y[-1] - 1)
 
 
+def test_a_pure_power_law_is_not_a_fit_on_its_bound():
+    from lightning_scaling.forecast import _MPL, _LawFit, _Power
+
+    def at_bounds(cls, **p):
+        return _LawFit.at_bounds(SimpleNamespace(prob=SimpleNamespace(cls=cls), fixed={}, z=cls.to_z(p)))
+
+    assert not at_bounds(_Power, l_inf=0.0, s_c=50.0, alpha_s=0.3)  # L_inf = 0: a curve far from its floor
+    assert at_bounds(_Power, l_inf=1.0, s_c=50.0, alpha_s=3.0)  # alpha_S on its upper bound: not evidence
+    assert at_bounds(_MPL, L0=0.0, A=0.5, alpha=0.5, B=300.0, C=2.0, beta=0.6, gamma=0.6)  # an MPL with L0 = 0
+
+
+def test_windows_that_find_a_pure_power_law_are_kept():
+    # A noisy pure power law (L_inf = 0) seen for 30% of its run: the windows whose fit reaches L_inf = 0 are
+    # combined with the others (they were left out as "on a bound", and with them the forecast's best windows).
+    rng = np.random.default_rng(4)
+    s = np.arange(1, 2001)
+    true = 4.0 * (s / 10.0) ** -0.12
+    y = true * np.exp(0.02 * rng.standard_normal(s.size))
+    f = forecast_run(RunHistory(step=s[:600], loss=y[:600]), horizon=2000)
+    assert set(f.warm_state.weights) == {"power@0", "power@0.1", "power@0.25", "power@0.4"}
+    assert abs(f.final_loss / true[-1] - 1) < 0.01 and f.final_lower <= true[-1] <= f.final_upper
+
+
 def test_candidates_on_a_bound_are_left_out_unless_all_are():
     from lightning_scaling.forecast import _drop_at_bounds
 
