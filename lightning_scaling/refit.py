@@ -32,6 +32,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,13 +46,17 @@ import numpy as np
 from lightning_scaling import forecast as _forecast  # module attribute: resolved at call time (tests patch it)
 from lightning_scaling.warnings import ForecastWarning
 
-__all__ = ["MODES", "RefitJob", "RefitResult", "RefitScheduler", "add_extras", "compute_refit"]
+__all__ = ["EXTRAS", "MODES", "RefitJob", "RefitResult", "RefitScheduler", "add_extras", "compute_refit"]
 
 MODES = ("process", "thread", "inline")
 #: Priority increment of the worker process: training keeps the cores it needs.
 WORKER_NICE = 10
-#: Expected cost of the first figure and files, imports included (matplotlib alone is about a second).
+#: Expected cost of the first figure, imports included (matplotlib alone is about a second).
 FIRST_EXTRAS_SECONDS = 1.0
+#: Expected cost of the first TensorBoard forecast run (a few hundred scalars; 0.03-0.12 s measured on the demo).
+FIRST_RUN_SECONDS = 0.1
+#: What the budget tracks, each with its own last cost: the forecast run (the main view) and the figure.
+EXTRAS = ("run", "figure")
 
 
 @dataclass
@@ -90,6 +95,8 @@ class RefitResult:
     fit_seconds: float = 0.0
     total_seconds: float = 0.0
     extras_seconds: float = 0.0
+    run_seconds: float = 0.0
+    figure_seconds: float = 0.0
 
 
 def compute_refit(job: RefitJob) -> RefitResult:
@@ -120,23 +127,26 @@ def compute_refit(job: RefitJob) -> RefitResult:
 
 def add_extras(job: RefitJob, result: RefitResult) -> None:
     """Draw the figure and write the files ``job`` asks for (``draw``, ``log_dir``, ``write_run``) for a successful
-    fit; ``result.extras_seconds`` times the figure and the forecast run (``latest.json`` costs milliseconds)."""
+    fit; ``result.figure_seconds`` and ``result.run_seconds`` time the figure and the forecast run, whose sum is
+    ``result.extras_seconds`` (``latest.json`` costs milliseconds and is not counted)."""
     if result.forecast is None or not (job.draw or job.log_dir is not None):
         return
     t0 = time.perf_counter()
-    history = job.history
     if job.draw:
         try:
             from lightning_scaling.report.figures import forecast_figure, render_figure
 
-            result.image = render_figure(forecast_figure(history, result.forecast, target_loss=job.target_loss))
+            result.image = render_figure(forecast_figure(job.history, result.forecast, target_loss=job.target_loss))
         except ImportError:
             pass  # matplotlib is optional for the figure
         except Exception as err:
             result.error = err  # reported by the caller, forecast still used
+        result.figure_seconds = time.perf_counter() - t0
     if job.log_dir is not None and job.write_run:
+        t1 = time.perf_counter()
         _write_run(job, result)
-    result.extras_seconds = time.perf_counter() - t0
+        result.run_seconds = time.perf_counter() - t1
+    result.extras_seconds = result.figure_seconds + result.run_seconds
     if job.log_dir is not None:
         _write_json(job, result)
     result.total_seconds += time.perf_counter() - t0
@@ -205,7 +215,10 @@ class RefitScheduler:
         self.submitted_steps: list[int] = []
         self.completed = 0
         self._extras_seconds = 0.0
-        self._extras_estimate = FIRST_EXTRAS_SECONDS  # cost of the next figure and files: the last one's
+        # cost of the next forecast run and figure: each the last one's (a refit that made neither teaches nothing:
+        # until 0.3 its microseconds replaced the figure's expected second, and the second refit of every run drew
+        # a figure on the training thread whatever the budget said)
+        self._extras_estimate = {"run": FIRST_RUN_SECONDS, "figure": FIRST_EXTRAS_SECONDS}
         self._in_flight: Any = None  # a Future (thread) or the job (process)
         self._in_flight_job: RefitJob | None = None
         self._waiting: RefitJob | None = None
@@ -218,10 +231,12 @@ class RefitScheduler:
         """Whether a refit is in flight or waiting."""
         return self._in_flight is not None or self._waiting is not None
 
-    def wants_extras(self, train_seconds: float) -> bool:
-        """Whether the next refit may draw and write files: if all of them, this one included, would have cost
-        at most ``max_overhead`` of ``train_seconds`` (the first is expected to cost :data:`FIRST_EXTRAS_SECONDS`)."""
-        return self._extras_seconds + self._extras_estimate <= self.max_overhead * max(train_seconds, 0.0)
+    def wants_extras(self, train_seconds: float, kinds: tuple[str, ...] = EXTRAS) -> bool:
+        """Whether the next refit may make ``kinds`` (of :data:`EXTRAS`): if everything made so far and these would
+        have cost at most ``max_overhead`` of ``train_seconds``. The first forecast run is expected to cost
+        :data:`FIRST_RUN_SECONDS`, the first figure :data:`FIRST_EXTRAS_SECONDS`; then each its last cost."""
+        need = sum(self._extras_estimate[k] for k in kinds)
+        return self._extras_seconds + need <= self.max_overhead * max(train_seconds, 0.0)
 
     def submit(self, job: RefitJob) -> None:
         """Start ``job`` now, or keep it waiting (replacing an older waiting one) while a refit is in flight."""
@@ -307,9 +322,10 @@ class RefitScheduler:
 
     def _finish_one(self, result: RefitResult) -> None:
         self.completed += 1
-        if result.extras_seconds > 0:
-            self._extras_seconds += result.extras_seconds
-            self._extras_estimate = result.extras_seconds
+        self._extras_seconds += result.extras_seconds
+        for kind, seconds in (("run", result.run_seconds), ("figure", result.figure_seconds)):
+            if seconds > 0:
+                self._extras_estimate[kind] = seconds
         self._done.append(result)
 
     def _fall_back(self, err: BaseException) -> None:
@@ -377,11 +393,17 @@ class _Worker:
         if busy:
             with contextlib.suppress(Exception):
                 self._proc.kill()
-        try:
-            self._proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        # Reaped off the caller's thread: an idle worker takes ~0.1 s to tear its interpreter down, which the end of
+        # every run used to wait for (1% of an 8 s demo run); one that has not quit within a second is killed.
+        threading.Thread(target=_reap, args=(self._proc,), name="ScalingForecast-reaper", daemon=True).start()
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _serve(recv: Connection, send: Connection) -> None:

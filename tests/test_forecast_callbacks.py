@@ -340,13 +340,44 @@ def test_last_refits_are_dropped_when_they_would_delay_the_end(tmp_path, monkeyp
 
 
 def test_extras_budget_counts_what_figures_cost():
-    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitResult, RefitScheduler
+    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, FIRST_RUN_SECONDS, RefitResult, RefitScheduler
 
     sched = RefitScheduler("inline", max_overhead=0.1)
     first = FIRST_EXTRAS_SECONDS / 0.1  # training seconds that pay for the first figure
-    assert not sched.wants_extras(0.99 * first) and sched.wants_extras(first)
-    sched._finish_one(RefitResult(at_step=1, extras_seconds=0.5))  # spent 0.5 s; the next is expected at 0.5 s
-    assert not sched.wants_extras(9.9) and sched.wants_extras(10.0)
+    assert not sched.wants_extras(0.99 * first, ("figure",)) and sched.wants_extras(first, ("figure",))
+    # the forecast run is cheap: it is affordable long before a figure is
+    assert sched.wants_extras(FIRST_RUN_SECONDS / 0.1, ("run",)) and not sched.wants_extras(first, ("run", "figure"))
+    sched._finish_one(RefitResult(at_step=1, extras_seconds=0.5, figure_seconds=0.5))  # the next figure: 0.5 s
+    assert not sched.wants_extras(9.9, ("figure",)) and sched.wants_extras(10.0, ("figure",))
+    sched._finish_one(RefitResult(at_step=2, extras_seconds=0.05, run_seconds=0.05))  # spent 0.55 s in all
+    assert sched.wants_extras(6.0, ("run",)) and not sched.wants_extras(10.4, ("run", "figure"))
+
+
+def test_short_runs_get_the_forecast_run_before_any_figure(tmp_path, stub):
+    # 5% of 2.4 s of training: the cheap forecast run (first expected at 0.1 s) is written once the run has
+    # trained 2 s, the figure (first expected at 1 s) never within this short run; latest.json at every refit.
+    sf = ScalingForecast(every_n_steps=5, background=False, figure=True, forecast_runs=True, max_overhead=0.05)
+    trainer = fit(tmp_path, [LossTrajectory(), StepWork(0.04), sf], max_steps=60)
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert "forecast/curve" not in acc.Tags()["images"]
+    run = forecast_run_dir(trainer.logger.log_dir)
+    assert any(p.startswith("events.out") for p in os.listdir(run))  # the forecast run was written
+    assert json.load(open(os.path.join(run, "latest.json")))["at_step"] == 60
+
+
+def test_a_refit_that_draws_nothing_leaves_the_figure_budget_alone(tmp_path):
+    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitJob, RefitScheduler, compute_refit
+
+    # latest.json only (no figure, no forecast run): its cost must not stand in for a figure's in the budget
+    job = RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"},
+                   log_dir=str(tmp_path), draw=False, write_run=False)
+    result = compute_refit(job)
+    assert result.forecast is not None and result.extras_seconds == 0.0
+    assert json.load(open(os.path.join(forecast_run_dir(str(tmp_path)), "latest.json")))["at_step"] == 300
+    sched = RefitScheduler("inline", max_overhead=0.02)
+    sched._finish_one(result)
+    assert not sched.wants_extras(0.99 * FIRST_EXTRAS_SECONDS / 0.02)  # the first figure still waits for 50 s
 
 
 def _synthetic_history(n=400):
@@ -397,6 +428,33 @@ def test_worker_survives_start_up_output_ctrl_c_and_closes_at_once_when_idle(tmp
     finally:
         sched.close()
     assert _time.perf_counter() - t0 < 0.9  # an idle worker is told to quit, not left to time out
+
+
+def _idle_worker_scheduler():
+    from lightning_scaling.refit import RefitJob, RefitScheduler
+
+    sched = RefitScheduler("process")
+    sched.submit(RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"}))
+    assert [r.at_step for r in sched.finish(timeout=60)] == [300]
+    return sched, sched._worker._proc
+
+
+def test_closing_an_idle_worker_ends_and_reaps_it():
+    sched, proc = _idle_worker_scheduler()
+    sched.close()
+    assert proc.wait(timeout=10) == 0  # told to quit: a clean exit, reaped (no zombie left behind)
+
+
+@pytest.mark.timing
+def test_closing_an_idle_worker_does_not_wait_for_its_exit():
+    import time as _time
+
+    sched, proc = _idle_worker_scheduler()
+    t0 = _time.perf_counter()
+    sched.close()
+    closed = _time.perf_counter() - t0
+    proc.wait(timeout=10)
+    assert closed < 0.05  # the interpreter's ~0.1 s teardown is waited for off the training thread
 
 
 def test_worker_that_cannot_start_falls_back_to_inline(monkeypatch):

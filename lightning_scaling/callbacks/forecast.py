@@ -96,9 +96,10 @@ class ScalingForecast(Callback):
     step after it is back, at the step it was made for. A cold fit is about a second of Python work: in a thread
     it would hold the GIL against the training loop and slow every step. While a refit is in flight the next due
     snapshot waits (a newer one replaces it), so refits always belong to a cadence step. ``background="thread"``
-    uses a thread, ``False`` the training thread. The figure and files are made on the training thread when a
-    result is picked up, only while they cost at most ``max_overhead`` of the training time so far (matplotlib
-    alone takes seconds to import): a coarser cadence on short runs. A worker that cannot start falls back to
+    uses a thread, ``False`` the training thread. The TensorBoard forecast run and the figure are made on the
+    training thread when a result is picked up, only while they cost at most ``max_overhead`` of the training time
+    so far: the forecast run (tenths of a second) first, the figure (matplotlib alone takes a second to import)
+    once the budget also pays for it, so short runs get a coarser cadence and no figure. A worker that cannot start falls back to
     the training thread with one warning. The cost of the latest refit is
     in :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread
     spent on refits in :attr:`stall_seconds`. When training ends, the refits still in flight are waited for at most
@@ -395,16 +396,19 @@ class ScalingForecast(Callback):
 
     def _job(self, trainer: pl.Trainer, history: RunHistory) -> RefitJob:
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        # Figures and files only where TensorBoard shows them (rank 0), within budget on the training thread.
-        extras = tb is not None and trainer.is_global_zero and self._scheduler.wants_extras(self._train_seconds)
+        # Figures and files only where TensorBoard shows them (rank 0), within budget on the training thread: the
+        # forecast run first (the main view, cheap), the figure when the budget also pays for it.
+        shown = tb is not None and trainer.is_global_zero
+        budget = self._scheduler.wants_extras
+        write_run = shown and self.forecast_runs and budget(self._train_seconds, ("run",))
+        draw = shown and self.figure and budget(self._train_seconds, ("run", "figure") if write_run else ("figure",))
         fit_kwargs = dict(horizon=self.resolved_horizon, lr_schedule=self.lr_schedule, law=self.law,
                           target_loss=self.target_loss, reference=self.reference, confidence=self.confidence,
                           method=self.method, **self.forecast_kwargs)
         if self.warm_start and self.forecast is not None:
             fit_kwargs["init"] = self.forecast
-        files = tb is not None and trainer.is_global_zero and self.forecast_runs
-        return RefitJob(history, at_step=trainer.global_step, fit_kwargs=fit_kwargs, draw=bool(extras and self.figure),
-                        log_dir=tb.log_dir if files else None, write_run=bool(extras and files),
+        return RefitJob(history, at_step=trainer.global_step, fit_kwargs=fit_kwargs, draw=bool(draw),
+                        log_dir=tb.log_dir if shown and self.forecast_runs else None, write_run=bool(write_run),
                         target_loss=self.target_loss)
 
     def _record_stall(self, seconds: float) -> None:
