@@ -139,6 +139,28 @@ def test_per_example_layernorm_matches_analytic(tmp_path, k):
     assert abs(r.b_simple / TRUTH - 1) < 0.10, r
 
 
+@pytest.mark.parametrize("method, k", [("per_example", 1), ("accumulation", 2)])
+def test_measuring_one_step_in_three_matches_analytic(tmp_path, method, k):
+    steps, batch, q = 600, 32 // k, 400.0
+    x, y, w = regression_data(steps * batch * k, seed=4)
+    data = (ln_inputs(x, q), y, w)
+    every = GradientNoiseScale(method, ema_decay=0.999, measure_every_n_steps=3, log_every_n_steps=100)
+    fit(LNReg(w, q), every, tmp_path, steps=steps, batch=batch, accumulate=k, data=data)
+    r = every.estimator.read()
+    assert r.n_steps == steps // 3 and every.n_partial_windows == 0
+    assert every.estimator.raw()["step"][:3] == [0, 3, 6]
+    # each measurement stands for three steps: the same window in steps (decay 0.999 per step)
+    assert every.estimator.ema_decay == pytest.approx(0.999 ** 3) and every.ema_decay == 0.999
+    assert abs(r.b_simple / TRUTH - 1) < 0.15, r
+    assert r.ci_low < TRUTH < r.ci_high
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_measure_every_n_steps_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="measure_every_n_steps"):
+        GradientNoiseScale(measure_every_n_steps=bad)
+
+
 def test_bf16_autocast_accumulation_matches_analytic(tmp_path):
     steps, micro, k = 300, 16, 4
     data = regression_data(steps * micro * k, seed=2)

@@ -156,6 +156,11 @@ class GradientNoiseScale(Callback):
     Args:
         method: Source of the small-batch gradients (see above).
         ema_decay: Decay of the EMAs of ``|G|²`` and ``tr(Σ)``, per optimizer step.
+        measure_every_n_steps: Measure on one optimizer step in this many (1: every step). The hooks' fixed cost
+            per measured step matters on small models (the demo GPT on one CPU thread: about 10% at 1, see
+            ``benchmarks/gns_overhead.py``); each measurement then stands for that many steps in the EMAs
+            (decay ``ema_decay ** n`` per measurement), so the averaging window in steps stays the same while it
+            holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence band).
         log_every_n_steps: Read-out and logging interval in optimizer steps; ``None`` uses the Trainer's.
         tokens_per_sample: Tokens per sample for ``gns/b_simple_tokens``; ``None`` takes it from an attached
             ``LossTrajectory`` if it knows it.
@@ -190,6 +195,7 @@ class GradientNoiseScale(Callback):
         method: Literal["auto", "ddp", "accumulation", "per_example"] = "auto",
         *,
         ema_decay: float = 0.99,
+        measure_every_n_steps: int = 1,
         log_every_n_steps: Optional[int] = None,
         tokens_per_sample: Optional[int] = None,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
@@ -210,8 +216,15 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}.")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ValueError("`batch_size_fn` must be callable (batch -> number of samples) or None.")
+        if isinstance(measure_every_n_steps, bool) or int(measure_every_n_steps) != measure_every_n_steps \
+                or measure_every_n_steps < 1:
+            raise ValueError(f"`measure_every_n_steps` must be a positive integer, got {measure_every_n_steps!r}.")
+        self.measure_every_n_steps = int(measure_every_n_steps)
         # GNSEstimator validates ema_decay, tokens_per_sample and z.
-        self.estimator = GNSEstimator(ema_decay=ema_decay, tokens_per_sample=tokens_per_sample, z=z)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}.")
+        self.estimator = GNSEstimator(ema_decay=ema_decay ** self.measure_every_n_steps,
+                                      tokens_per_sample=tokens_per_sample, z=z)
         self.method = method
         self.ema_decay = ema_decay
         self.log_every_n_steps = log_every_n_steps
@@ -467,8 +480,8 @@ class GradientNoiseScale(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        if not self._enabled:
-            return
+        if not self._enabled or trainer.global_step % self.measure_every_n_steps:
+            return  # not a measured step: the hooks stay closed (they check the backward window)
         fn = self.batch_size_fn or infer_batch_size
         try:
             self._micro_sizes.append(int(fn(batch)))
@@ -481,7 +494,7 @@ class GradientNoiseScale(Callback):
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._enabled:
+        if self._enabled and self._in_backward_window:
             self._n_micro += 1
             if self._pe_rows:  # one fused norm over every norm layer of the micro-batch
                 rows, self._pe_rows = self._pe_rows, []
@@ -495,7 +508,8 @@ class GradientNoiseScale(Callback):
         if not self._enabled or trainer.sanity_checking:
             return
         try:
-            self._measure(trainer, optimizer)
+            if self._in_backward_window:  # a measured step (see measure_every_n_steps)
+                self._measure(trainer, optimizer)
         finally:
             self._reset_window()
         step = trainer.global_step
