@@ -1179,7 +1179,9 @@ class _LawFit:
         return bool(np.any(self.excess_gain(steps) > 0))
 
     def at_bounds(self) -> bool:
-        """A free parameter on (within 1e-6 of) a finite bound: the data did not determine it."""
+        """A free parameter on (within 1e-6 of) a finite bound: the data did not determine it. Lower bounds in the
+        form's ``attainable_lower`` (L(S)'s ``l_inf = 0``, a pure power law) do not count. Decides both whether
+        the candidate is combined (:func:`_drop_at_bounds`) and whether the band's model error is doubled."""
         free = np.array([k not in self.fixed for k in self.prob.cls.names])
         zb = np.array([[np.nan if b is None else b for b in bb] for bb in self.prob.cls.zbounds()], dtype=float)
         attainable = np.array([k in self.prob.cls.attainable_lower for k in self.prob.cls.names])

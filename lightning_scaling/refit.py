@@ -132,36 +132,42 @@ def add_extras(job: RefitJob, result: RefitResult) -> None:
     if result.forecast is None or not (job.draw or job.log_dir is not None):
         return
     t0 = time.perf_counter()
+    # a cost is recorded only for work done: a skipped figure or forecast run costs microseconds, which would
+    # stand in for its expected cost in the budget (see RefitScheduler._extras_estimate)
     if job.draw:
         try:
             from lightning_scaling.report.figures import forecast_figure, render_figure
 
             result.image = render_figure(forecast_figure(job.history, result.forecast, target_loss=job.target_loss))
+            result.figure_seconds = time.perf_counter() - t0
         except ImportError:
             pass  # matplotlib is optional for the figure
         except Exception as err:
             result.error = err  # reported by the caller, forecast still used
-        result.figure_seconds = time.perf_counter() - t0
+            result.figure_seconds = time.perf_counter() - t0
     if job.log_dir is not None and job.write_run:
         t1 = time.perf_counter()
-        _write_run(job, result)
-        result.run_seconds = time.perf_counter() - t1
+        if _write_run(job, result):
+            result.run_seconds = time.perf_counter() - t1
     result.extras_seconds = result.figure_seconds + result.run_seconds
     if job.log_dir is not None:
         _write_json(job, result)
     result.total_seconds += time.perf_counter() - t0
 
 
-def _write_run(job: RefitJob, result: RefitResult) -> None:
+def _write_run(job: RefitJob, result: RefitResult) -> bool:
+    """Write the TensorBoard forecast run of a predictable forecast; whether it was written (or tried and failed)."""
     from lightning_scaling.report.figures import is_predictable
     from lightning_scaling.report.tensorboard import write_forecast_run
 
     fc = result.forecast
+    if not is_predictable(fc.final_loss, fc.final_lower, fc.final_upper):  # keep the last readable one
+        return False
     try:
-        if is_predictable(fc.final_loss, fc.final_lower, fc.final_upper):  # else keep the last readable one
-            write_forecast_run(job.log_dir, fc, history=job.history)
+        write_forecast_run(job.log_dir, fc, history=job.history)
     except Exception as err:
         result.error = err
+    return True
 
 
 def _write_json(job: RefitJob, result: RefitResult) -> None:
@@ -394,13 +400,13 @@ class _Worker:
             with contextlib.suppress(Exception):
                 self._proc.kill()
         # Reaped off the caller's thread: an idle worker takes ~0.1 s to tear its interpreter down, which the end of
-        # every run used to wait for (1% of an 8 s demo run); one that has not quit within a second is killed.
+        # every run used to wait for (1% of an 8 s demo run); one that has not quit within 5 s is killed.
         threading.Thread(target=_reap, args=(self._proc,), name="ScalingForecast-reaper", daemon=True).start()
 
 
-def _reap(proc: subprocess.Popen) -> None:
+def _reap(proc: subprocess.Popen, grace: float = 5.0) -> None:
     try:
-        proc.wait(timeout=1)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

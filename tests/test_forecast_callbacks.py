@@ -366,6 +366,21 @@ def test_short_runs_get_the_forecast_run_before_any_figure(tmp_path, stub):
     assert json.load(open(os.path.join(run, "latest.json")))["at_step"] == 60
 
 
+def test_an_unpredictable_forecast_writes_no_run_and_teaches_the_budget_nothing(tmp_path, monkeypatch):
+    from lightning_scaling.refit import FIRST_RUN_SECONDS, RefitJob, RefitScheduler, compute_refit
+    from lightning_scaling.report import figures
+
+    monkeypatch.setattr(figures, "is_predictable", lambda *a: False)  # a band wider than the loss: not written
+    job = RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"},
+                   log_dir=str(tmp_path), draw=False, write_run=True)
+    result = compute_refit(job)
+    assert result.forecast is not None and result.run_seconds == 0.0
+    assert not any(p.startswith("events.out") for p in os.listdir(forecast_run_dir(str(tmp_path))))
+    sched = RefitScheduler("inline", max_overhead=0.02)
+    sched._finish_one(result)
+    assert not sched.wants_extras(0.99 * FIRST_RUN_SECONDS / 0.02, ("run",))
+
+
 def test_a_refit_that_draws_nothing_leaves_the_figure_budget_alone(tmp_path):
     from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitJob, RefitScheduler, compute_refit
 
@@ -407,7 +422,6 @@ def test_worker_process_refits_match_inline_and_keep_the_latest_waiting_job():
 
 def test_worker_survives_start_up_output_ctrl_c_and_closes_at_once_when_idle(tmp_path, monkeypatch):
     import signal
-    import time as _time
 
     from lightning_scaling.refit import RefitJob, RefitScheduler
 
@@ -424,10 +438,10 @@ def test_worker_survives_start_up_output_ctrl_c_and_closes_at_once_when_idle(tmp
         sched.submit(RefitJob(h, at_step=301, fit_kwargs={"horizon": 1000, "method": "power"}))
         results = sched.finish(timeout=60)
         assert sched.mode == "process" and [r.at_step for r in results] == [301] and results[0].error is None
-        t0 = _time.perf_counter()
+        proc = sched._worker._proc
     finally:
         sched.close()
-    assert _time.perf_counter() - t0 < 0.9  # an idle worker is told to quit, not left to time out
+    assert proc.wait(timeout=30) == 0  # an idle worker is told to quit (not killed, not left running)
 
 
 def _idle_worker_scheduler():
@@ -442,7 +456,7 @@ def _idle_worker_scheduler():
 def test_closing_an_idle_worker_ends_and_reaps_it():
     sched, proc = _idle_worker_scheduler()
     sched.close()
-    assert proc.wait(timeout=10) == 0  # told to quit: a clean exit, reaped (no zombie left behind)
+    assert proc.wait(timeout=30) == 0  # told to quit, it exits by itself (a kill would be -9) and is reaped
 
 
 @pytest.mark.timing

@@ -155,7 +155,7 @@ def test_measuring_one_step_in_three_matches_analytic(tmp_path, method, k):
     assert r.ci_low < TRUTH < r.ci_high
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None, float("inf"), "4"])
 def test_measure_every_n_steps_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="measure_every_n_steps"):
         GradientNoiseScale(measure_every_n_steps=bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
@@ -131,7 +132,7 @@ class GradientNoiseScale(Callback):
     The small-batch squared gradient norms come from one of:
 
     * ``"ddp"``: each rank's local gradient, read in a DDP communication hook before the all-reduce (cost: one scalar
-      all-reduce per step). ``b_small`` = local batch × accumulation, ``b_big`` = × world size.
+      all-reduce per measured step). ``b_small`` = local batch × accumulation, ``b_big`` = × world size.
     * ``"accumulation"``: each micro-batch gradient, read by per-parameter tensor hooks before it is added into
       ``.grad`` (no copy). Needs ``accumulate_grad_batches >= 2``. ``b_small`` = micro-batch.
     * ``"per_example"``: exact per-example gradient norms of LayerNorm/RMSNorm affine parameters from module hooks
@@ -160,7 +161,10 @@ class GradientNoiseScale(Callback):
             per measured step matters on small models (the demo GPT on one CPU thread: about 10% at 1, see
             ``benchmarks/gns_overhead.py``); each measurement then stands for that many steps in the EMAs
             (decay ``ema_decay ** n`` per measurement), so the averaging window in steps stays the same while it
-            holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence band).
+            holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence band). Which steps are measured
+            depends only on ``global_step``, so every rank and every micro-batch of a step agree, also after a
+            resume; ``estimator.read().n_steps`` then counts measurements, not steps. Resume with the same ``n``
+            (the estimator warns when the restored EMA decay differs).
         log_every_n_steps: Read-out and logging interval in optimizer steps; ``None`` uses the Trainer's.
         tokens_per_sample: Tokens per sample for ``gns/b_simple_tokens``; ``None`` takes it from an attached
             ``LossTrajectory`` if it knows it.
@@ -216,13 +220,13 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}.")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ValueError("`batch_size_fn` must be callable (batch -> number of samples) or None.")
-        if isinstance(measure_every_n_steps, bool) or int(measure_every_n_steps) != measure_every_n_steps \
+        if not isinstance(measure_every_n_steps, numbers.Integral) or isinstance(measure_every_n_steps, bool) \
                 or measure_every_n_steps < 1:
             raise ValueError(f"`measure_every_n_steps` must be a positive integer, got {measure_every_n_steps!r}.")
         self.measure_every_n_steps = int(measure_every_n_steps)
-        # GNSEstimator validates ema_decay, tokens_per_sample and z.
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}.")
+        if not (isinstance(ema_decay, numbers.Real) and 0.0 <= ema_decay < 1.0):  # before it is raised to the n
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}.")
+        # GNSEstimator validates tokens_per_sample and z.
         self.estimator = GNSEstimator(ema_decay=ema_decay ** self.measure_every_n_steps,
                                       tokens_per_sample=tokens_per_sample, z=z)
         self.method = method
