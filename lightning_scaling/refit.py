@@ -94,9 +94,13 @@ class RefitResult:
     smoothed_loss: float | None = None
     fit_seconds: float = 0.0
     total_seconds: float = 0.0
-    extras_seconds: float = 0.0
     run_seconds: float = 0.0
     figure_seconds: float = 0.0
+
+    @property
+    def extras_seconds(self) -> float:
+        """What the forecast run and the figure cost the training thread (``latest.json`` is not counted)."""
+        return self.run_seconds + self.figure_seconds
 
 
 def compute_refit(job: RefitJob) -> RefitResult:
@@ -149,7 +153,6 @@ def add_extras(job: RefitJob, result: RefitResult) -> None:
         t1 = time.perf_counter()
         if _write_run(job, result):
             result.run_seconds = time.perf_counter() - t1
-    result.extras_seconds = result.figure_seconds + result.run_seconds
     if job.log_dir is not None:
         _write_json(job, result)
     result.total_seconds += time.perf_counter() - t0

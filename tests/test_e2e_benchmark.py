@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import e2e_overhead  # noqa: E402
+import e2e_overhead
 
 
 def test_runs_of_different_lengths_are_refused():

@@ -347,9 +347,9 @@ def test_extras_budget_counts_what_figures_cost():
     assert not sched.wants_extras(0.99 * first, ("figure",)) and sched.wants_extras(first, ("figure",))
     # the forecast run is cheap: it is affordable long before a figure is
     assert sched.wants_extras(FIRST_RUN_SECONDS / 0.1, ("run",)) and not sched.wants_extras(first, ("run", "figure"))
-    sched._finish_one(RefitResult(at_step=1, extras_seconds=0.5, figure_seconds=0.5))  # the next figure: 0.5 s
+    sched._finish_one(RefitResult(at_step=1, figure_seconds=0.5))  # the next figure: 0.5 s
     assert not sched.wants_extras(9.9, ("figure",)) and sched.wants_extras(10.0, ("figure",))
-    sched._finish_one(RefitResult(at_step=2, extras_seconds=0.05, run_seconds=0.05))  # spent 0.55 s in all
+    sched._finish_one(RefitResult(at_step=2, run_seconds=0.05))  # spent 0.55 s in all
     assert sched.wants_extras(6.0, ("run",)) and not sched.wants_extras(10.4, ("run", "figure"))
 
 

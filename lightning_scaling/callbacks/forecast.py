@@ -99,9 +99,9 @@ class ScalingForecast(Callback):
     uses a thread, ``False`` the training thread. The TensorBoard forecast run and the figure are made on the
     training thread when a result is picked up, only while they cost at most ``max_overhead`` of the training time
     so far: the forecast run (tenths of a second) first, the figure (matplotlib alone takes a second to import)
-    once the budget also pays for it, so short runs get a coarser cadence and no figure. A worker that cannot start falls back to
-    the training thread with one warning. The cost of the latest refit is
-    in :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread
+    once the budget also pays for it, so short runs get a coarser cadence and no figure. A worker that cannot
+    start falls back to the training thread with one warning. The cost of the latest refit is in
+    :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread
     spent on refits in :attr:`stall_seconds`. When training ends, the refits still in flight are waited for at most
     ``max_overhead`` of the training time (2 minutes at most); one that is later is dropped.
 
