@@ -11,8 +11,9 @@ demo's warmup + cosine schedule, in a fresh ``python`` process, with one of the 
 * ``none-again``: no callback either, an A/A pair with ``none``: its ratio and range are the machine's noise floor
   under the same protocol, what a configuration's ratio must exceed to mean anything;
 * ``traj``: ``LossTrajectory``;
-* ``traj+gns``: ``LossTrajectory`` + ``GradientNoiseScale()`` (auto: per-example LN proxy without accumulation);
-* ``traj+gns/4``: the same, measuring one optimizer step in four (``measure_every_n_steps=4``);
+* ``traj+gns``: ``LossTrajectory`` + ``GradientNoiseScale()`` (per-example LN proxy without accumulation; its
+  default cadence times steps 4-27 and then measures one step in as many as keep the measurements within 2%);
+* ``traj+gns/1``: the same, measuring every optimizer step (``measure_every_n_steps=1``, the default until 0.3);
 * ``traj+forecast``: ``LossTrajectory`` + ``ScalingForecast(every_n_steps=...)`` with its defaults (figure and
   forecast run on);
 * ``all``: the README's drop-in list (``LossTrajectory``, ``GradientNoiseScale``, ``ScalingForecast``,
@@ -46,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("none", "none-again", "traj", "traj+gns", "traj+gns/4", "traj+forecast", "all")
+CONFIGS = ("none", "none-again", "traj", "traj+gns", "traj+gns/1", "traj+forecast", "all")
 #: name: (n_layer, d_model, n_head, block, batch). ``demo`` is the issue's 2 x 64 GPT at batch 16 x 64.
 SIZES = {"demo": (2, 64, 2, 64, 16), "large": (4, 128, 4, 128, 16)}
 DEFAULT_STEPS = {"demo": 600, "large": 100}
@@ -63,8 +64,8 @@ def _callbacks(config: str, tokens_per_sample: int, every: int, background: str 
         cbs.append(LossTrajectory(tokens_per_sample=tokens_per_sample))
     if config in ("traj+gns", "all"):
         cbs.append(GradientNoiseScale())
-    if config == "traj+gns/4":
-        cbs.append(GradientNoiseScale(measure_every_n_steps=4))
+    if config == "traj+gns/1":
+        cbs.append(GradientNoiseScale(measure_every_n_steps=1))
     if config in ("traj+forecast", "all"):
         bg = {"auto": "auto", "thread": "thread", "false": False}[background]
         cbs.append(ScalingForecast(every_n_steps=every, target_loss=2.0, background=bg))
@@ -101,6 +102,9 @@ def child(config: str, size: str, steps: int, every: int, out: str, background: 
     if sf is not None:
         row.update(refit_steps=[s for s, _ in sf.refit_log], refit_seconds=[t for _, t in sf.refit_log],
                    max_stall_seconds=sf.max_stall_seconds, n_refits=sf.n_refits, n_failures=sf.n_failures)
+    gns = next((c for c in cbs if type(c).__name__ == "GradientNoiseScale"), None)
+    if gns is not None:
+        row.update(gns_measure_every=gns.measure_every, gns_measured_overhead=gns.measured_overhead)
     traj = next((c for c in cbs if type(c).__name__ == "LossTrajectory"), None)
     if traj is not None:
         row["history"] = os.path.join(out, f"history_{size}_{config}.json")
@@ -211,7 +215,8 @@ def bench_size(size: str, steps: int, rounds: int, every: int, configs: tuple[st
 
 def table(results: dict) -> str:
     lines = ["| size | callbacks | fit time vs none, median (range) | process time | CPU time (run + worker) | "
-             "refits at steps (last round) | refit s, median | worst stall s |", "|---|---|---|---|---|---|---|---|"]
+             "refits at steps (last round) | refit s, median | worst stall s | GNS measures 1 step in (timed cost) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size, res in results["sizes"].items():
         for config, s in res["configs"].items():
             if config == "none":
@@ -220,9 +225,12 @@ def table(results: dict) -> str:
             steps = ", ".join(str(x) for x in s["runs"][-1].get("refit_steps", [])) or "-"
             med = f"{statistics.median(refit):.3f}" if refit else "-"
             stall = f"{max(r.get('max_stall_seconds', 0.0) for r in s['runs']):.3f}" if refit else "-"
+            gns = ", ".join(f"{r['gns_measure_every']}" + (f" ({r['gns_measured_overhead']:+.0%})"
+                                                            if r.get("gns_measured_overhead") is not None else "")
+                            for r in s["runs"] if "gns_measure_every" in r) or "-"
             lines.append(f"| {size} | {config} | {s['ratio_median']:.3f} ({s['ratio_min']:.3f}-{s['ratio_max']:.3f})"
                          f" | {s['process_ratio_median']:.3f} | {s['cpu_ratio_median']:.3f} | {steps} | {med} | "
-                         f"{stall} |")
+                         f"{stall} | {gns} |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import statistics
+import time
 from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
@@ -28,6 +30,10 @@ __all__ = ["GradientNoiseScale"]
 
 _METHODS = ("auto", "ddp", "accumulation", "per_example")
 _LAYERS = ("norm", "norm+linear")
+# measure_every_n_steps="auto": optimizer steps [start, end) are timed, one in two measured. The first steps are not
+# timed (allocator, caches, lazy initialisation make them slow whatever the callback does).
+_CALIBRATION_STEPS = (4, 28)
+_MAX_EVERY = 64
 
 warning_cache = WarningCache()
 
@@ -157,14 +163,18 @@ class GradientNoiseScale(Callback):
     Args:
         method: Source of the small-batch gradients (see above).
         ema_decay: Decay of the EMAs of ``|G|²`` and ``tr(Σ)``, per optimizer step.
-        measure_every_n_steps: Measure on one optimizer step in this many (1: every step). The hooks' fixed cost
-            per measured step matters on small models (the demo GPT on one CPU thread: about 10% at 1, see
-            ``benchmarks/gns_overhead.py``); each measurement then stands for that many steps in the EMAs
-            (decay ``ema_decay ** n`` per measurement), so the averaging window in steps stays the same while it
-            holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence band). Which steps are measured
-            depends only on ``global_step``, so every rank and every micro-batch of a step agree, also after a
-            resume; ``estimator.read().n_steps`` then counts measurements, not steps. Resume with the same ``n``
-            (the estimator warns when the restored EMA decay differs).
+        measure_every_n_steps: Measure on one optimizer step in this many (1: every step), or ``"auto"``
+            (default): the hooks' cost per measured step matters on small models (the demo GPT on one CPU thread:
+            about 11% at 1, see ``benchmarks/gns_overhead.py``), so ``"auto"`` times optimizer steps 4-27 with
+            and without a measurement (one in two measured) and then measures one step in
+            ``ceil(overhead / max_overhead)`` (1 when a measurement costs no more than ``max_overhead``; at most
+            64); on a multi-process run rank 0's choice is broadcast once, so all ranks agree. Each measurement
+            stands for ``n`` steps in the EMAs (decay ``ema_decay ** n`` per measurement), so the averaging window
+            in steps stays the same while it holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence
+            band). Which steps are measured depends only on ``global_step`` and ``n``, so every rank and every
+            micro-batch of a step agree, also after a resume (the chosen ``n`` is checkpointed);
+            ``estimator.read().n_steps`` counts measurements, not steps.
+        max_overhead: The share of step time that measurements may add under ``measure_every_n_steps="auto"``.
         log_every_n_steps: Read-out and logging interval in optimizer steps; ``None`` uses the Trainer's.
         tokens_per_sample: Tokens per sample for ``gns/b_simple_tokens``; ``None`` takes it from an attached
             ``LossTrajectory`` if it knows it.
@@ -185,6 +195,10 @@ class GradientNoiseScale(Callback):
         label: ``"GNS"`` or ``"LN-proxy GNS"`` / ``"LN+Linear-proxy GNS"`` for ``per_example``.
         last_reading: The most recent :class:`~lightning_scaling.gns.GNSReading` (``None`` before the first log).
         n_partial_windows: Optimizer steps skipped because their accumulation window was short.
+        measure_every: The cadence in use: one optimizer step in this many is measured (2 while ``"auto"`` is
+            still timing steps).
+        measured_overhead: What a measured step cost over an unmeasured one, as a share of the unmeasured step's
+            time, as ``"auto"`` timed it (``None`` before that, or with a fixed cadence).
 
     Example::
 
@@ -199,7 +213,8 @@ class GradientNoiseScale(Callback):
         method: Literal["auto", "ddp", "accumulation", "per_example"] = "auto",
         *,
         ema_decay: float = 0.99,
-        measure_every_n_steps: int = 1,
+        measure_every_n_steps: int | Literal["auto"] = "auto",
+        max_overhead: float = 0.02,
         log_every_n_steps: Optional[int] = None,
         tokens_per_sample: Optional[int] = None,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
@@ -220,17 +235,27 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}.")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ValueError("`batch_size_fn` must be callable (batch -> number of samples) or None.")
-        if not isinstance(measure_every_n_steps, numbers.Integral) or isinstance(measure_every_n_steps, bool) \
-                or measure_every_n_steps < 1:
-            raise ValueError(f"`measure_every_n_steps` must be a positive integer, got {measure_every_n_steps!r}.")
-        self.measure_every_n_steps = int(measure_every_n_steps)
+        auto = measure_every_n_steps == "auto"
+        if not auto and (not isinstance(measure_every_n_steps, numbers.Integral)
+                         or isinstance(measure_every_n_steps, bool) or measure_every_n_steps < 1):
+            raise ValueError("`measure_every_n_steps` must be a positive integer or 'auto', got "
+                             f"{measure_every_n_steps!r}.")
+        if not (isinstance(max_overhead, numbers.Real) and 0.0 < max_overhead < 1.0):
+            raise ValueError(f"`max_overhead` must be in (0, 1), got {max_overhead!r}.")
+        self.measure_every_n_steps: int | str = "auto" if auto else int(measure_every_n_steps)
+        self.max_overhead = float(max_overhead)
         if not (isinstance(ema_decay, numbers.Real) and 0.0 <= ema_decay < 1.0):  # before it is raised to the n
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}.")
-        # GNSEstimator validates tokens_per_sample and z.
-        self.estimator = GNSEstimator(ema_decay=ema_decay ** self.measure_every_n_steps,
-                                      tokens_per_sample=tokens_per_sample, z=z)
-        self.method = method
         self.ema_decay = ema_decay
+        # GNSEstimator validates tokens_per_sample and z.
+        self.estimator = GNSEstimator(ema_decay=ema_decay, tokens_per_sample=tokens_per_sample, z=z)
+        self.measured_overhead: Optional[float] = None
+        self._clock: Callable[[], float] = time.perf_counter  # a test replaces it
+        self._calibrated = not auto
+        self._tick: Optional[tuple[int, float]] = None  # (step, time) at the end of the last optimizer step
+        self._durations: dict[bool, list[float]] = {True: [], False: []}  # step times, with / without measuring
+        self._set_every(2 if auto else int(measure_every_n_steps))
+        self.method = method
         self.log_every_n_steps = log_every_n_steps
         self.tokens_per_sample = tokens_per_sample
         self.batch_size_fn = batch_size_fn
@@ -255,6 +280,34 @@ class GradientNoiseScale(Callback):
                 method=self.method, per_example_layers=self.per_example_layers, log_prefix=self.log_prefix
             )
         return key
+
+    # ------------------------------------------------------------------ cadence
+    def _set_every(self, n: int) -> None:
+        """Measure one optimizer step in ``n``; each measurement then weighs as ``n`` steps in the EMAs."""
+        self.measure_every = n
+        self.estimator.ema_decay = self.ema_decay ** n
+
+    def _time_step(self, trainer: "pl.Trainer", measured: bool) -> None:
+        """``measure_every_n_steps="auto"``: time this optimizer step; once enough are timed, choose the cadence.
+
+        A step's time runs from the end of the previous optimizer step's hook to the end of this one's, so it holds
+        the measurement's hooks and read-out. Host clock only: no device sync (on an accelerator the host waits
+        for the device at the loop's own sync points, so step times still track the device's).
+        """
+        now, step = self._clock(), trainer.global_step
+        if self._tick is not None and self._tick[0] == step - 1 and step >= _CALIBRATION_STEPS[0]:
+            self._durations[measured].append(now - self._tick[1])
+        self._tick = (step, now)
+        # Ranks time the same steps (measured ones are even), so they all reach this broadcast at the same step.
+        if step + 1 >= _CALIBRATION_STEPS[1] and min(map(len, self._durations.values())) >= 3:
+            plain = statistics.median(self._durations[False])
+            extra = (statistics.median(self._durations[True]) - plain) / plain
+            n = 1 if extra <= self.max_overhead else min(_MAX_EVERY, math.ceil(extra / self.max_overhead - 1e-9))
+            n = int(trainer.strategy.broadcast(n, src=0))
+            self.measured_overhead, self._calibrated = extra, True
+            self._set_every(n)
+            rank_zero_info(f"GradientNoiseScale: a measured step took {extra:+.1%} more time than an unmeasured one; "
+                           f"measuring one step in {n} (max_overhead={self.max_overhead:g}).")
 
     # ------------------------------------------------------------------ window accounting
     def _reset_window(self) -> None:
@@ -484,7 +537,7 @@ class GradientNoiseScale(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        if not self._enabled or trainer.global_step % self.measure_every_n_steps:
+        if not self._enabled or trainer.global_step % self.measure_every:
             return  # not a measured step: the hooks stay closed (they check the backward window)
         fn = self.batch_size_fn or infer_batch_size
         try:
@@ -495,6 +548,12 @@ class GradientNoiseScale(Callback):
             self._disable()
             return
         self._in_backward_window = True
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._tick = None  # step times are timed within one fit (after a restore: the restored cadence stays)
+        if not self._calibrated:
+            self._durations = {True: [], False: []}
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -511,8 +570,9 @@ class GradientNoiseScale(Callback):
     ) -> None:
         if not self._enabled or trainer.sanity_checking:
             return
+        measured = self._in_backward_window  # a measured step (see measure_every_n_steps)
         try:
-            if self._in_backward_window:  # a measured step (see measure_every_n_steps)
+            if measured:
                 self._measure(trainer, optimizer)
         finally:
             self._reset_window()
@@ -520,6 +580,8 @@ class GradientNoiseScale(Callback):
         every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
         if (step + 1) % every == 0:
             self._log(trainer, step)
+        if not self._calibrated:
+            self._time_step(trainer, measured)
 
     def _measure(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> None:
         k = int(trainer.accumulate_grad_batches)
@@ -641,10 +703,16 @@ class GradientNoiseScale(Callback):
             "estimator": self.estimator.state_dict(),
             "method_used": self.method_used,
             "n_partial_windows": self.n_partial_windows,
+            "measure_every": self.measure_every if self._calibrated else None,
+            "measured_overhead": self.measured_overhead,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        every = state_dict.get("measure_every")
+        if self.measure_every_n_steps == "auto" and every:  # the cadence chosen before (a fixed one given wins)
+            self._set_every(int(every))
+            self._calibrated, self.measured_overhead = True, state_dict.get("measured_overhead")
         if "estimator" in state_dict:
             self.estimator.load_state_dict(state_dict["estimator"])
         self.n_partial_windows = int(state_dict.get("n_partial_windows", 0))
