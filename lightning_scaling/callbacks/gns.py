@@ -173,7 +173,8 @@ class GradientNoiseScale(Callback):
             in steps stays the same while it holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence
             band). Which steps are measured depends only on ``global_step`` and ``n``, so every rank and every
             micro-batch of a step agree, also after a resume (the chosen ``n`` is checkpointed);
-            ``estimator.read().n_steps`` counts measurements, not steps.
+            ``estimator.read().n_steps`` counts measurements, not steps. As ``"auto"`` is chosen from wall-clock
+            times, a rerun of a seeded run may measure other steps; pass an integer for reproducible readings.
         max_overhead: The share of step time that measurements may add under ``measure_every_n_steps="auto"``.
         log_every_n_steps: Read-out and logging interval in optimizer steps; ``None`` uses the Trainer's.
         tokens_per_sample: Tokens per sample for ``gns/b_simple_tokens``; ``None`` takes it from an attached

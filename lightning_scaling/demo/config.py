@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from lightning_scaling.study.config import RecipeConfig
 
+# A fixed cadence: the default ("auto") picks it from wall-clock step times, so a rerun of the seeded demo could
+# measure other steps and log another live B_simple. One step in four keeps the cost on these tiny models near
+# what "auto" picks (one in 5-6 on the 600-step demo GPT of benchmarks/e2e_overhead.py).
+_GNS = {"measure_every_n_steps": 4}
+
 
 def demo_config(*, quick: bool = False) -> RecipeConfig:
     """The built-in demo: byte-level GPTs on the Python standard library's sources, on CPU.
@@ -36,7 +41,7 @@ def demo_config(*, quick: bool = False) -> RecipeConfig:
             sizes=[{"name": f"d{d}", "d_model": d} for d in (8, 16, 24, 32)],
             batch_size=8, batch_sizes=[4, 16], sweep_size=0, max_steps=60, val_every=None, torch_threads=1,
             trainer={"accelerator": "cpu", "devices": 1, "limit_val_batches": 0},
-            gns={"log_every_n_steps": 5}, forecast={"every_n_steps": 30}, fit={"n_bootstrap": 8, "form": "kaplan"},
+            gns={"log_every_n_steps": 5, **_GNS}, forecast={"every_n_steps": 30}, fit={"n_bootstrap": 8, "form": "kaplan"},
             name="demo (quick)",
         )
     return RecipeConfig(
@@ -44,6 +49,6 @@ def demo_config(*, quick: bool = False) -> RecipeConfig:
         sizes=[{"name": f"d{d}", "d_model": d} for d in (16, 24, 32, 48, 64, 96)],
         batch_size=16, batch_sizes=[4, 8, 32], sweep_size=2, max_steps=800, val_every=400, torch_threads=1,
         trainer={"accelerator": "cpu", "devices": 1, "limit_val_batches": 8},
-        gns={}, forecast={}, fit={"n_bootstrap": 40, "form": "auto"},
+        gns=dict(_GNS), forecast={}, fit={"n_bootstrap": 40, "form": "auto"},
         name="demo",
     )
