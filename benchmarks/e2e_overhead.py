@@ -12,7 +12,7 @@ demo's warmup + cosine schedule, in a fresh ``python`` process, with one of the 
   under the same protocol, what a configuration's ratio must exceed to mean anything;
 * ``traj``: ``LossTrajectory``;
 * ``traj+gns``: ``LossTrajectory`` + ``GradientNoiseScale()`` (per-example LN proxy without accumulation; its
-  default cadence times steps 4-27 and then measures one step in as many as keep the measurements within 2%);
+  default cadence times steps 4-23 and then measures one step in as many as keep the measurements within 2%);
 * ``traj+gns/1``: the same, measuring every optimizer step (``measure_every_n_steps=1``, the default until 0.3);
 * ``traj+forecast``: ``LossTrajectory`` + ``ScalingForecast(every_n_steps=...)`` with its defaults (figure and
   forecast run on);
@@ -177,7 +177,8 @@ def machine() -> dict:
     except OSError:  # pragma: no cover - not on every platform
         load = None
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads_per_run": 1, "load_average_at_start": load,
+            "python": platform.python_version(), "torch": torch.__version__, "threads_per_run": 1,
+            "load_average_at_start": load,
             "platform": platform.platform()}
 
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import time
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_scaling.callbacks.gns import GradientNoiseScale
+from lightning_scaling.callbacks.gns import GradientNoiseScale, _CadenceTimer
 from lightning_scaling.gns import GNSEstimator, b_simple_linear_regression
 from lightning_scaling.warnings import DataWarning
 
@@ -132,7 +136,8 @@ def test_per_example_layernorm_matches_analytic(tmp_path, k):
     steps, batch, q = 300, 32 // k, 400.0
     x, y, w = regression_data(steps * batch * k, seed=1)
     data = (ln_inputs(x, q), y, w)
-    cb = GradientNoiseScale("auto" if k == 1 else "per_example", measure_every_n_steps=1, ema_decay=0.999, log_every_n_steps=100)
+    cb = GradientNoiseScale("auto" if k == 1 else "per_example", measure_every_n_steps=1, ema_decay=0.999,
+                            log_every_n_steps=100)
     fit(LNReg(w, q), cb, tmp_path, steps=steps, batch=batch, accumulate=k, data=data)
     r = cb.estimator.read()
     assert cb.method_used == "per_example" and cb.label == "LN-proxy GNS"
@@ -168,65 +173,146 @@ def test_max_overhead_must_be_a_share(bad):
         GradientNoiseScale(max_overhead=bad)
 
 
-def step_clock(extra: float):
-    """A clock read once per optimizer step, at its end: steps 0, 2, 4, ... take ``1 + extra``, the others 1.
+class VirtualClock:
+    """A clock that only :class:`StepCost` moves (picklable, for the spawned DDP ranks)."""
 
-    While the "auto" cadence times steps, the even ones are the measured ones.
-    """
-    t, calls = [0.0], [0]
+    def __init__(self) -> None:
+        self.t = 0.0
 
-    def clock() -> float:
-        t[0] += 1.0 + (extra if calls[0] % 2 == 0 else 0.0)
-        calls[0] += 1
-        return t[0]
-
-    return clock
+    def __call__(self) -> float:
+        return self.t
 
 
-def auto_fit(tmp_path, cb, steps, seed=11, **kw):
+class StepCost(pl.Callback):
+    """Moves a virtual clock as if a step cost 1 s inside the measured span (forward and backward), 1 s after it,
+    and ``extra`` more inside the span when the callback measures the step (``extra_rank0``: on rank 0 only)."""
+
+    def __init__(self, gns: GradientNoiseScale, extra: float, extra_rank0: bool = False) -> None:
+        self.gns, self.extra, self.extra_rank0 = gns, extra, extra_rank0
+        self.gns._timer.clock = self.clock = VirtualClock()
+
+    def on_after_backward(self, trainer, pl_module):
+        charged = self.gns._in_backward_window and (trainer.global_rank == 0 or not self.extra_rank0)
+        self.clock.t += 1.0 + (self.extra if charged else 0.0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clock.t += 1.0
+
+
+class ReportCadence(pl.Callback):
+    """Each rank writes the cadence its callback ended with (spawned ranks do not return callback state)."""
+
+    def __init__(self, gns: GradientNoiseScale, folder: Path) -> None:
+        self.gns, self.folder = gns, Path(folder)
+
+    def on_train_end(self, trainer, pl_module):
+        (self.folder / f"every{trainer.global_rank}.txt").write_text(str(self.gns.measure_every))
+
+
+def auto_fit(tmp_path, cb, steps, extra=None, seed=11, **kw):
     x, y, w = regression_data(steps * 16, seed=seed)
+    cbs = [cb] if extra is None else [cb, StepCost(cb, extra)]
     trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, accumulate_grad_batches=2,
-                         callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=cbs, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False)
     trainer.fit(LinReg(w), DataLoader(TensorDataset(x, y), batch_size=8), **kw)
     return trainer
 
 
-@pytest.mark.parametrize("extra, every", [(0.01, 1), (0.02, 1), (0.10, 5), (0.5, 25), (5.0, 64)])
+# Steps 0-3 untimed, then 10 measured (even) and 10 unmeasured spans: the cadence is chosen at step 23.
+CHOSEN_AT = _CadenceTimer.SKIP + 2 * _CadenceTimer.NEED - 1
+
+
+@pytest.mark.parametrize("extra, every", [(0.02, 1), (0.04, 1), (0.2, 5), (1.0, 25), (10.0, 64)])
 def test_auto_cadence_keeps_measurements_within_the_overhead_budget(tmp_path, extra, every):
-    """Steps 4-27 timed, one in two measured; then one step in ceil(overhead / max_overhead) (at most 64)."""
+    """Overhead = extra span time / whole unmeasured step (2 s here); one step in ceil(overhead / 0.02), <= 64."""
     cb = GradientNoiseScale("accumulation", ema_decay=0.99, log_every_n_steps=1000)
     assert cb.measure_every_n_steps == "auto" and cb.measure_every == 2  # the default, while timing
-    cb._clock = step_clock(extra)
-    auto_fit(tmp_path, cb, steps=160)
-    assert cb.measured_overhead == pytest.approx(extra)
+    auto_fit(tmp_path, cb, steps=160, extra=extra)
+    assert cb.measured_overhead == pytest.approx(extra / 2)
     assert cb.measure_every == every and cb.estimator.ema_decay == pytest.approx(0.99 ** every)
-    steps = cb.estimator.raw()["step"]
-    assert steps == list(range(0, 28, 2)) + [s for s in range(28, 160) if s % every == 0]
-    # the budget holds after the timing: measured steps' extra time over all steps' time
-    assert extra / every <= 0.02 + 1e-12 or every == 64
+    chosen = list(range(0, CHOSEN_AT + 1, 2)) + [s for s in range(CHOSEN_AT + 1, 160) if s % every == 0]
+    assert cb.estimator.raw()["step"] == chosen
+
+
+def test_auto_cadence_times_the_measurement_not_what_recurs_between_steps(tmp_path):
+    """A slow read-out every second step (the callback's own log) and a slow logger land outside the span."""
+    cb = GradientNoiseScale("accumulation", ema_decay=0.99, log_every_n_steps=2)
+    cost = StepCost(cb, 0.0)
+    slow_log = cb._log
+
+    def log(trainer, step):
+        cost.clock.t += 5.0  # after the span: were it counted, odd steps would look 5 s slower
+        slow_log(trainer, step)
+
+    cb._log = log
+    x, y, w = regression_data(60 * 16, seed=12)
+    pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=60, accumulate_grad_batches=2,
+               callbacks=[cb, cost], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False).fit(LinReg(w), DataLoader(TensorDataset(x, y), batch_size=8))
+    assert cb.measured_overhead == pytest.approx(0.0) and cb.measure_every == 1
+
+
+def test_auto_cadence_on_the_real_clock_backs_off_an_expensive_measurement(tmp_path):
+    cb = GradientNoiseScale("accumulation", ema_decay=0.99, log_every_n_steps=1000)
+    measure = cb._measure
+
+    def slow_measure(*args):
+        time.sleep(0.02)  # far more than a step of this model
+        measure(*args)
+
+    cb._measure = slow_measure
+    auto_fit(tmp_path, cb, steps=40)
+    assert cb.measured_overhead > 1.0 and cb.measure_every == 64
 
 
 def test_auto_cadence_is_checkpointed_and_kept_on_resume(tmp_path):
     first = GradientNoiseScale("accumulation", ema_decay=0.9, log_every_n_steps=1000)
-    first._clock = step_clock(0.1)
-    t1 = auto_fit(tmp_path, first, steps=40)
+    t1 = auto_fit(tmp_path, first, steps=40, extra=0.2)
     assert first.measure_every == 5
     ckpt = tmp_path / "auto.ckpt"
     t1.save_checkpoint(ckpt)
     resumed = GradientNoiseScale("accumulation", ema_decay=0.9, log_every_n_steps=1000)
-    resumed._clock = step_clock(0.0)  # would choose 1 if it timed again
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", category=DataWarning)  # no "restored EMA decay differs" warning
-        auto_fit(tmp_path, resumed, steps=80, ckpt_path=ckpt)
+        auto_fit(tmp_path, resumed, steps=80, extra=0.0, ckpt_path=ckpt)  # would choose 1 if it timed again
     assert resumed.measure_every == 5 and resumed.measured_overhead == pytest.approx(0.1)
-    assert resumed.estimator.raw()["step"] == list(range(0, 28, 2)) + list(range(30, 80, 5))
+    assert resumed.estimator.raw()["step"] == (list(range(0, CHOSEN_AT + 1, 2))
+                                               + [s for s in range(CHOSEN_AT + 1, 80) if s % 5 == 0])
     fixed = GradientNoiseScale("accumulation", ema_decay=0.9, measure_every_n_steps=2, log_every_n_steps=1000)
     with pytest.warns(DataWarning, match="ema_decay"):  # a cadence given explicitly wins over the checkpoint's
         auto_fit(tmp_path, fixed, steps=80, ckpt_path=ckpt)
     assert fixed.measure_every == 2
+
+
+def test_auto_cadence_saved_while_timing_times_again_after_the_restart(tmp_path):
+    first = GradientNoiseScale("accumulation", ema_decay=0.9, log_every_n_steps=1000)
+    t1 = auto_fit(tmp_path, first, steps=10, extra=0.2)
+    assert first.measured_overhead is None and first.measure_every == 2
+    ckpt = tmp_path / "timing.ckpt"
+    t1.save_checkpoint(ckpt)
+    resumed = GradientNoiseScale("accumulation", ema_decay=0.9, log_every_n_steps=1000)
+    resumed._calibrated, resumed.measure_every = True, 7  # an instance that had chosen before: reset by the load
+    auto_fit(tmp_path, resumed, steps=80, extra=1.0, ckpt_path=ckpt)
+    assert resumed.measure_every == 25  # timed anew from the restart: 4 steps skipped, then 10 + 10
+    at = 10 + CHOSEN_AT
+    assert resumed.estimator.raw()["step"] == list(range(0, at + 1, 2)) + [s for s in range(at + 1, 80) if s % 25 == 0]
+
+
+def test_a_checkpoint_of_0_2_keeps_its_every_step_cadence(tmp_path):
+    old = GradientNoiseScale("accumulation", ema_decay=0.9, measure_every_n_steps=1, log_every_n_steps=1000)
+    t1 = auto_fit(tmp_path, old, steps=10)
+    ckpt = tmp_path / "old.ckpt"
+    t1.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("measure_every", "measured_overhead"):  # what 0.2 did not save
+        del state["callbacks"][old.state_key][key]
+    torch.save(state, ckpt)
+    resumed = GradientNoiseScale("accumulation", ema_decay=0.9, log_every_n_steps=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=DataWarning)
+        auto_fit(tmp_path, resumed, steps=30, ckpt_path=ckpt)
+    assert resumed.measure_every == 1 and resumed.estimator.raw()["step"] == list(range(30))
 
 
 def test_bf16_autocast_accumulation_matches_analytic(tmp_path):
@@ -256,12 +342,15 @@ def test_ddp_two_ranks_gloo_all_methods_match_analytic(tmp_path):
         # all-reduce of one rank would meet another collective, or none, on the other)
         GradientNoiseScale("per_example", ema_decay=0.999, log_every_n_steps=steps, log_prefix="gns_auto/"),
     ]
+    cbs += [StepCost(cbs[-1], 0.2, extra_rank0=True), ReportCadence(cbs[-1], tmp_path)]  # rank 0 times 5, rank 1 1
     logger = CSVLogger(tmp_path, name="gns", version=0)
     loader = DataLoader(TensorDataset(*data[:2]), batch_size=micro, shuffle=False)
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", strategy="ddp_spawn", devices=2,
+    ddp = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))  # a mismatched collective fails, not hangs
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", strategy=ddp, devices=2,
                          max_steps=steps, accumulate_grad_batches=k, callbacks=cbs, logger=logger,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(LNReg(w, q), loader)
+    assert [(tmp_path / f"every{r}.txt").read_text() for r in (0, 1)] == ["5", "5"]
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     for prefix in ("gns/", "gns_acc/", "gns_pe/", "gns_auto/"):
         last = [r for r in rows if r.get(prefix + "b_simple")][-1]
@@ -429,7 +518,7 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
         def on_train_end(self, trainer, pl_module):
             monkeypatch.undo()
 
-    steps = 40  # past the default cadence's timing (steps 4-27): its choice happens under the guard too
+    steps = 40  # past the default cadence's timing (chosen at step 23): its choice happens under the guard too
     for method, k, model in (("accumulation", 2, LinReg(w)), ("per_example", 1, LNReg(w, 400.0))):
         xx = ln_inputs(x, 400.0) if method == "per_example" else x
         cb = GradientNoiseScale(method, log_every_n_steps=1000)
@@ -439,7 +528,7 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
         trainer.fit(model, DataLoader(TensorDataset(xx, y), batch_size=8))
         n = cb.measure_every
         assert cb.measured_overhead is not None
-        expected = sum(1 for s in range(steps) if (s % 2 == 0 if s < 28 else s % n == 0))
+        expected = sum(1 for s in range(steps) if (s % 2 == 0 if s <= CHOSEN_AT else s % n == 0))
         assert cb.estimator.read().n_steps == expected
 
 

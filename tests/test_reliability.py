@@ -127,7 +127,9 @@ class Kill(pl.Callback):
 
 def scaling_callbacks():
     return [LossTrajectory(tokens_per_sample=6, flush_every_n_steps=4),
-            GradientNoiseScale(log_every_n_steps=2),
+            # a fixed cadence: "auto" chooses from timings, which a resume during its timing redoes (tested in
+            # test_gns_callback.py), so only a fixed one gives the uninterrupted measured steps exactly
+            GradientNoiseScale(log_every_n_steps=2, measure_every_n_steps=1),
             ScalingForecast(every_n_steps=5, background=False, figure=False, forecast_runs=False, prog_bar=False,
                             warm_start=False, forecast_kwargs={"min_points": 8}),
             ForecastEarlyStopping(baseline_loss=0.05, patience=100, min_fraction=0.0)]

@@ -30,12 +30,16 @@ __all__ = ["GradientNoiseScale"]
 
 _METHODS = ("auto", "ddp", "accumulation", "per_example")
 _LAYERS = ("norm", "norm+linear")
-# measure_every_n_steps="auto": optimizer steps [start, end) are timed, one in two measured. The first steps are not
-# timed (allocator, caches, lazy initialisation make them slow whatever the callback does).
-_CALIBRATION_STEPS = (4, 28)
-_MAX_EVERY = 64
+_MAX_EVERY = 64  # measure_every_n_steps="auto" measures at least one step in this many
 
 warning_cache = WarningCache()
+
+
+def _every_from_decay(saved: Any, ema_decay: float) -> int:
+    """The cadence ``n`` of an estimator saved with decay ``ema_decay ** n`` (1 when it cannot be told)."""
+    if not (isinstance(saved, numbers.Real) and 0.0 < saved < 1.0 and 0.0 < ema_decay < 1.0):
+        return 1
+    return max(1, round(math.log(saved) / math.log(ema_decay)))
 
 
 # --------------------------------------------------------------------------- Trainer internals, wrapped in one place
@@ -127,6 +131,68 @@ def _layer_norm_stats(output: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         return None
 
 
+class _CadenceTimer:
+    """Times optimizer steps with and without a measurement, for ``measure_every_n_steps="auto"``.
+
+    Per step it times the span from the step's first ``on_train_batch_start`` to its ``on_before_optimizer_step``
+    (forward, backward and the measurement: where a measurement's work runs, nothing else the loop does every few
+    steps, such as validation, logging or the read-out), and for unmeasured steps also the whole step (to the next
+    step's start), the denominator. Marks are host clock readings, or CUDA events on a CUDA device (recorded on the
+    stream; read once, when the cadence is chosen: no per-step sync, and the device's time, not the host's).
+    """
+
+    SKIP = 4  # steps after each (re)start not timed: allocator, caches and lazy initialisation slow them anyway
+    NEED = 10  # timed spans of each kind before choosing
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.start: Optional[tuple[int, Any, bool]] = None  # (step, mark, measured)
+        self.spans: dict[bool, list[tuple[Any, Any]]] = {True: [], False: []}
+        self.whole: list[tuple[Any, Any]] = []  # unmeasured steps, start to the next step's start
+
+    def mark(self, device: Optional[torch.device]) -> Any:
+        if device is not None and device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self.clock()
+
+    def step_start(self, step: int, measured: bool, device: Optional[torch.device]) -> None:
+        if self.start is not None and self.start[0] == step:
+            return  # a later micro-batch of the same step
+        now = self.mark(device)
+        if self.start is not None and self.start[0] == step - 1 and not self.start[2] and self.seen > self.SKIP:
+            self.whole.append((self.start[1], now))
+        self.start = (step, now, measured)
+
+    def step_end(self, step: int, device: Optional[torch.device]) -> None:
+        if self.start is None or self.start[0] != step:
+            return
+        self.seen += 1
+        if self.seen > self.SKIP:
+            self.spans[self.start[2]].append((self.start[1], self.mark(device)))
+
+    def ready(self) -> bool:
+        """Enough steps timed; the counts follow the steps alone, so every rank is ready at the same step."""
+        return min(len(self.spans[True]), len(self.spans[False])) >= self.NEED and len(self.whole) >= self.NEED // 2
+
+    def overhead(self) -> float:
+        """Median extra time of a measured span over an unmeasured one, as a share of a whole unmeasured step."""
+        marks = [m for pairs in (*self.spans.values(), self.whole) for pair in pairs for m in pair]
+        for e in marks:  # CUDA events: the one wait of the timing (a no-op once the latest has completed)
+            if not isinstance(e, float):
+                e.synchronize()
+
+        def med(pairs: list[tuple[Any, Any]]) -> float:
+            return statistics.median(b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3 for a, b in pairs)
+
+        return (med(self.spans[True]) - med(self.spans[False])) / med(self.whole)
+
+
 class GradientNoiseScale(Callback):
     r"""Logs the gradient noise scale ``B_simple = tr(Σ)/|G|²`` and the batch size relative to it, while training.
 
@@ -164,18 +230,22 @@ class GradientNoiseScale(Callback):
         method: Source of the small-batch gradients (see above).
         ema_decay: Decay of the EMAs of ``|G|²`` and ``tr(Σ)``, per optimizer step.
         measure_every_n_steps: Measure on one optimizer step in this many (1: every step), or ``"auto"``
-            (default): the hooks' cost per measured step matters on small models (the demo GPT on one CPU thread:
-            about 11% at 1, see ``benchmarks/gns_overhead.py``), so ``"auto"`` times optimizer steps 4-27 with
-            and without a measurement (one in two measured) and then measures one step in
-            ``ceil(overhead / max_overhead)`` (1 when a measurement costs no more than ``max_overhead``; at most
-            64); on a multi-process run rank 0's choice is broadcast once, so all ranks agree. Each measurement
-            stands for ``n`` steps in the EMAs (decay ``ema_decay ** n`` per measurement), so the averaging window
-            in steps stays the same while it holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence
-            band). Which steps are measured depends only on ``global_step`` and ``n``, so every rank and every
-            micro-batch of a step agree, also after a resume (the chosen ``n`` is checkpointed);
-            ``estimator.read().n_steps`` counts measurements, not steps. As ``"auto"`` is chosen from wall-clock
-            times, a rerun of a seeded run may measure other steps; pass an integer for reproducible readings.
-        max_overhead: The share of step time that measurements may add under ``measure_every_n_steps="auto"``.
+            (default). A measured step costs more on small models (the demo GPT on one CPU thread: about 10%, see
+            ``benchmarks/gns_overhead.py``), so ``"auto"`` measures every other step while it times, from the fifth
+            step of the fit on, ten steps of each kind: the span from a step's first micro-batch to its optimizer
+            step (where the measurement's work runs; CUDA events on a GPU, read once, no per-step sync), and the
+            whole unmeasured step. Then it measures one step in ``ceil(overhead / max_overhead)`` (``overhead``:
+            the median extra span over the median whole step; 1 when that is within ``max_overhead``; at most 64).
+            Rank 0's choice is broadcast once, so all ranks measure the same steps. Each measurement stands for
+            ``n`` steps in the EMAs (decay ``ema_decay ** n`` per measurement), so the averaging window in steps
+            stays the same while it holds ``n`` times fewer measurements (a ``sqrt(n)`` wider confidence band).
+            Which steps are measured depends only on ``global_step`` and ``n``, so every rank and every
+            micro-batch of a step agree; the cadence is checkpointed and continues on resume (a checkpoint saved
+            while timing times again, one of version 0.2 keeps its cadence). ``estimator.read().n_steps`` counts
+            measurements, not steps. As ``"auto"`` is chosen from timings, a rerun of a seeded run may measure
+            other steps; pass an integer for reproducible readings.
+        max_overhead: The share of step time that measurements may add under ``measure_every_n_steps="auto"``
+            (ignored with an integer cadence; exceeded when even one step in 64 costs more).
         log_every_n_steps: Read-out and logging interval in optimizer steps; ``None`` uses the Trainer's.
         tokens_per_sample: Tokens per sample for ``gns/b_simple_tokens``; ``None`` takes it from an attached
             ``LossTrajectory`` if it knows it.
@@ -251,10 +321,8 @@ class GradientNoiseScale(Callback):
         # GNSEstimator validates tokens_per_sample and z.
         self.estimator = GNSEstimator(ema_decay=ema_decay, tokens_per_sample=tokens_per_sample, z=z)
         self.measured_overhead: Optional[float] = None
-        self._clock: Callable[[], float] = time.perf_counter  # a test replaces it
         self._calibrated = not auto
-        self._tick: Optional[tuple[int, float]] = None  # (step, time) at the end of the last optimizer step
-        self._durations: dict[bool, list[float]] = {True: [], False: []}  # step times, with / without measuring
+        self._timer = _CadenceTimer(time.perf_counter)  # a test replaces its clock
         self._set_every(2 if auto else int(measure_every_n_steps))
         self.method = method
         self.log_every_n_steps = log_every_n_steps
@@ -288,27 +356,19 @@ class GradientNoiseScale(Callback):
         self.measure_every = n
         self.estimator.ema_decay = self.ema_decay ** n
 
-    def _time_step(self, trainer: "pl.Trainer", measured: bool) -> None:
-        """``measure_every_n_steps="auto"``: time this optimizer step; once enough are timed, choose the cadence.
+    def _choose_every(self, trainer: "pl.Trainer") -> None:
+        """``measure_every_n_steps="auto"``: once enough steps are timed, measure one in as many as the budget allows.
 
-        A step's time runs from the end of the previous optimizer step's hook to the end of this one's, so it holds
-        the measurement's hooks and read-out. Host clock only: no device sync (on an accelerator the host waits
-        for the device at the loop's own sync points, so step times still track the device's).
+        Every rank times the same steps (the measured ones are even), so all reach the broadcast at the same step;
+        rank 0's choice holds everywhere.
         """
-        now, step = self._clock(), trainer.global_step
-        if self._tick is not None and self._tick[0] == step - 1 and step >= _CALIBRATION_STEPS[0]:
-            self._durations[measured].append(now - self._tick[1])
-        self._tick = (step, now)
-        # Ranks time the same steps (measured ones are even), so they all reach this broadcast at the same step.
-        if step + 1 >= _CALIBRATION_STEPS[1] and min(map(len, self._durations.values())) >= 3:
-            plain = statistics.median(self._durations[False])
-            extra = (statistics.median(self._durations[True]) - plain) / plain
-            n = 1 if extra <= self.max_overhead else min(_MAX_EVERY, math.ceil(extra / self.max_overhead - 1e-9))
-            n = int(trainer.strategy.broadcast(n, src=0))
-            self.measured_overhead, self._calibrated = extra, True
-            self._set_every(n)
-            rank_zero_info(f"GradientNoiseScale: a measured step took {extra:+.1%} more time than an unmeasured one; "
-                           f"measuring one step in {n} (max_overhead={self.max_overhead:g}).")
+        extra = self._timer.overhead()
+        n = 1 if extra <= self.max_overhead else min(_MAX_EVERY, math.ceil(extra / self.max_overhead - 1e-9))
+        n = int(trainer.strategy.broadcast(n, src=0))
+        self.measured_overhead, self._calibrated = extra, True
+        self._set_every(n)
+        rank_zero_info(f"GradientNoiseScale: a measurement added {extra:+.1%} to the step time; measuring one step "
+                       f"in {n} (max_overhead={self.max_overhead:g}).")
 
     # ------------------------------------------------------------------ window accounting
     def _reset_window(self) -> None:
@@ -538,6 +598,8 @@ class GradientNoiseScale(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
+        if self._enabled and not self._calibrated:
+            self._timer.step_start(trainer.global_step, trainer.global_step % self.measure_every == 0, pl_module.device)
         if not self._enabled or trainer.global_step % self.measure_every:
             return  # not a measured step: the hooks stay closed (they check the backward window)
         fn = self.batch_size_fn or infer_batch_size
@@ -552,9 +614,7 @@ class GradientNoiseScale(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._tick = None  # step times are timed within one fit (after a restore: the restored cadence stays)
-        if not self._calibrated:
-            self._durations = {True: [], False: []}
+        self._timer.reset()  # timed within one fit; after a restore its first steps are skipped again
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -571,18 +631,19 @@ class GradientNoiseScale(Callback):
     ) -> None:
         if not self._enabled or trainer.sanity_checking:
             return
-        measured = self._in_backward_window  # a measured step (see measure_every_n_steps)
         try:
-            if measured:
+            if self._in_backward_window:  # a measured step (see measure_every_n_steps)
                 self._measure(trainer, optimizer)
         finally:
             self._reset_window()
         step = trainer.global_step
+        if not self._calibrated:  # the span ends here: the read-out below is not a measurement's cost
+            self._timer.step_end(step, pl_module.device)
+            if self._timer.ready():
+                self._choose_every(trainer)
         every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
         if (step + 1) % every == 0:
             self._log(trainer, step)
-        if not self._calibrated:
-            self._time_step(trainer, measured)
 
     def _measure(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> None:
         k = int(trainer.accumulate_grad_batches)
@@ -710,10 +771,14 @@ class GradientNoiseScale(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        every = state_dict.get("measure_every")
-        if self.measure_every_n_steps == "auto" and every:  # the cadence chosen before (a fixed one given wins)
-            self._set_every(int(every))
-            self._calibrated, self.measured_overhead = True, state_dict.get("measured_overhead")
+        if self.measure_every_n_steps == "auto":  # the checkpoint's cadence continues (a fixed one given wins)
+            if "measure_every" in state_dict:
+                every = state_dict["measure_every"]
+            else:  # saved before 0.3, which measured one step in n at decay ema_decay ** n
+                every = _every_from_decay(state_dict.get("estimator", {}).get("ema_decay"), self.ema_decay)
+            self._calibrated = bool(every)  # None: saved while still timing, which starts again
+            self._set_every(int(every) if every else 2)
+            self.measured_overhead = state_dict.get("measured_overhead") if every else None
         if "estimator" in state_dict:
             self.estimator.load_state_dict(state_dict["estimator"])
         self.n_partial_windows = int(state_dict.get("n_partial_windows", 0))

@@ -6,7 +6,7 @@ from lightning_scaling.study.config import RecipeConfig
 
 # A fixed cadence: the default ("auto") picks it from wall-clock step times, so a rerun of the seeded demo could
 # measure other steps and log another live B_simple. One step in four keeps the cost on these tiny models near
-# what "auto" picks (one in 5-6 on the 600-step demo GPT of benchmarks/e2e_overhead.py).
+# what "auto" picks (one in 5-7 on the 600-step demo GPT of benchmarks/e2e_overhead.py).
 _GNS = {"measure_every_n_steps": 4}
 
 
@@ -41,7 +41,8 @@ def demo_config(*, quick: bool = False) -> RecipeConfig:
             sizes=[{"name": f"d{d}", "d_model": d} for d in (8, 16, 24, 32)],
             batch_size=8, batch_sizes=[4, 16], sweep_size=0, max_steps=60, val_every=None, torch_threads=1,
             trainer={"accelerator": "cpu", "devices": 1, "limit_val_batches": 0},
-            gns={"log_every_n_steps": 5, **_GNS}, forecast={"every_n_steps": 30}, fit={"n_bootstrap": 8, "form": "kaplan"},
+            gns={"log_every_n_steps": 5, **_GNS}, forecast={"every_n_steps": 30},
+            fit={"n_bootstrap": 8, "form": "kaplan"},
             name="demo (quick)",
         )
     return RecipeConfig(
