@@ -20,6 +20,7 @@ with the host, and non-finite steps are masked out with :func:`torch.where` rath
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -219,8 +220,8 @@ class GNSEstimator:
         keep_raw: bool = True,
         max_raw: Optional[int] = 100_000,
     ) -> None:
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}.")
+        if not (isinstance(ema_decay, numbers.Real) and 0.0 <= ema_decay < 1.0):
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}.")
         if tokens_per_sample is not None and not tokens_per_sample > 0:
             raise ValueError(f"`tokens_per_sample` must be positive or None, got {tokens_per_sample}.")
         if not z > 0:

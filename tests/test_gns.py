@@ -169,6 +169,9 @@ def test_update_does_not_sync(monkeypatch):
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"`ema_decay` must be in \[0, 1\), got 1.0"):
         GNSEstimator(ema_decay=1.0)
+    for bad in (None, "0.9", float("nan"), float("inf")):  # a clear ValueError, not a TypeError from the comparison
+        with pytest.raises(ValueError, match="ema_decay"):
+            GNSEstimator(ema_decay=bad)
     with pytest.raises(ValueError, match="`tokens_per_sample` must be positive or None"):
         GNSEstimator(tokens_per_sample=0)
     with pytest.raises(ValueError, match="Need 0 < b_small <= b_big, got b_small=4.0, b_big=2.0"):

@@ -96,7 +96,7 @@ def ln_inputs(z: torch.Tensor, q: float) -> torch.Tensor:
     return torch.cat([z, ((m + disc) / 2)[:, None], ((m - disc) / 2)[:, None]], 1)
 
 
-def fit(model, cb, tmp_path, *, steps, batch, accumulate=1, logger=False, **kw):
+def fit(model, cb, tmp_path, *, steps, batch, accumulate=1, logger=False, extra_callbacks=(), ckpt_path=None, **kw):
     x, y, _ = kw.pop("data")
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
     kw.setdefault("devices", 1)
@@ -105,14 +105,14 @@ def fit(model, cb, tmp_path, *, steps, batch, accumulate=1, logger=False, **kw):
         accelerator="cpu",
         max_steps=steps,
         accumulate_grad_batches=accumulate,
-        callbacks=[cb],
+        callbacks=[cb, *extra_callbacks],
         logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         **kw,
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -209,14 +209,11 @@ class ReportCadence(pl.Callback):
         (self.folder / f"every{trainer.global_rank}.txt").write_text(str(self.gns.measure_every))
 
 
-def auto_fit(tmp_path, cb, steps, extra=None, seed=11, **kw):
-    x, y, w = regression_data(steps * 16, seed=seed)
-    cbs = [cb] if extra is None else [cb, StepCost(cb, extra)]
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, accumulate_grad_batches=2,
-                         callbacks=cbs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)
-    trainer.fit(LinReg(w), DataLoader(TensorDataset(x, y), batch_size=8), **kw)
-    return trainer
+def auto_fit(tmp_path, cb, steps, extra=None, seed=11, ckpt_path=None):
+    """A linear-regression fit (2 micro-batches of 8 per step); ``extra``: the step costs of :class:`StepCost`."""
+    data = regression_data(steps * 16, seed=seed)
+    return fit(LinReg(data[2]), cb, tmp_path, steps=steps, batch=8, accumulate=2, data=data, ckpt_path=ckpt_path,
+               extra_callbacks=() if extra is None else (StepCost(cb, extra),))
 
 
 # Steps 0-3 untimed, then 10 measured (even) and 10 unmeasured spans: the cadence is chosen at step 23.
@@ -238,18 +235,14 @@ def test_auto_cadence_keeps_measurements_within_the_overhead_budget(tmp_path, ex
 def test_auto_cadence_times_the_measurement_not_what_recurs_between_steps(tmp_path):
     """A slow read-out every second step (the callback's own log) and a slow logger land outside the span."""
     cb = GradientNoiseScale("accumulation", ema_decay=0.99, log_every_n_steps=2)
-    cost = StepCost(cb, 0.0)
     slow_log = cb._log
 
     def log(trainer, step):
-        cost.clock.t += 5.0  # after the span: were it counted, odd steps would look 5 s slower
+        cb._timer.clock.t += 5.0  # the StepCost clock, after the span: were it counted, odd steps would look slower
         slow_log(trainer, step)
 
     cb._log = log
-    x, y, w = regression_data(60 * 16, seed=12)
-    pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=60, accumulate_grad_batches=2,
-               callbacks=[cb, cost], logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False).fit(LinReg(w), DataLoader(TensorDataset(x, y), batch_size=8))
+    auto_fit(tmp_path, cb, steps=60, extra=0.0, seed=12)
     assert cb.measured_overhead == pytest.approx(0.0) and cb.measure_every == 1
 
 
@@ -640,6 +633,8 @@ def test_bad_arguments():
         GradientNoiseScale("sketch")
     with pytest.raises(ValueError, match=r"`ema_decay` must be in \[0, 1\), got 1.5"):
         GradientNoiseScale(ema_decay=1.5)
+    with pytest.raises(ValueError, match=r"`ema_decay` must be in \[0, 1\), got None"):
+        GradientNoiseScale(ema_decay=None)
     with pytest.raises(ValueError, match="`per_example_layers` must be one of .*got 'all'"):
         GradientNoiseScale(per_example_layers="all")
     with pytest.raises(ValueError, match="`log_every_n_steps` must be a positive integer or None, got 0"):

@@ -315,11 +315,9 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"`max_overhead` must be in (0, 1), got {max_overhead!r}.")
         self.measure_every_n_steps: int | str = "auto" if auto else int(measure_every_n_steps)
         self.max_overhead = float(max_overhead)
-        if not (isinstance(ema_decay, numbers.Real) and 0.0 <= ema_decay < 1.0):  # before it is raised to the n
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}.")
-        self.ema_decay = ema_decay
-        # GNSEstimator validates tokens_per_sample and z.
+        # GNSEstimator validates ema_decay, tokens_per_sample and z.
         self.estimator = GNSEstimator(ema_decay=ema_decay, tokens_per_sample=tokens_per_sample, z=z)
+        self.ema_decay = ema_decay
         self.measured_overhead: Optional[float] = None
         self._calibrated = not auto
         self._timer = _CadenceTimer(time.perf_counter)  # a test replaces its clock
@@ -598,10 +596,13 @@ class GradientNoiseScale(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        if self._enabled and not self._calibrated:
-            self._timer.step_start(trainer.global_step, trainer.global_step % self.measure_every == 0, pl_module.device)
-        if not self._enabled or trainer.global_step % self.measure_every:
-            return  # not a measured step: the hooks stay closed (they check the backward window)
+        if not self._enabled:
+            return
+        measured = trainer.global_step % self.measure_every == 0
+        if not self._calibrated:
+            self._timer.step_start(trainer.global_step, measured, pl_module.device)
+        if not measured:
+            return  # the hooks stay closed (they check the backward window)
         fn = self.batch_size_fn or infer_batch_size
         try:
             self._micro_sizes.append(int(fn(batch)))
