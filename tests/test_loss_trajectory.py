@@ -1,5 +1,6 @@
 import json
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -97,6 +98,32 @@ def test_history_file_and_tensorboard_series(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0" / "by_tokens"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("scaling/loss")] == [int(t) for t in saved.tokens]
+
+
+def _events(log_dir):
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    files = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    return [e for f in files for e in LegacyEventFileLoader(str(f)).Load() if e.HasField("summary")]
+
+
+def test_each_step_is_one_tensorboard_event_and_a_prefixed_logger_keeps_log_metrics(tmp_path):
+    # One event per step holding the four scalars (one event per value cost LossTrajectory two thirds of its time).
+    traj = LossTrajectory(tokens_per_sample=6, flush_every_n_steps=5)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(tmp_path, TinyLM(), traj, max_steps=12, logger=logger)
+    steps = [e for e in _events(logger.log_dir) if any(v.tag == "scaling/loss" for v in e.summary.value)]
+    assert [e.step for e in steps] == list(range(12))
+    assert all(sorted(v.tag for v in e.summary.value) == ["scaling/loss", "scaling/lr", "scaling/samples",
+                                                          "scaling/tokens"] for e in steps)
+    np.testing.assert_allclose([v.simple_value for e in steps for v in e.summary.value if v.tag == "scaling/loss"],
+                               traj.history.loss, rtol=1e-6)
+    # A prefix (or any logger but a plain TensorBoardLogger) goes through log_metrics: the prefix is kept.
+    traj = LossTrajectory(tokens_per_sample=6, flush_every_n_steps=5)
+    logger = TensorBoardLogger(tmp_path / "p", name="tb", prefix="run1")
+    fit(tmp_path / "p", TinyLM(), traj, max_steps=6, logger=logger)
+    tags = {v.tag for e in _events(logger.log_dir) for v in e.summary.value}
+    assert {"run1-scaling/loss", "run1-scaling/tokens"} <= tags and "scaling/loss" not in tags
 
 
 def test_resume_continues_one_history(tmp_path):
