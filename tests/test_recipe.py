@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from lightning_scaling.cli import main
@@ -95,6 +96,7 @@ def test_checks_pass_on_a_good_config() -> None:
     ({"trainer": {"accelerator": "cpu", "devices": 1, "limit_val_batches": 0, "accumulate_grad_batches": 4}},
      "batch 2", "does not divide over devices x accumulate_grad_batches = 4"),
     ({"batch_sizes": []}, "batch sweep", "B_crit(L) needs >= 3"),
+    ({"schedules": ["cosine"], "schedule_arg": "sched"}, "schedule_arg", "has no init argument 'sched'"),
 ])
 def test_dry_run_fails_with_one_line_per_silent_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         overrides: dict[str, Any], name: str, needle: str) -> None:
@@ -109,6 +111,17 @@ def test_a_real_run_checks_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"1 config check\(s\) failed .*FAIL tokens_per_sample"):
         run_recipe(cfg, tmp_path / "out", progress=False, plots=False, echo=None)
     assert not (tmp_path / "out" / "runs").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"schedules": "cosine"}, "'schedules' must be a list of distinct schedule names"),
+    ({"schedules": ["cosine", "cosine"]}, "'schedules' must be a list of distinct schedule names"),
+    ({"schedules": ["cosine"], "schedule_arg": None}, "needs 'schedule_arg'"),
+    ({"schedules": ["constant", "cosine"]}, "lists 'constant', the model's own schedule"),
+])
+def test_bad_schedules_fail_with_a_clear_message(overrides: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        load_config(tiny(**overrides))
 
 
 def test_sweep_size_is_an_index_into_sizes() -> None:
@@ -370,3 +383,44 @@ def test_the_held_out_run_gets_the_finished_ladder_as_reference_runs() -> None:
     # the ladder at the held-out batch size (same schedule, smaller models), not the sweep's other batch sizes
     assert [r.name for r in refs] == ["d8_b8", "d16_b8", "d24_b8"]
     assert _references(fit_specs, {}, holdout) is None
+
+
+def test_other_schedules_train_every_size_and_the_held_out_model_is_predicted_under_each(tmp_path: Path) -> None:
+    from lightning_scaling.backtest import run_schedule
+    from lightning_scaling.fitting import ScalingLaw
+    from lightning_scaling.history import final_loss
+    from lightning_scaling.report import format_table
+    from lightning_scaling.study.predict import _references
+
+    cfg = load_config(tiny(schedules=["cosine"], max_steps=40))
+    specs = plan_runs(cfg)
+    cosine = [s for s in specs if s.schedule == "cosine"]
+    assert [s.name for s in cosine] == ["d8_b4_cosine", "d12_b4_cosine", "d16_b4_cosine"]
+    assert [s.role for s in specs[-2:]] == ["holdout", "holdout"] and specs[-2].schedule is None
+    result = run_recipe(cfg, tmp_path, progress=False, plots=False, echo=None)
+    h = result.histories
+    for s in cosine:  # trained under the schedule asked for, the ladder under the model's own
+        lr = run_schedule(h[s.name])[0]
+        assert lr[-1] < 0.2 * lr.max() and run_schedule(h[s.name.removesuffix("_cosine")])[0][-1] == lr.max()
+    # Predicted before either held-out run trained, from one law fitted on both schedules.
+    record = json.loads((tmp_path / "prediction.json").read_text())
+    first_trained = min((tmp_path / "runs" / s.name / "scaling" / "done.json").stat().st_mtime
+                        for s in specs if s.role == "holdout")
+    assert (tmp_path / "prediction.json").stat().st_mtime < first_trained
+    const, cos = record["prediction"], record["schedule_predictions"]["cosine"]
+    assert const["n_params"] == cos["n_params"] == 3072 and np.isfinite(cos["loss"]).all()
+    assert record["law"]["params"]["anneal"] > 0  # the cosine runs fitted the annealing term ...
+    law = ScalingLaw.from_dict(record["law"])  # ... and the cosine prediction uses it, with the cosine LR
+    expected = law.predict_loss(3072, np.asarray(cos["steps"]), 4, run_schedule(h["d12_b4_cosine"])[0])
+    np.testing.assert_allclose(cos["loss"], expected, rtol=1e-9)
+    assert abs(cos["loss"][-1] - const["loss"][-1]) > 0.01
+    comp = result.report["schedule_comparisons"]["cosine"]
+    actual, from_step = final_loss(h["d16_b4_cosine"])
+    assert comp["final_loss"]["actual"] == actual and comp["final_loss"]["from_step"] == from_step
+    tail = np.asarray(cos["loss"])[np.asarray(cos["steps"]) >= from_step]
+    assert comp["final_loss"]["predicted"] == pytest.approx(float(np.mean(tail)))
+    # The held-out cosine run's references are the finished cosine ladder, not the constant one.
+    fit_specs = [s for s in specs if s.role != "holdout"]
+    assert [r.name for r in _references(fit_specs, h, specs[-1])] == ["d8_b4_cosine", "d12_b4_cosine"]
+    assert "final loss under cosine" in format_table(result.report)
+    assert result.report["runs"]["d16_b4_cosine"]["schedule"] == "cosine"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lightning_scaling.backtest import run_schedule
 from lightning_scaling.history import RunHistory
 from lightning_scaling.numerics import smooth
 from lightning_scaling.report.tables import _as_float, _num, _pct, fmt_n
@@ -51,6 +52,7 @@ def plot_loss_curves(ax: Any, report: Mapping[str, Any], histories: Mapping[str,
     last = max((int(h.step[-1]) for h in histories.values() if len(h)), default=1)
     start = max(1, last // 40)  # skip the first steps: the steep transient would squash the rest
     ys = []
+    by_size, labelled = len(histories) > 10, set()  # many runs: one legend entry per size (its colour)
     for name, h in histories.items():
         ok = h.finite_mask & (h.step >= start)
         if ok.sum() < 2:
@@ -60,24 +62,31 @@ def plot_loss_curves(ax: Any, report: Mapping[str, Any], histories: Mapping[str,
         color = colors.get(h.n_params, "gray")
         trend = smooth(l, max(1, len(l) // 30))
         label = f"{name} (N={fmt_n(h.n_params)})" + (" actual" if role == "holdout" else "")
-        ax.plot(s, trend, color="black" if role == "holdout" else color, lw=2.0 if role == "holdout" else 1.1,
+        if by_size and role != "holdout":
+            label = None if h.n_params in labelled else f"N={fmt_n(h.n_params)}"
+            labelled.add(h.n_params)
+        held_color = "black" if runs_info.get(name, {}).get("schedule") is None else "dimgray"
+        ax.plot(s, trend, color=held_color if role == "holdout" else color, lw=2.0 if role == "holdout" else 1.1,
                 alpha=0.45 if role == "sweep" else 0.95, label=label)
         ys.append(trend)
         if law is not None and role != "holdout" and h.batch_size is not None and h.n_params is not None:
             grid = np.unique(np.geomspace(s[0], s[-1], 60).astype(int))
-            ax.plot(grid, law.predict_loss(h.n_params, grid, h.batch_size), color=color, lw=0.9, ls="--", alpha=0.8)
+            ax.plot(grid, law.predict_loss(h.n_params, grid, h.batch_size, run_schedule(h)[0]), color=color, lw=0.9,
+                    ls="--", alpha=0.8)
     pred = report.get("prediction")
-    if pred:
-        ps, pl_ = np.asarray(pred["steps"]), np.asarray(pred["loss"])
+    # The held-out model under the recipe's other schedules, each predicted before training like the main one.
+    others = [(f", {name}", p, c) for (name, p), c in zip((report.get("schedule_predictions") or {}).items(),
+                                                          ("tab:purple", "tab:orange", "tab:brown", "tab:pink"))]
+    for tag, p, c in ([("", pred, "tab:red")] if pred else []) + others:
+        ps, pl_ = np.asarray(p["steps"]), np.asarray(p["loss"])
         keep = ps >= start
-        if "lower" in pred:
-            ax.fill_between(ps[keep], np.asarray(pred["lower"])[keep], np.asarray(pred["upper"])[keep],
-                            color="tab:red", alpha=0.15, lw=0, label="90% bootstrap band")
-        ax.plot(ps[keep], pl_[keep], color="tab:red", lw=2.0, ls="--",
-                label=f"predicted before training (N={fmt_n(pred['n_params'])})")
-        if "target_loss" in pred:
-            ax.axhline(pred["target_loss"], color="tab:green", lw=0.9, ls="-.",
-                       label=f"target {pred['target_loss']:.3f}")
+        if "lower" in p:
+            ax.fill_between(ps[keep], np.asarray(p["lower"])[keep], np.asarray(p["upper"])[keep],
+                            color=c, alpha=0.15, lw=0, label=f"90% band{tag}")
+        ax.plot(ps[keep], pl_[keep], color=c, lw=2.0, ls="--",
+                label=f"predicted before training (N={fmt_n(p['n_params'])}{tag})")
+    if pred and "target_loss" in pred:
+        ax.axhline(pred["target_loss"], color="tab:green", lw=0.9, ls="-.", label=f"target {pred['target_loss']:.3f}")
     ax.set_xscale("log")
     if ys:
         lo = min(float(np.nanmin(y)) for y in ys)
@@ -96,7 +105,7 @@ def plot_loss_curves(ax: Any, report: Mapping[str, Any], histories: Mapping[str,
     ax.set_ylabel("training loss (nats)")
     ax.set_title("Loss curves: observed, fitted L(N,S,B) (dashed), held-out prediction (red)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, loc="lower left", ncol=2)
+    ax.legend(fontsize=6.5, loc="upper right" if by_size else "lower left", ncol=2)
 
 
 def plot_critical_batch(ax: Any, report: Mapping[str, Any], histories: Mapping[str, RunHistory], critical: Any,
@@ -164,51 +173,75 @@ def _binned_median(x: np.ndarray, y: np.ndarray, bins: int = 8) -> tuple[np.ndar
 
 
 def plot_loss_vs_n(ax: Any, report: Mapping[str, Any], histories: Mapping[str, RunHistory], law: Any) -> None:
-    """Final loss against N at the ladder batch size, with the law's curve extrapolated past the largest model."""
+    """Final loss against N at the ladder batch size, with the law's curve extrapolated past the largest model.
+
+    One series per LR schedule of the recipe: the model's own (blue points, red law) and each of the others.
+    """
     runs_info = report.get("runs") or {}
-    pts = [(h.n_params, runs_info.get(n, {}).get("final_loss"), runs_info.get(n, {}).get("role", "fit"), h)
-           for n, h in histories.items() if h.n_params is not None]
     pred = report.get("prediction") or {}
-    batch = pred.get("batch_size")
     if pred.get("steps"):
         steps = int(pred["steps"][-1])
     else:
         steps = max((int(h.step[-1]) for h in histories.values() if len(h)), default=1)
-    ladder = [p for p in pts if p[2] in ("ladder", "holdout", "fit") and (batch is None or p[3].batch_size == batch)]
-    fitted = [(n, f) for n, f, role, _ in ladder if f is not None and role != "holdout"]
-    held = [(n, f) for n, f, role, _ in ladder if f is not None and role == "holdout"]
-    if fitted:
-        ax.scatter(*zip(*fitted), color="tab:blue", zorder=3, s=28, label="fitted models: observed final loss")
-    if held:
-        ax.scatter(*zip(*held), marker="*", s=170, color="black", zorder=5, label="held-out model: actual")
-    if law is not None and ladder:
-        b = batch if batch is not None else ladder[0][3].batch_size
-        ns = np.array([p[0] for p in ladder], dtype=float)
-        grid = np.geomspace(ns.min() / 1.5, ns.max() * 3, 80)
-        curve = law.predict_loss(grid, steps, b)
-        ax.plot(grid, curve, color="tab:red", lw=1.4, ls="--", label=f"fitted law L(N, S={steps}, B={b:g})")
-        if fitted:  # the law at each fitted N: the residuals the eye should compare, not just the trend
-            fn = np.array([n for n, _ in fitted], dtype=float)
-            ax.scatter(fn, law.predict_loss(fn, steps, b), facecolors="none", edgecolors="tab:red", s=36,
-                       zorder=4, label="fitted law at each fitted model")
-        final = (report.get("comparison") or {}).get("final_loss") or {}
-        if "n_params" in pred and final.get("predicted") is not None:  # the table's number, same tail mean
-            y, iv = float(final["predicted"]), final.get("interval")
-            yerr = None if not iv else [[y - float(iv[0])], [float(iv[1]) - y]]
-            ax.errorbar([pred["n_params"]], [y], yerr=yerr, fmt="s", color="tab:red", ms=6, capsize=4, zorder=4,
-                        label=f"held-out model: predicted before training (N={fmt_n(pred['n_params'])})")
-        finals = [f for _, f, _, _ in ladder if f is not None]
-        lo, hi = min(float(np.nanmin(curve)), *finals), max(float(np.nanmax(curve)), *finals)
+    series = [(None, pred, (report.get("comparison") or {}), "tab:blue", "tab:red")]
+    for (name, p), color in zip((report.get("schedule_predictions") or {}).items(), ("tab:purple", "tab:orange")):
+        series.append((name, p, (report.get("schedule_comparisons") or {}).get(name) or {}, color, color))
+    bounds: list[float] = []
+    for schedule, spred, comp, dot, line in series:
+        pts = [(h.n_params, runs_info.get(n, {}).get("final_loss"), runs_info.get(n, {}).get("role", "fit"), h)
+               for n, h in histories.items() if h.n_params is not None
+               and runs_info.get(n, {}).get("schedule") == schedule]
+        bounds += _loss_vs_n_series(ax, pts, spred, comp, law, steps, schedule, dot, line)
+    if bounds:
+        lo, hi = min(bounds), max(bounds)
         ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-        floor = float(law.min_loss(float(ns.max())))
-        ax.text(0.02, 0.03, f"L(N) with infinite steps at N={fmt_n(ns.max())}: {floor:.3f} (off this scale)"
-                if floor < lo - 0.1 * (hi - lo) else "", transform=ax.transAxes, fontsize=7, color="gray")
+        if law is not None:
+            n_max = max(h.n_params for h in histories.values() if h.n_params is not None)
+            floor = float(law.min_loss(n_max))
+            ax.text(0.02, 0.03, f"L(N) with infinite steps at N={fmt_n(n_max)}: {floor:.3f} (off this scale)"
+                    if floor < lo - 0.1 * (hi - lo) else "", transform=ax.transAxes, fontsize=7, color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel(f"final loss (nats), at step {steps}")
     ax.set_title("L(N): law fitted on the smaller models vs the held-out model", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=6.5 if len(series) > 1 else 7, loc="upper right")
+
+
+def _loss_vs_n_series(ax: Any, pts: list[Any], pred: Mapping[str, Any], comp: Mapping[str, Any], law: Any,
+                      steps: int, schedule: str | None, dot: Any, line: Any) -> list[float]:
+    """One schedule's ladder on the L(N) panel; returns the losses drawn (for the axis range)."""
+    batch = pred.get("batch_size")
+    ladder = [p for p in pts if p[2] in ("ladder", "holdout", "fit") and (batch is None or p[3].batch_size == batch)]
+    tag = "" if schedule is None else f" ({schedule})"
+    fitted = [(n, f) for n, f, role, _ in ladder if f is not None and role != "holdout"]
+    held = [(n, f) for n, f, role, _ in ladder if f is not None and role == "holdout"]
+    if fitted:
+        ax.scatter(*zip(*fitted), color=dot, zorder=3, s=28, marker="o" if schedule is None else "^",
+                   label=f"fitted models: observed final loss{tag}")
+    if held:
+        ax.scatter(*zip(*held), marker="*", s=170, color="black" if schedule is None else "dimgray", zorder=5,
+                   label=f"held-out model: actual{tag}")
+    if law is None or not ladder:
+        return [f for _, f, _, _ in ladder if f is not None]
+    b = batch if batch is not None else ladder[0][3].batch_size
+    lr = run_schedule(max((p for p in ladder if p[2] != "holdout"), key=lambda p: p[0], default=ladder[0])[3])[0]
+    ns = np.array([p[0] for p in ladder], dtype=float)
+    grid = np.geomspace(ns.min() / 1.5, ns.max() * 3, 80)
+    curve = law.predict_loss(grid, steps, b, lr)
+    ax.plot(grid, curve, color=line, lw=1.4, ls="--", label=f"fitted law L(N, S={steps}, B={b:g}){tag}")
+    if fitted:  # the law at each fitted N: the residuals the eye should compare, not just the trend
+        fn = np.array([n for n, _ in fitted], dtype=float)
+        ax.scatter(fn, law.predict_loss(fn, steps, b, lr), facecolors="none", edgecolors=line, s=36, zorder=4,
+                   label=f"fitted law at each fitted model{tag}")
+    final = comp.get("final_loss") or {}
+    if "n_params" in pred and final.get("predicted") is not None:  # the table's number, same tail mean
+        y, iv = float(final["predicted"]), final.get("interval")
+        yerr = None if not iv else [[y - float(iv[0])], [float(iv[1]) - y]]
+        x = pred["n_params"] * (1.0 if schedule is None else 1.07)  # side by side with the main prediction's bar
+        ax.errorbar([x], [y], yerr=yerr, fmt="s", color=line, ms=6, capsize=4, zorder=4,
+                    label=f"held-out model: predicted before training (N={fmt_n(pred['n_params'])}){tag}")
+    return [float(np.nanmin(curve)), float(np.nanmax(curve))] + [f for _, f, _, _ in ladder if f is not None]
 
 
 def _figure_title(report: Mapping[str, Any]) -> str:
@@ -232,6 +265,11 @@ def _figure_title(report: Mapping[str, Any]) -> str:
     if final.get("predicted") is not None and final.get("actual") is not None:
         title += (f"; held-out model N={fmt_n(n)}, final loss predicted {final['predicted']:.3f} before training, "
                   f"actual {final['actual']:.3f} ({_pct(final.get('rel_error'))})")
+    for name, comp in (report.get("schedule_comparisons") or {}).items():
+        other = comp.get("final_loss") or {}
+        if other.get("predicted") is not None and other.get("actual") is not None:
+            title += (f"; {name}: predicted {other['predicted']:.3f}, actual {other['actual']:.3f} "
+                      f"({_pct(other.get('rel_error'))})")
     return title
 
 

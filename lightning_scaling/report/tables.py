@@ -131,10 +131,38 @@ def format_table(report: Mapping[str, Any]) -> str:
                          _num(live["final_loss"]) + _interval([live.get("final_lower", float("nan")),
                                                                live.get("final_upper", float("nan"))], ".3f"),
                          _num(fl["actual"]), _pct(live["final_loss"] / fl["actual"] - 1.0)])
-        out += [title, _rows_to_text(["quantity", "predicted", "actual", "error"], rows)]
+        others = _schedule_rows(report)
+        if others:
+            title += f" (also under {', '.join(report['schedule_comparisons'])}: one law fitted on every schedule)"
+        out += [title, _rows_to_text(["quantity", "predicted", "actual", "error"], rows + others)]
     elif pred:
         out.append(format_prediction(pred))
     return "\n".join(out).rstrip() + "\n"
+
+
+def _schedule_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """Table rows of the held-out model under the recipe's other LR schedules: predicted before training vs actual.
+
+    Example::
+
+        >>> comp = {"cosine": {"final_loss": {"predicted": 1.80, "actual": 1.78, "rel_error": 0.011,
+        ...                                   "from_step": 720}}}
+        >>> _schedule_rows({"schedule_comparisons": comp})
+        [['final loss under cosine (mean from step 720)', '1.800', '1.780', '+1.1%']]
+    """
+    rows = []
+    for name, comp in (report.get("schedule_comparisons") or {}).items():
+        fl = comp["final_loss"]
+        rows.append([f"final loss under {name} (mean from step {fl.get('from_step', '?')})",
+                     _num(fl["predicted"]) + _interval(fl.get("interval"), ".3f"), _num(fl["actual"]),
+                     _pct(fl.get("rel_error"))])
+        live = comp.get("live_forecast")
+        if live and "final_loss" in live:
+            rows.append([f"{name}: forecast from its own first {live['observed_until']} steps",
+                         _num(live["final_loss"]) + _interval([live.get("final_lower", float("nan")),
+                                                               live.get("final_upper", float("nan"))], ".3f"),
+                         _num(fl["actual"]), _pct(live["final_loss"] / fl["actual"] - 1.0)])
+    return rows
 
 
 def readme_section(report: Mapping[str, Any], *, machine: str, cpu_seconds: float) -> str:

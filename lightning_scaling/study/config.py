@@ -40,6 +40,12 @@ class RecipeConfig:
         max_steps_arg: model ``init_args`` key given ``max_steps`` when the model accepts it (LR schedules).
         lr_arg: model ``init_args`` key of the learning rate (for ``lr_scaling``).
         lr_scaling: ``"none"``, ``"sqrt"`` or ``"linear"``: LR of the sweep runs relative to ``batch_size``.
+        schedules: other LR schedules to train and predict (e.g. ``["cosine", "wsd"]``): each value, given to the
+            model's ``schedule_arg`` init argument, adds one run per ladder size (the held-out size included) at
+            ``batch_size``. They are fitted together with the ladder (``fit_scaling_law`` takes any mix of
+            schedules) and the held-out model is predicted under each before it trains. Empty: the model's own
+            schedule only.
+        schedule_arg: model ``init_args`` key that selects the LR schedule (for ``schedules``).
         trainer: extra ``lightning.pytorch.Trainer`` arguments (``accelerator``, ``devices``, ``precision``...).
         gns: ``GradientNoiseScale`` init args, or ``None`` to leave it out.
         forecast: ``ScalingForecast`` init args, or ``None`` to leave it out.
@@ -71,6 +77,8 @@ class RecipeConfig:
     max_steps_arg: str | None = "max_steps"
     lr_arg: str | None = "lr"
     lr_scaling: str = "none"
+    schedules: list[str] = field(default_factory=list)
+    schedule_arg: str | None = "schedule"
     trainer: dict[str, Any] = field(default_factory=dict)
     gns: dict[str, Any] | None = field(default_factory=dict)
     forecast: dict[str, Any] | None = field(default_factory=dict)
@@ -111,6 +119,15 @@ class RecipeConfig:
             raise ValueError(f"config 'max_steps' must be an int >= 10, got {self.max_steps!r}")
         if self.lr_scaling not in ("none", "sqrt", "linear"):
             raise ValueError(f"config 'lr_scaling' must be 'none', 'sqrt' or 'linear', got {self.lr_scaling!r}")
+        if not isinstance(self.schedules, list) or not all(isinstance(v, str) and v for v in self.schedules) \
+                or len(set(self.schedules)) != len(self.schedules):
+            raise ValueError(f"config 'schedules' must be a list of distinct schedule names, got {self.schedules!r}")
+        if self.schedules and not self.schedule_arg:
+            raise ValueError("config 'schedules' needs 'schedule_arg': the model init argument that selects them")
+        own = self.model.get("init_args", {}).get(self.schedule_arg) if self.schedule_arg else None
+        if own is not None and own in self.schedules:
+            raise ValueError(f"config 'schedules' lists {own!r}, the model's own schedule (model.init_args."
+                             f"{self.schedule_arg}): the ladder already trains it")
         if self.tokens_per_sample is not None and not self.tokens_per_sample > 0:
             raise ValueError(f"config 'tokens_per_sample' must be positive, got {self.tokens_per_sample!r}")
         if self.target_loss is not None and not self.target_loss > 0:

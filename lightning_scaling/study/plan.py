@@ -29,6 +29,7 @@ class RunSpec:
         batch_size: global batch size (samples per optimizer step).
         role: ``"ladder"`` (fitted, at ``batch_size``), ``"sweep"`` (fitted, batch sweep only) or ``"holdout"``.
         lr: learning rate override (``None``: the model's own).
+        schedule: one of ``RecipeConfig.schedules`` (``None``: the model's own LR schedule).
     """
 
     name: str
@@ -38,6 +39,7 @@ class RunSpec:
     batch_size: int
     role: str
     lr: float | None = None
+    schedule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -56,11 +58,17 @@ def _lr_for(cfg: RecipeConfig, batch: int) -> float | None:
 def plan_runs(cfg: RecipeConfig) -> list[RunSpec]:
     """The runs of the recipe in training order: sweep and ladder (smallest first), then the held-out size.
 
+    Each of ``cfg.schedules`` adds a run per ladder size, named ``<size>_b<batch>_<schedule>``.
+
     Example::
 
         >>> from lightning_scaling.demo import demo_config
         >>> [r.name for r in plan_runs(demo_config(quick=True))]
         ['d8_b4', 'd8_b8', 'd8_b16', 'd16_b8', 'd24_b8', 'd32_b8']
+        >>> from lightning_scaling.study.config import load_config
+        >>> cfg = load_config(demo_config(quick=True).to_dict(), schedules=["cosine"])
+        >>> [r.name for r in plan_runs(cfg) if r.schedule]
+        ['d8_b8_cosine', 'd16_b8_cosine', 'd24_b8_cosine', 'd32_b8_cosine']
     """
     specs: list[RunSpec] = []
     last = len(cfg.sizes) - 1
@@ -73,7 +81,13 @@ def plan_runs(cfg: RecipeConfig) -> list[RunSpec]:
             role = "holdout" if (cfg.holdout and i == last) else ("ladder" if b == cfg.batch_size else "sweep")
             specs.append(RunSpec(name=f"{name}_b{b}", size_index=i, size=name, overrides=overrides, batch_size=b,
                                  role=role, lr=_lr_for(cfg, b)))
-    specs.sort(key=lambda s: s.role == "holdout")  # stable: the held-out model trains last
+        role = "holdout" if (cfg.holdout and i == last) else "ladder"
+        for sched in cfg.schedules:  # config validation guarantees schedule_arg is set when schedules are
+            specs.append(RunSpec(name=f"{name}_b{cfg.batch_size}_{sched}", size_index=i, size=name,
+                                 overrides={**overrides, str(cfg.schedule_arg): sched}, batch_size=cfg.batch_size,
+                                 role=role, lr=_lr_for(cfg, cfg.batch_size), schedule=sched))
+    # Stable: the held-out runs train last, the model's own schedule first (the others' predictions come with it).
+    specs.sort(key=lambda s: s.role == "holdout")
     return specs
 
 
@@ -230,6 +244,11 @@ def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]
         out.append(Check("max_steps_arg", ok, f"{model_cls.__name__}({cfg.max_steps_arg}={cfg.max_steps})" if ok else
                          f"{model_cls.__name__} has no init argument {cfg.max_steps_arg!r}, so its LR schedule "
                          "would ignore max_steps: name the right argument or set max_steps_arg: null"))
+    if cfg.schedules:
+        ok = _accepts(model_cls, str(cfg.schedule_arg))
+        out.append(Check("schedule_arg", ok, f"{model_cls.__name__}({cfg.schedule_arg}=...) for schedules "
+                         f"{cfg.schedules}" if ok else f"{model_cls.__name__} has no init argument "
+                         f"{cfg.schedule_arg!r} to select the schedules {cfg.schedules}: name the right argument"))
     if cfg.lr_scaling == "none" or cfg.lr_arg is None:
         out.append(Check("lr_arg", True, "unused (lr_scaling: none)"))
     else:

@@ -38,6 +38,7 @@ def fit_and_predict(
     steps: int | None = None,
     target_loss: float | None = None,
     fit_kwargs: Mapping[str, Any] | None = None,
+    lr_schedule: Any = None,
 ) -> dict[str, Any]:
     """Fit ``B_crit(L)`` and ``L(N, S, B)`` and predict a model of ``predict_n`` parameters.
 
@@ -50,6 +51,7 @@ def fit_and_predict(
         steps: last step of the predicted trajectory (``1..steps``; default: the last step of the longest run).
         target_loss: loss for steps/tokens-to-target predictions (optional).
         fit_kwargs: extra ``fit_scaling_law`` arguments.
+        lr_schedule: the predicted run's per-step LR (see :func:`predict_size`).
 
     Returns:
         A JSON-able dict with ``critical_batch``, ``law``, and when ``predict_n`` is given ``prediction``
@@ -106,30 +108,51 @@ def fit_and_predict(
         batch_size = float(values[np.argmax(counts)])
     if steps is None:
         steps = int(max(r.step[-1] for r in fit_runs))  # the last recorded step of the longest run
+    out["prediction"] = predict_size(law, predict_n, batch_size, steps, target_loss=target_loss,
+                                     lr_schedule=lr_schedule)
+    return out
+
+
+def predict_size(law: Any, n_params: float, batch_size: float, steps: int, *, target_loss: float | None = None,
+                 lr_schedule: Any = None) -> dict[str, Any]:
+    """The trajectory of a model of ``n_params`` predicted by a fitted law, with its interval (JSON-able).
+
+    Args:
+        law: a fitted :class:`~lightning_scaling.fitting.ScalingLaw`.
+        n_params: non-embedding size to predict.
+        batch_size: its batch size.
+        steps: last step of the predicted trajectory (``1..steps``).
+        target_loss: loss for steps/tokens-to-target predictions (optional).
+        lr_schedule: its per-step LR (any scale), e.g. a smaller run's under the same schedule (``None``: the
+            schedule all fitted runs shared, else constant).
+
+    Returns:
+        ``steps``, ``loss``, ``min_loss`` and with bootstrap refits ``lower``/``upper``; with ``target_loss`` also
+        ``steps_to_target``, ``tokens_to_target`` and ``critical_batch_at_target``.
+    """
     grid = np.arange(1, int(steps) + 1)
-    pred: dict[str, Any] = {"n_params": float(predict_n), "batch_size": float(batch_size),
-                            "steps": grid.tolist(), "loss": law.predict_loss(predict_n, grid, batch_size).tolist(),
-                            "min_loss": float(law.min_loss(predict_n))}
+    pred: dict[str, Any] = {"n_params": float(n_params), "batch_size": float(batch_size), "steps": grid.tolist(),
+                            "loss": law.predict_loss(n_params, grid, batch_size, lr_schedule).tolist(),
+                            "min_loss": float(law.min_loss(n_params))}
     if len(law.bootstrap):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lo, hi = law.interval("predict_loss", predict_n, grid, batch_size)
-            mlo, mhi = law.interval("min_loss", predict_n)
+            lo, hi = law.interval("predict_loss", n_params, grid, batch_size, lr_schedule)
+            mlo, mhi = law.interval("min_loss", n_params)
         pred.update(lower=np.asarray(lo).tolist(), upper=np.asarray(hi).tolist(),
                     min_loss_interval=[float(mlo), float(mhi)])
     if target_loss is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            s, tok = law.steps_to_loss(target_loss, predict_n, batch_size)
+            s, tok = law.steps_to_loss(target_loss, n_params, batch_size)
         pred.update(target_loss=float(target_loss), steps_to_target=float(s), tokens_to_target=float(tok),
                     critical_batch_at_target=float(law.critical_batch_size(target_loss)))
         if len(law.bootstrap):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                (slo, shi), _ = law.interval("steps_to_loss", target_loss, predict_n, batch_size)
+                (slo, shi), _ = law.interval("steps_to_loss", target_loss, n_params, batch_size)
             pred["steps_to_target_interval"] = [float(slo), float(shi)]
-    out["prediction"] = pred
-    return out
+    return pred
 
 
 def compare_prediction(prediction: Mapping[str, Any], actual: RunHistory, *,
@@ -180,9 +203,20 @@ def compare_prediction(prediction: Mapping[str, Any], actual: RunHistory, *,
 def _references(fit_specs: Sequence[RunSpec], histories: Mapping[str, RunHistory],
                 holdout: RunSpec) -> list[RunHistory] | None:
     """The finished ladder runs at the held-out run's batch size: same setup and schedule, smaller models."""
-    refs = [histories[s.name] for s in fit_specs
-            if s.role == "ladder" and s.batch_size == holdout.batch_size and s.name in histories]
+    refs = [histories[s.name] for s in fit_specs if s.role == "ladder" and s.batch_size == holdout.batch_size
+            and s.schedule == holdout.schedule and s.name in histories]
     return refs or None
+
+
+def _schedule_of(fit_specs: Sequence[RunSpec], histories: Mapping[str, RunHistory],
+                 schedule: str | None) -> np.ndarray | None:
+    """The per-step LR of the largest finished ladder run under ``schedule`` (``None``: the model's own)."""
+    from lightning_scaling.backtest import run_schedule
+
+    ladder = [s for s in fit_specs if s.role == "ladder" and s.schedule == schedule and s.name in histories]
+    if not ladder:
+        return None
+    return run_schedule(histories[max(ladder, key=lambda s: s.size_index).name])[0]
 
 
 def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None,

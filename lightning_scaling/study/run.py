@@ -41,7 +41,7 @@ from lightning_scaling.study.plan import (
     RunSpec, _probe_size, _tokens_per_sample, _world_size, build_run, plan_runs, shard_runs, validate_config,
 )
 from lightning_scaling.study.predict import (
-    _half_run_forecast, _references, compare_prediction, fit_and_predict,
+    _half_run_forecast, _references, _schedule_of, compare_prediction, fit_and_predict, predict_size,
 )
 from lightning_scaling.warnings import ForecastWarning, ScalingWarning
 
@@ -510,7 +510,8 @@ def _shard_result(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report
 
 def _run_row(spec: RunSpec, h: RunHistory, out: Path) -> dict[str, Any]:
     return {
-        "size": spec.size, "role": spec.role, "n_params": h.n_params, "batch_size": h.batch_size,
+        "size": spec.size, "role": spec.role, "schedule": spec.schedule, "n_params": h.n_params,
+        "batch_size": h.batch_size,
         "tokens_per_sample": h.tokens_per_sample, "steps": int(h.step[-1]) + 1 if len(h) else 0,
         "final_loss": final_loss(h)[0] if len(h) else None, "live_b_simple": live_b_simple(h),
         "wall_s": h.meta.get("wall_s"), "path": str(out / "runs" / spec.name),
@@ -531,23 +532,38 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     fitted = _fit_before_holdout(cfg, specs, histories, out, say)
     report.update({k: v for k, v in fitted.items() if not k.startswith("_")})
     report["timings"]["fit_s"] = fitted.pop("_fit_s")
-    holdout = next((s for s in specs if s.role == "holdout"), None)
-    if holdout is not None:
-        refs = _references(fit_specs, histories, holdout)
-        extra: dict[str, Any] = {"law": fitted.get("_law"), "reference": refs}
-        if (fitted.get("prediction") or {}).get("target_loss") is not None:
-            extra["target_loss"] = fitted["prediction"]["target_loss"]
-        runner.train([holdout], wait=True, extra=extra)
+    holdouts = [s for s in specs if s.role == "holdout"]  # the model's own schedule first, then cfg.schedules
+    for spec in holdouts:
+        pred = _prediction_for(fitted, spec) or {}
+        extra: dict[str, Any] = {"law": fitted.get("_law"), "reference": _references(fit_specs, histories, spec)}
+        if pred.get("target_loss") is not None:
+            extra["target_loss"] = pred["target_loss"]
+        runner.train([spec], wait=True, extra=extra)
     for spec in specs:
         report["runs"][spec.name] = _run_row(spec, histories[spec.name], out)
-    if holdout is not None and "prediction" in fitted:
-        report["comparison"] = compare_prediction(fitted["prediction"], histories[holdout.name],
-                                                  critical=fitted.get("_critical"), law=fitted.get("_law"))
-        report["comparison"]["live_forecast"] = _half_run_forecast(
-            histories[holdout.name], cfg.max_steps, law=fitted.get("_law"), reference=refs)
+    for spec in holdouts:
+        pred = _prediction_for(fitted, spec)
+        if pred is None:
+            continue
+        own = spec.schedule is None  # the B_crit comparison is the ladder's (the sweep's schedule)
+        comp = compare_prediction(pred, histories[spec.name], critical=fitted.get("_critical") if own else None,
+                                  law=fitted.get("_law") if own else None)
+        comp["live_forecast"] = _half_run_forecast(histories[spec.name], cfg.max_steps, law=fitted.get("_law"),
+                                                   reference=_references(fit_specs, histories, spec))
+        if own:
+            report["comparison"] = comp
+        else:
+            report.setdefault("schedule_comparisons", {})[spec.schedule] = comp
     report["timings"]["train_s"] = sum((r.get("wall_s") or 0.0) for r in report["runs"].values())
     report["_fitted"] = fitted
     return True
+
+
+def _prediction_for(fitted: Mapping[str, Any], spec: RunSpec) -> dict[str, Any] | None:
+    """The prediction made before training for a held-out run (its schedule's, for one of ``cfg.schedules``)."""
+    if spec.schedule is None:
+        return fitted.get("prediction")
+    return (fitted.get("schedule_predictions") or {}).get(spec.schedule)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -567,22 +583,31 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
     """Fit on every finished non-holdout run and write ``prediction.json`` before the held-out run trains."""
     t = time.perf_counter()
     fit_specs = [s for s in specs if s.role != "holdout"]
-    fit_runs = [histories[s.name] for s in fit_specs]
-    sweep = [histories[s.name] for s in fit_specs if s.size_index == cfg.sweep_size]
-    holdout = next((s for s in specs if s.role == "holdout"), None)
+    fit_runs = [histories[s.name] for s in fit_specs]  # every schedule: the law fits any mix
+    sweep = [histories[s.name] for s in fit_specs if s.size_index == cfg.sweep_size and s.schedule is None]
+    holdouts = [s for s in specs if s.role == "holdout"]
+    holdout = next((s for s in holdouts if s.schedule is None), None)
     target = cfg.target_loss
     if target is None and holdout is not None:
         # The largest fitted model's final loss: the held-out model should get there sooner.
-        largest = max((s for s in fit_specs if s.role == "ladder"), key=lambda s: s.size_index)
+        largest = max((s for s in fit_specs if s.role == "ladder" and s.schedule is None), key=lambda s: s.size_index)
         target = round(final_loss(histories[largest.name])[0], 3)
     predict_n = None
     if holdout is not None:
         predict_n = _probe_size(cfg, holdout)
     say("fitting B_crit(L) on the batch sweep and L(N, S, B) on the ladder"
+        + (f" ({len(cfg.schedules) + 1} LR schedules)" if cfg.schedules else "")
         + (f"; predicting {holdout.name} (N={predict_n:,.0f}) before training it" if holdout else ""))
+    own_schedule = _schedule_of(fit_specs, histories, None) if cfg.schedules else None
     fitted = fit_and_predict(fit_runs, sweep_runs=sweep, predict_n=predict_n,
                              batch_size=holdout.batch_size if holdout else None, steps=cfg.max_steps - 1,
-                             target_loss=target, fit_kwargs=cfg.fit)
+                             target_loss=target, fit_kwargs=cfg.fit, lr_schedule=own_schedule)
+    if predict_n is not None and cfg.schedules:
+        # Each other schedule's shape is read off its smaller runs (same max_steps, so the same schedule).
+        fitted["schedule_predictions"] = {
+            s.schedule: predict_size(fitted["_law"], predict_n, s.batch_size, cfg.max_steps - 1,
+                                     lr_schedule=_schedule_of(fit_specs, histories, s.schedule))
+            for s in holdouts if s.schedule is not None}
     fitted["_fit_s"] = time.perf_counter() - t
     path = out / PREDICTION_FILENAME
     holdout_done = holdout is not None and _load_finished(out / "runs" / holdout.name, cfg, holdout) is not None
