@@ -12,9 +12,12 @@ fit where training does not pay for it:
   allowed).
 - ``"inline"``: on the caller's thread.
 
-The figure and files are made on the caller's thread when a result is picked up (matplotlib and TensorBoard's
-writer would cost the worker seconds of imports), and only while their total cost stays under ``max_overhead``
-of the training time so far: a coarser cadence on short or fast runs, a figure at every refit on long ones.
+The worker process also writes the TensorBoard forecast run and ``latest.json`` (TensorBoard's own event writer,
+no torch: a few hundred events of pure-Python work that no longer share the training thread's GIL). The figure is
+made on the caller's thread when a result is picked up (matplotlib would cost the worker seconds of imports, and
+the image goes to the caller's logger), and so are the files in the other modes, only while what the training
+thread pays stays under ``max_overhead`` of the training time so far: a coarser cadence on short or fast runs, a
+figure at every refit on long ones.
 
 Refits are due on the caller's cadence; while one is in flight the latest due snapshot waits (a newer one
 replaces it), so every refit belongs to a cadence step and none is lost behind a slow one. A process that cannot
@@ -242,9 +245,10 @@ class RefitScheduler:
 
     def wants_extras(self, train_seconds: float, kinds: tuple[str, ...] = EXTRAS) -> bool:
         """Whether the next refit may make ``kinds`` (of :data:`EXTRAS`): if everything made so far and these would
-        have cost at most ``max_overhead`` of ``train_seconds``. The first forecast run is expected to cost
-        :data:`FIRST_RUN_SECONDS`, the first figure :data:`FIRST_EXTRAS_SECONDS`; then each its last cost."""
-        need = sum(self._extras_estimate[k] for k in kinds)
+        have cost the caller's thread at most ``max_overhead`` of ``train_seconds``. The first forecast run is
+        expected to cost :data:`FIRST_RUN_SECONDS`, the first figure :data:`FIRST_EXTRAS_SECONDS`; then each its last
+        cost. The worker process writes the forecast run itself: in ``"process"`` mode that costs the caller nothing."""
+        need = sum(self._extras_estimate[k] for k in kinds if not (k == "run" and self.mode == "process"))
         return self._extras_seconds + need <= self.max_overhead * max(train_seconds, 0.0)
 
     def submit(self, job: RefitJob) -> None:
@@ -282,16 +286,17 @@ class RefitScheduler:
 
     # ------------------------------------------------------------------------------------------ internals
     def _start(self, job: RefitJob) -> None:
-        fit_only = replace(job, draw=False, log_dir=None, write_run=False)  # the extras are made here, at pick-up
         if self.mode == "process":
             try:
                 if self._worker is None:
                     self._worker = _Worker()
-                self._worker.send(fit_only)
-                self._in_flight, self._in_flight_job = fit_only, job
+                files = replace(job, draw=False)  # the worker writes the files; the figure is made here, at pick-up
+                self._worker.send(files)
+                self._in_flight, self._in_flight_job = files, replace(job, log_dir=None, write_run=False)
                 return
             except Exception as err:
                 self._fall_back(err)
+        fit_only = replace(job, draw=False, log_dir=None, write_run=False)  # the extras are made here, at pick-up
         if self.mode == "thread":
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ScalingForecast")
@@ -320,6 +325,7 @@ class RefitScheduler:
         else:
             try:
                 result = self._worker.receive() if self._worker is not None else compute_refit(flight)
+                result.run_seconds = 0.0  # the worker's time, not the training thread's
             except Exception as err:  # the worker died mid-refit: redo it here
                 self._fall_back(err)
                 result = compute_refit(flight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import glob
 import os
 import time
 import warnings
@@ -420,6 +421,27 @@ def test_worker_process_refits_match_inline_and_keep_the_latest_waiting_job():
     assert results[1].forecast.final_loss == pytest.approx(inline.forecast.final_loss, rel=1e-9)
 
 
+def test_the_worker_process_writes_the_forecast_run_and_json_off_the_training_thread(tmp_path):
+    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitJob, RefitScheduler
+
+    sched = RefitScheduler("process", max_overhead=0.02)
+    assert sched.wants_extras(0.0, ("run",))  # free to the training thread: written at every refit
+    assert not sched.wants_extras(0.99 * FIRST_EXTRAS_SECONDS / 0.02, ("run", "figure"))  # the figure is not
+    try:
+        sched.submit(RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"},
+                              log_dir=str(tmp_path), write_run=True))
+        (result,) = sched.finish(timeout=60)
+        pid = sched._worker._proc.pid
+    finally:
+        sched.close()
+    assert result.error is None and result.extras_seconds == 0.0  # nothing charged to the budget
+    run = forecast_run_dir(str(tmp_path))
+    (event_file,) = [p for p in os.listdir(run) if p.startswith("events.out")]
+    assert event_file.split(".")[-2] == str(pid)  # events.out.tfevents.<time>.<host>.<pid>.<n>: the worker's
+    assert scalars(run, FORECAST_TAG)[1000] == pytest.approx(result.forecast.loss[-1], rel=1e-6)
+    assert json.load(open(os.path.join(run, "latest.json")))["at_step"] == 300
+
+
 def test_worker_survives_start_up_output_ctrl_c_and_closes_at_once_when_idle(tmp_path, monkeypatch):
     import signal
 
@@ -532,6 +554,13 @@ def test_forecast_run_subsamples_and_keeps_endpoints(tmp_path):
     assert len(pts) == 101 and min(pts) == 0 and max(pts) == 10000
     assert pts[10000] == pytest.approx(curve(10000), abs=1e-6)
     assert OBSERVED_TAG not in pts  # no history given: no observed curve
+    assert scalars(run, UPPER_TAG)[10000] == pytest.approx(curve(10000) + 0.1, abs=1e-6)
+    # One event per step holds the curve and its band (an event each cost the training thread three times as much).
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    events = [e for f in glob.glob(os.path.join(run, "events.out.tfevents.*"))
+              for e in LegacyEventFileLoader(f).Load() if e.HasField("summary")]
+    assert len(events) == 101 and all(len(e.summary.value) == 3 for e in events)
     with pytest.raises(ValueError, match="max_points"):
         write_forecast_run(tmp_path, f, max_points=1)
 

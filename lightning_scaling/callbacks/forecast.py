@@ -96,9 +96,10 @@ class ScalingForecast(Callback):
     step after it is back, at the step it was made for. A cold fit is about a second of Python work: in a thread
     it would hold the GIL against the training loop and slow every step. While a refit is in flight the next due
     snapshot waits (a newer one replaces it), so refits always belong to a cadence step. ``background="thread"``
-    uses a thread, ``False`` the training thread. The TensorBoard forecast run and the figure are made on the
-    training thread when a result is picked up, only while they cost at most ``max_overhead`` of the training time
-    so far: the forecast run (tenths of a second) first, the figure (matplotlib alone takes a second to import)
+    uses a thread, ``False`` the training thread. The worker process also writes the TensorBoard forecast run and
+    ``latest.json`` at every refit. The figure (and, with a thread or inline, the forecast run) is made on the
+    training thread when a result is picked up, only while it costs at most ``max_overhead`` of the training time
+    so far: the forecast run (hundredths of a second) first, the figure (matplotlib alone takes a second to import)
     once the budget also pays for it, so short runs get a coarser cadence and no figure. A worker that cannot
     start falls back to the training thread with one warning. The cost of the latest refit is in
     :attr:`refit_seconds`, every refit's step and cost in :attr:`refit_log`, the time the training thread

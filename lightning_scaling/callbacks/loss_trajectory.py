@@ -22,6 +22,7 @@ from lightning_scaling.callbacks.utils import run_horizon
 from lightning_scaling.history import HISTORY_FILENAME, RunHistory
 from lightning_scaling.numerics import count_non_embedding_params, infer_batch_size
 from lightning_scaling.recorder import LossRecorder
+from lightning_scaling.report.tensorboard import scalars_summary
 from lightning_scaling.warnings import DataWarning, ScalingWarning
 
 __all__ = ["LossTrajectory", "count_non_embedding_params", "default_batch_size"]
@@ -358,12 +359,13 @@ class LossTrajectory(Callback):
                 if events_of_lg is None:
                     lg.log_metrics(metrics, step=step[i])
                 else:
-                    events_of_lg.add_summary(_summary(metrics), global_step=step[i])
+                    events_of_lg.add_summary(scalars_summary(metrics), global_step=step[i])
         writer = self._tokens_writer(trainer)
         if writer is not None:
             for i in range(len(step)):
                 if math.isfinite(loss[i]):
-                    writer.file_writer.add_summary(_summary({"scaling/loss": loss[i]}), global_step=int(tokens[i]))
+                    summary = scalars_summary({"scaling/loss": loss[i]})
+                    writer.file_writer.add_summary(summary, global_step=int(tokens[i]))
             writer.flush()
         self._n_logged = len(rec.step)
 
@@ -488,9 +490,3 @@ def _event_writer(logger: Any) -> Any:
         return None
     return getattr(writer, "file_writer", None)
 
-
-def _summary(metrics: Mapping[str, float]) -> Any:
-    """One TensorBoard ``Summary`` holding every scalar of ``metrics`` (what ``add_scalar`` writes, per value)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    return Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()])

@@ -18,6 +18,7 @@ first), so the chart never accumulates one curve per refit.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -54,6 +55,7 @@ __all__ = [
     "UPPER_TAG",
     "custom_scalars_layout",
     "forecast_run_dir",
+    "scalars_summary",
     "write_custom_scalars",
     "write_forecast_json",
     "write_forecast_run",
@@ -181,7 +183,7 @@ def write_forecast_run(
     Writes a new event file holding ``SessionLog.START`` at step 0, then the mean curve (:data:`FORECAST_TAG`),
     its band (:data:`LOWER_TAG`, :data:`UPPER_TAG`) and, when ``history`` is given, the smoothed observed loss
     (:data:`OBSERVED_TAG`), all with the optimizer step as the step axis; then deletes the run's older event files.
-    A separate ``SummaryWriter`` is opened and closed here, so the logger's own event file never gets future steps.
+    A separate event writer is opened and closed here, so the logger's own event file never gets future steps.
 
     Args:
         log_dir: the logger's run directory (``TensorBoardLogger.log_dir``).
@@ -205,20 +207,24 @@ def write_forecast_run(
         'forecast'
     """
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-    from torch.utils.tensorboard import SummaryWriter
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     if max_points < 2:
         raise ValueError(f"`max_points` must be >= 2, got {max_points}")
     run_dir = forecast_run_dir(log_dir)
     older = set(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
-    writer = SummaryWriter(run_dir)
+    by_step: dict[int, dict[str, float]] = {}
+    for tag, (x, y) in _curves(forecast, history, max_points).items():
+        for xi, yi in zip(x.tolist(), y.tolist()):
+            if math.isfinite(yi):
+                by_step.setdefault(int(round(xi)), {})[tag] = yi
+    # TensorBoard's own event writer (no torch: the refit worker process writes this run off the training thread)
+    writer = EventFileWriter(run_dir, max_queue_size=len(by_step) + 2)
     try:
-        writer._get_file_writer().add_event(
-            Event(step=0, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
-        for tag, (x, y) in _curves(forecast, history, max_points).items():
-            for xi, yi in zip(x, y):
-                if np.isfinite(yi):
-                    writer.add_scalar(tag, float(yi), global_step=int(round(xi)))
+        now = time.time()
+        writer.add_event(Event(step=0, wall_time=now, session_log=SessionLog(status=SessionLog.START)))
+        for step in sorted(by_step):  # one event per step (the curve and its band): a third of the events
+            writer.add_event(Event(step=step, wall_time=now, summary=scalars_summary(by_step[step])))
     finally:
         writer.close()
     for path in older:  # the new file holds the whole latest forecast; older ones only hold stale curves
@@ -227,6 +233,23 @@ def write_forecast_run(
         except OSError:
             pass
     return run_dir
+
+
+def scalars_summary(values: Mapping[str, float]) -> Any:
+    """One TensorBoard ``Summary`` holding every scalar of ``values`` (the records ``add_scalar`` writes one event
+    each for).
+
+    Written as one event per step, several series cost one event's Python work (protobuf, TensorBoard's
+    pure-Python record checksums: about 40 us on the writing thread's GIL) instead of one each.
+
+    Example::
+
+        >>> [(v.tag, v.simple_value) for v in scalars_summary({"a": 1.0, "b": 2.5}).value]
+        [('a', 1.0), ('b', 2.5)]
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
 
 
 def write_forecast_json(log_dir: str | os.PathLike, forecast: Forecast, *,
