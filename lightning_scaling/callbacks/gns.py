@@ -7,6 +7,7 @@ import math
 import numbers
 import statistics
 import time
+import warnings
 from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
@@ -334,6 +335,7 @@ class GradientNoiseScale(Callback):
         self.last_reading: Optional[GNSReading] = None
         self.n_partial_windows = 0
         self._enabled = False
+        self._warned_size = False
         self._handles: list[Any] = []
         self._tracked: list[nn.Parameter] = []
         self._reset_window()
@@ -379,6 +381,7 @@ class GradientNoiseScale(Callback):
         self._pe_sq: list[Tensor] = []  # per_example: per-micro-batch sums of per-example squared norms
         self._pe_rows: list[Tensor] = []  # per_example: this micro-batch's per-example norm-layer gradients
         self._in_backward_window = False
+        self._bad_window = False  # a micro-batch of this window had no batch size (DDP: skipped on every rank)
 
     # ------------------------------------------------------------------ setup
     def _resolve_method(self, trainer: "pl.Trainer") -> str:
@@ -606,11 +609,21 @@ class GradientNoiseScale(Callback):
         fn = self.batch_size_fn or infer_batch_size
         try:
             self._micro_sizes.append(int(fn(batch)))
-        except Exception as err:  # never raise into the training loop: warn and stop measuring
-            rank_zero_warn(f"GradientNoiseScale: cannot get the batch size ({err}); pass `batch_size_fn`. Disabled.",
-                           category=ScalingWarning)
-            self._disable()
-            return
+        except Exception as err:  # never raise into the training loop
+            if trainer.world_size == 1:  # warn and stop measuring
+                rank_zero_warn(f"GradientNoiseScale: cannot get the batch size ({err}); pass `batch_size_fn`. "
+                               "Disabled.", category=ScalingWarning)
+                self._disable()
+                return
+            # Stopping on this rank alone would leave the others waiting in its all-reduces: the window is measured
+            # as usual, its statistics poisoned, and every rank skips the step (_measure).
+            self._micro_sizes.append(0)
+            self._bad_window = True
+            if not self._warned_size:  # from the rank that failed (a rank-zero warning would hide rank 1's)
+                self._warned_size = True
+                warnings.warn(f"GradientNoiseScale (rank {trainer.global_rank}): cannot get the batch size ({err}); "
+                              "pass `batch_size_fn`. The steps it fails on are skipped on every rank (counted in "
+                              "skipped_steps).", ScalingWarning, stacklevel=2)
         self._in_backward_window = True
 
     @override
@@ -655,8 +668,13 @@ class GradientNoiseScale(Callback):
             self.n_partial_windows += 1
             return
         local_samples = float(sum(sizes))
-        if local_samples <= 0:
+        # A window this rank cannot measure (batch size unknown or empty) still runs every collective below, its
+        # statistics poisoned with NaN, so no rank waits for it in an all-reduce and every rank skips the step.
+        bad = self._bad_window or local_samples <= 0
+        if bad and self._world == 1:
             return
+        poison = float("nan") if bad else 1.0
+        local_samples = 1.0 if bad else local_samples  # a placeholder: the step is skipped
         grads = [p.grad for p in self._tracked if p.grad is not None]
         if not grads:
             warning_cache.warn("GradientNoiseScale: no gradients at the optimizer step; skipped.",
@@ -681,7 +699,7 @@ class GradientNoiseScale(Callback):
                     category=ScalingWarning,
                 )
                 return
-            local_sq = torch.stack(self._ddp_sq).sum()  # |local window-mean grad|² (× scale²)
+            local_sq = torch.stack(self._ddp_sq).sum() * poison  # |local window-mean grad|² (× scale²)
             # One scalar all-reduce on every rank (on NCCL it is queued on the stream: no host sync).
             small = _all_reduce_sum(local_sq) / world
             b_small, b_big = local_samples, local_samples * world
@@ -694,7 +712,7 @@ class GradientNoiseScale(Callback):
                 )
                 return
             # Lightning divides each micro loss by K: micro mean-grad = K × hook grad, so |·|² gains K².
-            local = torch.stack(self._hook_norms).square().sum() * float(k * k) / k  # mean over the K micro-batches
+            local = torch.stack(self._hook_norms).square().sum() * (float(k * k) / k * poison)  # mean over K micro
             if _is_sharded(trainer):
                 # Sharded gradients are reduce-scattered after every micro-batch (no no_sync): each rank holds a
                 # shard of the *global* micro-batch gradient, so the squared norm is the sum over ranks.
@@ -710,7 +728,7 @@ class GradientNoiseScale(Callback):
         else:
             if not self._pe_sq:
                 return
-            local_sum = torch.stack(self._pe_sq).sum() * float(k * k)
+            local_sum = torch.stack(self._pe_sq).sum() * (float(k * k) * poison)
             if _dist_ready():
                 n = torch.full((), local_samples, dtype=local_sum.dtype, device=local_sum.device)  # fill, not H2D
                 totals = _all_reduce_sum(torch.stack([local_sum, n]))
