@@ -125,12 +125,7 @@ def format_table(report: Mapping[str, Any]) -> str:
                          f"{_num(cbr.get('live_b_simple'), '.1f')} (live B_simple)", ""])
         rows.append(["min loss L(N) (infinite steps)",
                      _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f"), "-", ""])
-        live = comp.get("live_forecast")
-        if live and "final_loss" in live:
-            rows.append([f"final loss forecast from its own first {live['observed_until']} steps",
-                         _num(live["final_loss"]) + _interval([live.get("final_lower", float("nan")),
-                                                               live.get("final_upper", float("nan"))], ".3f"),
-                         _num(fl["actual"]), _pct(live["final_loss"] / fl["actual"] - 1.0)])
+        rows += _live_forecast_rows("final loss forecast", comp.get("live_forecast"), fl["actual"])
         others = _schedule_rows(report)
         if others:
             title += f" (also under {', '.join(report['schedule_comparisons'])}: one law fitted on every schedule)"
@@ -156,13 +151,17 @@ def _schedule_rows(report: Mapping[str, Any]) -> list[list[str]]:
         rows.append([f"final loss under {name} (mean from step {fl.get('from_step', '?')})",
                      _num(fl["predicted"]) + _interval(fl.get("interval"), ".3f"), _num(fl["actual"]),
                      _pct(fl.get("rel_error"))])
-        live = comp.get("live_forecast")
-        if live and "final_loss" in live:
-            rows.append([f"{name}: forecast from its own first {live['observed_until']} steps",
-                         _num(live["final_loss"]) + _interval([live.get("final_lower", float("nan")),
-                                                               live.get("final_upper", float("nan"))], ".3f"),
-                         _num(fl["actual"]), _pct(live["final_loss"] / fl["actual"] - 1.0)])
+        rows += _live_forecast_rows(f"{name}: forecast", comp.get("live_forecast"), fl["actual"])
     return rows
+
+
+def _live_forecast_rows(label: str, live: Mapping[str, Any] | None, actual: float) -> list[list[str]]:
+    """The row of a forecast of the held-out run from its own first half (none when it was refused)."""
+    if not live or "final_loss" not in live:
+        return []
+    band = _interval([live.get("final_lower", float("nan")), live.get("final_upper", float("nan"))], ".3f")
+    return [[f"{label} from its own first {live['observed_until']} steps", _num(live["final_loss"]) + band,
+             _num(actual), _pct(live["final_loss"] / actual - 1.0)]]
 
 
 def readme_section(report: Mapping[str, Any], *, machine: str, cpu_seconds: float) -> str:
