@@ -86,6 +86,13 @@ def run_schedule(run: RunHistory) -> tuple[np.ndarray | None, int]:
     return None, horizon
 
 
+def largest_run_schedule(runs: Sequence[RunHistory]) -> np.ndarray | None:
+    """The per-step LR (:func:`run_schedule`) of the largest of ``runs`` by N: the schedule a larger model of the
+    same setup trains with (``None`` without runs or a recorded LR)."""
+    sized = [r for r in runs if r.n_params is not None]
+    return run_schedule(max(sized, key=lambda r: r.n_params))[0] if sized else None
+
+
 def _warmup_end(lr: np.ndarray | None) -> float:
     """The step where a schedule's warmup ends (0 without a schedule)."""
     if lr is None or lr.size == 0:

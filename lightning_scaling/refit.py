@@ -7,13 +7,14 @@ fit where training does not pay for it:
 
 - ``"process"``: a child Python process at a lower priority (``nice`` 10), fed pickled snapshots through a
   pipe. A thread would share the GIL with the training loop and slow every step while it fits; a process uses a
-  free core, and on a busy machine the OS scheduler favours training. It imports only the forecast maths.
+  free core, and on a busy machine the OS scheduler favours training. It imports no torch, Lightning or matplotlib.
 - ``"thread"``: a background thread (for a ``forecast_run`` patched in-process, or where subprocesses are not
   allowed).
 - ``"inline"``: on the caller's thread.
 
 The worker process also writes the TensorBoard forecast run and ``latest.json`` (TensorBoard's own event writer,
-no torch: a few hundred events of pure-Python work that no longer share the training thread's GIL). The figure is
+no torch: a few hundred events of pure-Python work that no longer share the training thread's GIL). Besides the
+forecast maths it imports the report helpers and TensorBoard's protobufs, not torch, Lightning or matplotlib. The figure is
 made on the caller's thread when a result is picked up (matplotlib would cost the worker seconds of imports, and
 the image goes to the caller's logger), and so are the files in the other modes, only while what the training
 thread pays stays under ``max_overhead`` of the training time so far: a coarser cadence on short or fast runs, a
@@ -191,8 +192,9 @@ class RefitScheduler:
 
     The caller calls :meth:`submit` at each cadence step and :meth:`poll` often (every training step: a
     non-blocking pipe check). At most one refit is in flight and one waits; a newer submit replaces the waiting
-    one. :meth:`wants_extras` tells whether the figure and files fit the time budget; they are made on the
-    caller's thread when the result is picked up.
+    one. :meth:`wants_extras` tells whether the figure and files fit the time budget of the caller's thread. The
+    worker process writes the files (forecast run, ``latest.json``) itself, at no cost to the caller; the figure,
+    and in the other modes the files, are made on the caller's thread when the result is picked up.
 
     Args:
         mode: ``"process"``, ``"thread"`` or ``"inline"``.
@@ -249,6 +251,8 @@ class RefitScheduler:
         expected to cost :data:`FIRST_RUN_SECONDS`, the first figure :data:`FIRST_EXTRAS_SECONDS`; then each its last
         cost. The worker process writes the forecast run itself: in ``"process"`` mode that costs the caller nothing."""
         need = sum(self._extras_estimate[k] for k in kinds if not (k == "run" and self.mode == "process"))
+        if not need:  # free to the caller's thread: never refused, even after a figure overspent the budget
+            return True
         return self._extras_seconds + need <= self.max_overhead * max(train_seconds, 0.0)
 
     def submit(self, job: RefitJob) -> None:
@@ -324,8 +328,11 @@ class RefitScheduler:
             result = flight.result()
         else:
             try:
-                result = self._worker.receive() if self._worker is not None else compute_refit(flight)
-                result.run_seconds = 0.0  # the worker's time, not the training thread's
+                if self._worker is not None:
+                    result = self._worker.receive()
+                    result.run_seconds = 0.0  # the worker's time, not the training thread's
+                else:  # the worker failed while this refit was in flight: redone here, at the caller's cost
+                    result = compute_refit(flight)
             except Exception as err:  # the worker died mid-refit: redo it here
                 self._fall_back(err)
                 result = compute_refit(flight)

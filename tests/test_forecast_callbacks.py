@@ -6,12 +6,13 @@ exact expected value: L(s) = 2 + 100 / (100 + s), band +-0.05, steps to L* = 100
 
 from __future__ import annotations
 
+import glob
 import json
 import math
-import glob
 import os
 import time
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -422,10 +423,13 @@ def test_worker_process_refits_match_inline_and_keep_the_latest_waiting_job():
 
 
 def test_the_worker_process_writes_the_forecast_run_and_json_off_the_training_thread(tmp_path):
-    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitJob, RefitScheduler
+    from lightning_scaling.refit import FIRST_EXTRAS_SECONDS, RefitJob, RefitResult, RefitScheduler
 
     sched = RefitScheduler("process", max_overhead=0.02)
-    assert sched.wants_extras(0.0, ("run",))  # free to the training thread: written at every refit
+    assert sched.wants_extras(0.0, ("run",))  # free to the training thread: written at every refit ...
+    sched._finish_one(RefitResult(at_step=1, figure_seconds=5.0))
+    assert sched.wants_extras(1.0, ("run",))  # ... even after a figure overspent the budget
+    sched.poll()  # (drops that made-up result)
     assert not sched.wants_extras(0.99 * FIRST_EXTRAS_SECONDS / 0.02, ("run", "figure"))  # the figure is not
     try:
         sched.submit(RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"},
@@ -561,6 +565,11 @@ def test_forecast_run_subsamples_and_keeps_endpoints(tmp_path):
     events = [e for f in glob.glob(os.path.join(run, "events.out.tfevents.*"))
               for e in LegacyEventFileLoader(f).Load() if e.HasField("summary")]
     assert len(events) == 101 and all(len(e.summary.value) == 3 for e in events)
+    # Written elsewhere and renamed in: a leftover of a writer stopped half-way is cleared, one event file remains.
+    (Path(run) / ".incoming-123").write_bytes(b"partial")
+    write_forecast_run(tmp_path, f, max_points=11)
+    assert [p.startswith("events.out.tfevents.") for p in os.listdir(run)] == [True]
+    assert len(scalars(run, FORECAST_TAG)) == 11
     with pytest.raises(ValueError, match="max_points"):
         write_forecast_run(tmp_path, f, max_points=1)
 

@@ -354,16 +354,16 @@ def test_ddp_two_ranks_gloo_all_methods_match_analytic(tmp_path):
 
 
 class FailOnRank1:
-    """A ``batch_size_fn`` that fails on rank 1 for every 4th micro-batch (picklable, for the spawned ranks)."""
+    """A ``batch_size_fn`` that fails on rank 1 for every ``period``-th micro-batch (picklable, for spawned ranks)."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, period: int) -> None:
+        self.period, self.calls = period, 0
 
     def __call__(self, batch):
         import torch.distributed as dist
 
         self.calls += 1
-        if dist.get_rank() == 1 and self.calls % 4 == 0:
+        if dist.get_rank() == 1 and self.calls % self.period == 0:
             raise KeyError("no batch size on this rank")
         return len(batch[0])
 
@@ -377,18 +377,20 @@ class ReportSkips(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         r = self.gns.estimator.read()
         (self.folder / f"skips{trainer.global_rank}.txt").write_text(
-            f"{r.n_skipped} {r.n_steps} {r.b_simple} {self.gns._warned_size}")
+            f"{r.n_skipped} {r.n_steps} {r.b_simple} {self.gns._warned_size} {self.gns._enabled}")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn")
-@pytest.mark.parametrize("method", ["ddp", "per_example"])
-def test_ddp_a_batch_size_failing_on_one_rank_skips_the_step_on_every_rank(tmp_path, method):
+@pytest.mark.parametrize(("method", "period"), [("ddp", 4), ("per_example", 4), ("per_example", 1)])
+def test_ddp_a_batch_size_failing_on_one_rank_skips_the_step_on_every_rank(tmp_path, method, period):
     """Rank 1 cannot size every 4th micro-batch (every 2nd step, 2 micro-batches per step). Until 0.4 that rank
-    disabled itself and the other waited in the next all-reduce for ever (here: the 120 s DDP timeout)."""
+    disabled itself and the other waited in the next all-reduce for ever (here: the 120 s DDP timeout). When it
+    can size none (period 1), every rank gives up together at the first read-out."""
     steps, micro, k = 40, 8, 2
     x, y, w = regression_data(steps * micro * k * 2, seed=5)
     data = (ln_inputs(x, 400.0), y, w)
-    cb = GradientNoiseScale(method, measure_every_n_steps=1, log_every_n_steps=steps, batch_size_fn=FailOnRank1())
+    cb = GradientNoiseScale(method, measure_every_n_steps=1, log_every_n_steps=steps // 2,
+                            batch_size_fn=FailOnRank1(period))
     ddp = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))
     trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", strategy=ddp, devices=2, max_steps=steps,
                          accumulate_grad_batches=k, callbacks=[cb, ReportSkips(cb, tmp_path)], logger=False,
@@ -396,9 +398,12 @@ def test_ddp_a_batch_size_failing_on_one_rank_skips_the_step_on_every_rank(tmp_p
     loader = DataLoader(TensorDataset(*data[:2]), batch_size=micro, shuffle=False)
     trainer.fit(LNReg(w, 400.0), loader)
     reports = [(tmp_path / f"skips{r}.txt").read_text().split() for r in (0, 1)]
-    assert [r[:2] for r in reports] == [["20", "20"], ["20", "20"]]  # the same 20 steps skipped on both ranks
-    assert float(reports[0][2]) == pytest.approx(float(reports[1][2]), rel=1e-9) and float(reports[0][2]) > 0
     assert [r[3] for r in reports] == ["False", "True"]  # the rank that failed warned (once)
+    if period == 1:  # no step measurable: both ranks stopped at the read-out of step 19, after 20 skipped steps
+        assert [r[:2] + r[4:] for r in reports] == [["20", "0", "False"], ["20", "0", "False"]]
+        return
+    assert [r[:2] + r[4:] for r in reports] == [["20", "20", "True"], ["20", "20", "True"]]  # the same 20 skipped
+    assert float(reports[0][2]) == pytest.approx(float(reports[1][2]), rel=1e-9) and float(reports[0][2]) > 0
 
 
 # ----------------------------------------------------------------------------------------------- robustness

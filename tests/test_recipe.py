@@ -97,6 +97,9 @@ def test_checks_pass_on_a_good_config() -> None:
      "batch 2", "does not divide over devices x accumulate_grad_batches = 4"),
     ({"batch_sizes": []}, "batch sweep", "B_crit(L) needs >= 3"),
     ({"schedules": ["cosine"], "schedule_arg": "sched"}, "schedule_arg", "has no init argument 'sched'"),
+    ({"schedules": ["cosine"], "model": {"class_path": "lightning_scaling.demo.model.GPT",  # GPT's default: cosine
+                                         "init_args": {"n_layer": 1, "n_head": 2, "block_size": 16}}},
+     "schedule_arg", "list 'cosine', the model's own schedule (the default of GPT(schedule=...))"),
 ])
 def test_dry_run_fails_with_one_line_per_silent_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         overrides: dict[str, Any], name: str, needle: str) -> None:
@@ -116,6 +119,7 @@ def test_a_real_run_checks_before_training(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("overrides", "needle"), [
     ({"schedules": "cosine"}, "'schedules' must be a list of distinct schedule names"),
     ({"schedules": ["cosine", "cosine"]}, "'schedules' must be a list of distinct schedule names"),
+    ({"schedules": ["../cosine"]}, "'schedules' must be a list of distinct schedule names"),
     ({"schedules": ["cosine"], "schedule_arg": None}, "needs 'schedule_arg'"),
     ({"schedules": ["constant", "cosine"]}, "lists 'constant', the model's own schedule"),
 ])
@@ -424,3 +428,31 @@ def test_other_schedules_train_every_size_and_the_held_out_model_is_predicted_un
     assert [r.name for r in _references(fit_specs, h, specs[-1])] == ["d8_b4_cosine", "d12_b4_cosine"]
     assert "final loss under cosine" in format_table(result.report)
     assert result.report["runs"]["d16_b4_cosine"]["schedule"] == "cosine"
+
+
+def test_a_schedule_added_to_a_finished_study_reuses_its_runs_and_keeps_their_predictions(tmp_path: Path) -> None:
+    # A study of the previous version (no schedules; its done.json settings have no "schedule" key), then the same
+    # study with cosine added: nothing is retrained, the prediction made before the held-out run trained is kept
+    # (and is what the report compares), the cosine runs train and get their own prediction.
+    first = run_recipe(load_config(tiny(max_steps=30)), tmp_path, progress=False, plots=False, echo=None)
+    done = json.loads((tmp_path / "runs" / "d16_b4" / "scaling" / "done.json").read_text())
+    assert "schedule" not in done["settings"]["spec"]
+    before = json.loads((tmp_path / "prediction.json").read_text())
+    second = run_recipe(load_config(tiny(max_steps=30, schedules=["cosine"])), tmp_path, progress=False, plots=False,
+                        echo=None)
+    assert sorted(second.report["trained_here"]) == ["d12_b4_cosine", "d16_b4_cosine", "d8_b4_cosine"]
+    after = json.loads((tmp_path / "prediction.json").read_text())
+    assert after["prediction"] == before["prediction"] and after["time"] == before["time"]
+    assert set(after["schedule_predictions"]) == {"cosine"}
+    comp = second.report["comparison"]["final_loss"]
+    assert comp["predicted"] == first.report["comparison"]["final_loss"]["predicted"]
+
+
+def test_every_held_out_run_goes_to_the_shard_that_fits() -> None:
+    from lightning_scaling.study import shard_runs
+
+    specs = plan_runs(load_config(tiny(schedules=["cosine"])))
+    shards = [[s.name for s in shard_runs(specs, (i, 2))] for i in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(s.name for s in specs)  # each run in exactly one shard
+    assert shards[(len(specs) - 1) % 2][-2:] == ["d16_b4", "d16_b4_cosine"]  # the held-out runs, with the fit
+    assert not {"d16_b4", "d16_b4_cosine"} & set(shards[len(specs) % 2])

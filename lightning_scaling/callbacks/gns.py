@@ -336,6 +336,7 @@ class GradientNoiseScale(Callback):
         self.n_partial_windows = 0
         self._enabled = False
         self._warned_size = False
+        self._good_samples = 0.0  # samples of this rank's last measurable window
         self._handles: list[Any] = []
         self._tracked: list[nn.Parameter] = []
         self._reset_window()
@@ -674,7 +675,10 @@ class GradientNoiseScale(Callback):
         if bad and self._world == 1:
             return
         poison = float("nan") if bad else 1.0
-        local_samples = 1.0 if bad else local_samples  # a placeholder: the step is skipped
+        if bad:  # a placeholder for the batch sizes the estimator keeps (the step itself is skipped)
+            local_samples = self._good_samples or max(local_samples, 1.0)
+        else:
+            self._good_samples = local_samples
         grads = [p.grad for p in self._tracked if p.grad is not None]
         if not grads:
             warning_cache.warn("GradientNoiseScale: no gradients at the optimizer step; skipped.",
@@ -722,7 +726,7 @@ class GradientNoiseScale(Callback):
                 small = _all_reduce_sum(local) / world
                 b_small = local_samples / k
             b_big = local_samples * world
-            if any(s != sizes[0] for s in sizes):
+            if not bad and any(s != sizes[0] for s in sizes):
                 warning_cache.warn("GradientNoiseScale: unequal micro-batch sizes; using their mean as b_small.",
                                    category=ScalingWarning)
         else:
@@ -751,6 +755,7 @@ class GradientNoiseScale(Callback):
         r = self.estimator.read(tokens_per_sample=self._tokens_per_sample(traj))  # one host sync per interval
         self.last_reading = r
         if r.n_steps == 0:
+            self._give_up_if_no_batch_size(trainer, r)
             return
         metrics = {
             "grad_sq_norm": r.grad_sq_norm,
@@ -770,6 +775,21 @@ class GradientNoiseScale(Callback):
             lg.log_metrics(metrics, step=step)
         if traj is not None and self.log_prefix == "gns/":  # one series per run history
             traj.record_gns(step, r.b_simple, r.grad_sq_norm, r.trace_sigma)
+
+    def _give_up_if_no_batch_size(self, trainer: "pl.Trainer", r: GNSReading) -> None:
+        """Under DDP, stop measuring on every rank when no step so far could be measured because some rank never
+        had a batch size (its windows poisoned every step): hooks and all-reduces would cost the run for nothing.
+
+        The estimator's counts are the same on every rank (its statistics are all-reduced), so every rank gets here
+        at the same step and takes part in the one collective that asks whether a rank's batch sizes failed.
+        """
+        if self._world == 1 or r.n_skipped == 0:
+            return
+        if trainer.strategy.reduce_boolean_decision(self._warned_size, all=False):
+            rank_zero_warn(f"GradientNoiseScale: none of the first {r.n_skipped} measured steps had a batch size on "
+                           "every rank (see the rank's warning); pass `batch_size_fn`. Disabled.",
+                           category=ScalingWarning)
+            self._disable()
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -7,6 +7,7 @@ They take plain result objects (report dicts, :class:`~lightning_scaling.history
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightning_scaling.backtest import run_schedule
+from lightning_scaling.backtest import largest_run_schedule, run_schedule
 from lightning_scaling.history import RunHistory
 from lightning_scaling.numerics import smooth
 from lightning_scaling.report.tables import _as_float, _num, _pct, fmt_n
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = ["forecast_figure", "is_predictable", "render_figure", "write_figures", "plot_loss_curves",
            "plot_critical_batch", "plot_loss_vs_n"]
+
+
+# The recipe's other LR schedules (the model's own is red on blue).
+_SCHEDULE_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
@@ -76,7 +81,7 @@ def plot_loss_curves(ax: Any, report: Mapping[str, Any], histories: Mapping[str,
     pred = report.get("prediction")
     # The held-out model under the recipe's other schedules, each predicted before training like the main one.
     others = [(f", {name}", p, c) for (name, p), c in zip((report.get("schedule_predictions") or {}).items(),
-                                                          ("tab:purple", "tab:orange", "tab:brown", "tab:pink"))]
+                                                          itertools.cycle(_SCHEDULE_COLORS))]
     for tag, p, c in ([("", pred, "tab:red")] if pred else []) + others:
         ps, pl_ = np.asarray(p["steps"]), np.asarray(p["loss"])
         keep = ps >= start
@@ -183,9 +188,12 @@ def plot_loss_vs_n(ax: Any, report: Mapping[str, Any], histories: Mapping[str, R
         steps = int(pred["steps"][-1])
     else:
         steps = max((int(h.step[-1]) for h in histories.values() if len(h)), default=1)
+    # one series per schedule of the runs: the model's own first, then the recipe's others in plan order
+    names = list(dict.fromkeys(r.get("schedule") for r in runs_info.values() if r.get("schedule")))
     series = [(None, pred, (report.get("comparison") or {}), "tab:blue", "tab:red")]
-    for (name, p), color in zip((report.get("schedule_predictions") or {}).items(), ("tab:purple", "tab:orange")):
-        series.append((name, p, (report.get("schedule_comparisons") or {}).get(name) or {}, color, color))
+    for name, color in zip(names, itertools.cycle(_SCHEDULE_COLORS)):
+        series.append((name, (report.get("schedule_predictions") or {}).get(name) or {},
+                       (report.get("schedule_comparisons") or {}).get(name) or {}, color, color))
     bounds: list[float] = []
     for schedule, spred, comp, dot, line in series:
         pts = [(h.n_params, runs_info.get(n, {}).get("final_loss"), runs_info.get(n, {}).get("role", "fit"), h)
@@ -225,7 +233,7 @@ def _loss_vs_n_series(ax: Any, pts: list[Any], pred: Mapping[str, Any], comp: Ma
     if law is None or not ladder:
         return [f for _, f, _, _ in ladder if f is not None]
     b = batch if batch is not None else ladder[0][3].batch_size
-    lr = run_schedule(max((p for p in ladder if p[2] != "holdout"), key=lambda p: p[0], default=ladder[0])[3])[0]
+    lr = largest_run_schedule([h for _, _, role, h in ladder if role != "holdout"] or [ladder[0][3]])
     ns = np.array([p[0] for p in ladder], dtype=float)
     grid = np.geomspace(ns.min() / 1.5, ns.max() * 3, 80)
     curve = law.predict_loss(grid, steps, b, lr)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import glob
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,8 @@ OBSERVED_TAG = "forecast/observed_loss"
 FORECAST_DIR = "forecast"
 #: Name of the JSON file (inside ``<log_dir>/forecast``) holding the latest forecast and its fitted parameters.
 FORECAST_JSON = "latest.json"
+# Prefix of an event file being moved into the forecast run (TensorBoard reads only names holding "tfevents").
+_STAGING = ".incoming-"
 
 __all__ = [
     "FORECAST_DIR",
@@ -212,21 +216,30 @@ def write_forecast_run(
     if max_points < 2:
         raise ValueError(f"`max_points` must be >= 2, got {max_points}")
     run_dir = forecast_run_dir(log_dir)
-    older = set(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
+    older = set(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")) +
+                glob.glob(os.path.join(run_dir, _STAGING + "*")))
     by_step: dict[int, dict[str, float]] = {}
     for tag, (x, y) in _curves(forecast, history, max_points).items():
         for xi, yi in zip(x.tolist(), y.tolist()):
             if math.isfinite(yi):
                 by_step.setdefault(int(round(xi)), {})[tag] = yi
-    # TensorBoard's own event writer (no torch: the refit worker process writes this run off the training thread)
-    writer = EventFileWriter(run_dir, max_queue_size=len(by_step) + 2)
-    try:
-        now = time.time()
-        writer.add_event(Event(step=0, wall_time=now, session_log=SessionLog(status=SessionLog.START)))
-        for step in sorted(by_step):  # one event per step (the curve and its band): a third of the events
-            writer.add_event(Event(step=step, wall_time=now, summary=scalars_summary(by_step[step])))
-    finally:
-        writer.close()
+    # Written whole elsewhere, then renamed into the run: a writer stopped half-way (the refit worker is killed
+    # when a run ends during a refit) leaves no partial curve for TensorBoard to show beside the last one.
+    with tempfile.TemporaryDirectory(prefix="lightning-scaling-forecast-") as tmp:
+        # TensorBoard's own event writer: no torch (the refit worker process writes this run off the training thread)
+        writer = EventFileWriter(tmp, max_queue_size=len(by_step) + 2)
+        try:
+            now = time.time()
+            writer.add_event(Event(step=0, wall_time=now, session_log=SessionLog(status=SessionLog.START)))
+            for step in sorted(by_step):  # one event per step (the curve and its band): a third of the events
+                writer.add_event(Event(step=step, wall_time=now, summary=scalars_summary(by_step[step])))
+        finally:
+            writer.close()
+        (name,) = os.listdir(tmp)
+        os.makedirs(run_dir, exist_ok=True)
+        staging = os.path.join(run_dir, f"{_STAGING}{os.getpid()}")  # no "tfevents" in it: TensorBoard skips it
+        shutil.copyfile(os.path.join(tmp, name), staging)
+        os.replace(staging, os.path.join(run_dir, name))
     for path in older:  # the new file holds the whole latest forecast; older ones only hold stale curves
         try:
             os.remove(path)

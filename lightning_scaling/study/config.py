@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +120,12 @@ class RecipeConfig:
             raise ValueError(f"config 'max_steps' must be an int >= 10, got {self.max_steps!r}")
         if self.lr_scaling not in ("none", "sqrt", "linear"):
             raise ValueError(f"config 'lr_scaling' must be 'none', 'sqrt' or 'linear', got {self.lr_scaling!r}")
-        if not isinstance(self.schedules, list) or not all(isinstance(v, str) and v for v in self.schedules) \
+        if not isinstance(self.schedules, list) or not all(isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]+", v)
+                                                           for v in self.schedules) \
                 or len(set(self.schedules)) != len(self.schedules):
-            raise ValueError(f"config 'schedules' must be a list of distinct schedule names, got {self.schedules!r}")
+            # the name is part of each run's folder and lock file: letters, digits, '.', '_' and '-' only
+            raise ValueError(f"config 'schedules' must be a list of distinct schedule names (letters, digits, "
+                             f"'.', '_', '-'), got {self.schedules!r}")
         if self.schedules and not self.schedule_arg:
             raise ValueError("config 'schedules' needs 'schedule_arg': the model init argument that selects them")
         own = self.model.get("init_args", {}).get(self.schedule_arg) if self.schedule_arg else None

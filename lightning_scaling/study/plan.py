@@ -42,7 +42,12 @@ class RunSpec:
     schedule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Without "schedule" for the model's own schedule: a finished run's done.json (these settings) from before
+        # schedules existed must still match, or the run would be trained again.
+        out = dataclasses.asdict(self)
+        if out["schedule"] is None:
+            del out["schedule"]
+        return out
 
 
 def _lr_for(cfg: RecipeConfig, batch: int) -> float | None:
@@ -107,6 +112,15 @@ def _accepts(cls: Any, arg: str) -> bool:
     except (TypeError, ValueError):
         return False
     return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _default(cls: Any, arg: str) -> Any:
+    """The default value of ``cls``'s init argument ``arg`` (``None`` when it has none or cannot be read)."""
+    try:
+        param = inspect.signature(cls).parameters.get(arg)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def _world_size(trainer_args: Mapping[str, Any]) -> int:
@@ -246,9 +260,15 @@ def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]
                          "would ignore max_steps: name the right argument or set max_steps_arg: null"))
     if cfg.schedules:
         ok = _accepts(model_cls, str(cfg.schedule_arg))
-        out.append(Check("schedule_arg", ok, f"{model_cls.__name__}({cfg.schedule_arg}=...) for schedules "
-                         f"{cfg.schedules}" if ok else f"{model_cls.__name__} has no init argument "
-                         f"{cfg.schedule_arg!r} to select the schedules {cfg.schedules}: name the right argument"))
+        own = cfg.model.get("init_args", {}).get(cfg.schedule_arg, _default(model_cls, str(cfg.schedule_arg)))
+        if ok and own in cfg.schedules:  # the model's default: the config alone could not tell
+            ok, why = False, (f"schedules {cfg.schedules} list {own!r}, the model's own schedule (the default of "
+                              f"{model_cls.__name__}({cfg.schedule_arg}=...)): the ladder already trains it")
+        else:
+            why = (f"{model_cls.__name__}({cfg.schedule_arg}=...) for schedules {cfg.schedules}" if ok else
+                   f"{model_cls.__name__} has no init argument {cfg.schedule_arg!r} to select the schedules "
+                   f"{cfg.schedules}: name the right argument")
+        out.append(Check("schedule_arg", ok, why))
     if cfg.lr_scaling == "none" or cfg.lr_arg is None:
         out.append(Check("lr_arg", True, "unused (lr_scaling: none)"))
     else:
@@ -374,7 +394,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard_runs(specs: Sequence[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
-    """The runs of one shard: run ``k`` of the plan belongs to shard ``k % N`` (deterministic, balanced).
+    """The runs of one shard: run ``k`` of the plan belongs to shard ``k % N`` (deterministic, balanced); the held-out
+    runs (trained last, after the fit) belong to the shard of the last one.
 
     Example::
 
@@ -385,7 +406,9 @@ def shard_runs(specs: Sequence[RunSpec], shard: tuple[int, int] | None) -> list[
     if shard is None:
         return list(specs)
     index, count = shard
-    return [s for k, s in enumerate(specs) if k % count == index]
+    # The held-out runs need the fit of every other run: all of them go to the shard of the last one, which fits.
+    final = (len(specs) - 1) % count
+    return [s for k, s in enumerate(specs) if (final if s.role == "holdout" else k % count) == index]
 
 
 def _probe_size(cfg: RecipeConfig, spec: RunSpec) -> float:

@@ -211,12 +211,10 @@ def _references(fit_specs: Sequence[RunSpec], histories: Mapping[str, RunHistory
 def _schedule_of(fit_specs: Sequence[RunSpec], histories: Mapping[str, RunHistory],
                  schedule: str | None) -> np.ndarray | None:
     """The per-step LR of the largest finished ladder run under ``schedule`` (``None``: the model's own)."""
-    from lightning_scaling.backtest import run_schedule
+    from lightning_scaling.backtest import largest_run_schedule
 
-    ladder = [s for s in fit_specs if s.role == "ladder" and s.schedule == schedule and s.name in histories]
-    if not ladder:
-        return None
-    return run_schedule(histories[max(ladder, key=lambda s: s.size_index).name])[0]
+    return largest_run_schedule([histories[s.name] for s in fit_specs if s.role == "ladder"
+                                 and s.schedule == schedule and s.name in histories])
 
 
 def _half_run_forecast(history: RunHistory, max_steps: int, *, law: Any = None,

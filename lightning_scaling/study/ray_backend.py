@@ -26,14 +26,14 @@ DEFAULT_RESOURCES = {"num_cpus": 1, "num_gpus": 0}
 
 
 def train_runs_ray(cfg: Any, specs: Sequence[Any], out_dir: Path, *,
-                   forecast_extra: Mapping[str, Any] | None = None) -> dict[str, bool]:
+                   forecast_extra: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, bool]:
     """Train ``specs`` concurrently as Ray tasks; per run, whether it is finished (``False``: locked elsewhere).
 
     Args:
         cfg: the :class:`~lightning_scaling.study.config.RecipeConfig` (its ``resources`` size each task).
         specs: the runs to train (:class:`~lightning_scaling.study.plan.RunSpec`).
         out_dir: the output folder, on a filesystem shared by every node.
-        forecast_extra: extra ``ScalingForecast`` arguments (the held-out run's prior).
+        forecast_extra: extra ``ScalingForecast`` arguments per run name (the held-out runs' law and references).
 
     Raises:
         ImportError: Ray is not installed (``pip install 'lightning-scaling[ray]'``).
@@ -53,8 +53,8 @@ def train_runs_ray(cfg: Any, specs: Sequence[Any], out_dir: Path, *,
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     resources = {**DEFAULT_RESOURCES, **(cfg.resources or {})}
     task = ray.remote(**resources)(_train_one)
-    refs = [task.remote(cfg.to_dict(), spec.to_dict(), str(Path(out_dir).resolve()), forecast_extra)
-            for spec in specs]
+    refs = [task.remote(cfg.to_dict(), spec.to_dict(), str(Path(out_dir).resolve()),
+                        (forecast_extra or {}).get(spec.name)) for spec in specs]
     try:
         return {spec.name: bool(done) for spec, done in zip(specs, ray.get(refs))}
     except KeyboardInterrupt:

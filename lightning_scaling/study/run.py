@@ -311,11 +311,12 @@ class _Runner:
         self.n_total = len(plan_runs(cfg))
         self.t0, self.started = time.perf_counter(), time.time()
 
-    def train(self, specs: Sequence[RunSpec], *, wait: bool, extra: Mapping[str, Any] | None = None,
+    def train(self, specs: Sequence[RunSpec], *, wait: bool, extra: Mapping[str, Mapping[str, Any]] | None = None,
               take_over: bool = True) -> None:
         """Train or load ``specs``; runs locked by another process are skipped, or with ``wait`` waited for.
 
-        ``take_over=False`` (other shards' runs when locks are off under DDP) only waits for them to finish.
+        ``extra`` maps a run's name to its extra ``ScalingForecast`` arguments (the held-out runs' law and
+        references). ``take_over=False`` (other shards' runs when locks are off under DDP) only waits for them.
         """
         pending = [s for s in specs if s.name not in self.histories]
         if not take_over and not _locking(self.cfg):
@@ -334,13 +335,14 @@ class _Runner:
                 return
             self._wait(pending)
 
-    def _train_once(self, specs: Sequence[RunSpec], extra: Mapping[str, Any] | None) -> None:
+    def _train_once(self, specs: Sequence[RunSpec], extra: Mapping[str, Mapping[str, Any]] | None) -> None:
+        extra = extra or {}
         if self.backend == "ray":
             from lightning_scaling.study.ray_backend import train_runs_ray
 
             for spec in specs:
                 self._announce(spec, " (submitted to Ray)")
-            done = train_runs_ray(self.cfg, specs, self.out, forecast_extra=extra)
+            done = train_runs_ray(self.cfg, specs, self.out, forecast_extra=extra)  # all at once
             for spec in specs:
                 history = _load_finished(self.out / "runs" / spec.name, self.cfg, spec) if done[spec.name] else None
                 self._record(spec, history, trained=True)
@@ -349,7 +351,7 @@ class _Runner:
             reused = _load_finished(self.out / "runs" / spec.name, self.cfg, spec) is not None
             self._announce(spec, " (finished earlier: loaded)" if reused else "")
             history = try_train_run(self.cfg, spec, self.out, progress=self.progress and not reused,
-                                    forecast_extra=extra)
+                                    forecast_extra=extra.get(spec.name))
             self._record(spec, history, trained=not reused)
 
     def _announce(self, spec: RunSpec, note: str) -> None:
@@ -533,12 +535,12 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     report.update({k: v for k, v in fitted.items() if not k.startswith("_")})
     report["timings"]["fit_s"] = fitted.pop("_fit_s")
     holdouts = [s for s in specs if s.role == "holdout"]  # the model's own schedule first, then cfg.schedules
-    for spec in holdouts:
-        pred = _prediction_for(fitted, spec) or {}
-        extra: dict[str, Any] = {"law": fitted.get("_law"), "reference": _references(fit_specs, histories, spec)}
-        if pred.get("target_loss") is not None:
-            extra["target_loss"] = pred["target_loss"]
-        runner.train([spec], wait=True, extra=extra)
+    extra: dict[str, dict[str, Any]] = {}
+    for spec in holdouts:  # each gets the law and the finished ladder of its own schedule as references
+        target = (_prediction_for(fitted, spec) or {}).get("target_loss")
+        extra[spec.name] = {"law": fitted.get("_law"), "reference": _references(fit_specs, histories, spec),
+                            **({"target_loss": target} if target is not None else {})}
+    runner.train(holdouts, wait=True, extra=extra)  # together: Ray or other processes may train them at once
     for spec in specs:
         report["runs"][spec.name] = _run_row(spec, histories[spec.name], out)
     for spec in holdouts:
@@ -609,13 +611,46 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
                                      lr_schedule=_schedule_of(fit_specs, histories, s.schedule))
             for s in holdouts if s.schedule is not None}
     fitted["_fit_s"] = time.perf_counter() - t
-    path = out / PREDICTION_FILENAME
-    holdout_done = holdout is not None and _load_finished(out / "runs" / holdout.name, cfg, holdout) is not None
-    # Another process training the held-out run wrote the file before it started: keep that one.
-    held = holdout is not None and _locking(cfg) and RunLock(out / "runs" / f"{holdout.name}.lock").held_elsewhere()
-    if "prediction" in fitted and not (holdout_done and path.exists()) and not held and _is_rank_zero():
-        # A resumed study keeps the file written before the held-out run was trained (same fit, same runs).
-        record = {"written_before_training": holdout.name if holdout else None, "time": time.time(),
-                  **{k: v for k, v in fitted.items() if not k.startswith("_")}}
-        _write_atomic(path, dumps(record, indent=1))
+    if "prediction" in fitted and holdout is not None and _is_rank_zero():
+        # compared with the actual runs below: the predictions on file, each made before its run trained
+        record = _write_predictions(cfg, holdouts, fitted, out)
+        fitted.update({k: record[k] for k in ("prediction", "schedule_predictions") if k in record})
     return fitted
+
+
+def _write_predictions(cfg: RecipeConfig, holdouts: Sequence[RunSpec], fitted: Mapping[str, Any],
+                       out: Path) -> dict[str, Any]:
+    """Write ``prediction.json``: each held-out run's prediction, made before that run trained.
+
+    An entry whose run is finished, or is being trained by another process (which wrote the file before it
+    started), is kept as the file has it: a resumed study, or one given another schedule later, never rewrites a
+    prediction after its run trained. Nothing new: the file is left alone. Returns the record on file.
+    """
+    path = out / PREDICTION_FILENAME
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except (ValueError, OSError):
+        old = {}
+
+    def settled(spec: RunSpec) -> bool:
+        return (_load_finished(out / "runs" / spec.name, cfg, spec) is not None
+                or (_locking(cfg) and RunLock(out / "runs" / f"{spec.name}.lock").held_elsewhere()))
+
+    own = next(s for s in holdouts if s.schedule is None)
+    new = {k: v for k, v in fitted.items() if not k.startswith("_") and k != "schedule_predictions"}
+    keep_own = "prediction" in old and settled(own)
+    record = {k: v for k, v in old.items() if k != "schedule_predictions"} if keep_own else \
+        {"written_before_training": own.name, "time": time.time(), **new}
+    changed = not keep_own
+    kept, made = old.get("schedule_predictions") or {}, fitted.get("schedule_predictions") or {}
+    others = {}
+    for spec in (s for s in holdouts if s.schedule is not None):
+        if spec.schedule in kept and settled(spec):
+            others[spec.schedule] = kept[spec.schedule]
+        else:
+            others[spec.schedule], changed = made[spec.schedule], True
+    if others:
+        record["schedule_predictions"] = others
+    if changed:
+        _write_atomic(path, dumps(record, indent=1))
+    return record
