@@ -14,11 +14,11 @@ fit where training does not pay for it:
 
 The worker process also writes the TensorBoard forecast run and ``latest.json`` (TensorBoard's own event writer,
 no torch: a few hundred events of pure-Python work that no longer share the training thread's GIL). Besides the
-forecast maths it imports the report helpers and TensorBoard's protobufs, not torch, Lightning or matplotlib. The figure is
-made on the caller's thread when a result is picked up (matplotlib would cost the worker seconds of imports, and
-the image goes to the caller's logger), and so are the files in the other modes, only while what the training
-thread pays stays under ``max_overhead`` of the training time so far: a coarser cadence on short or fast runs, a
-figure at every refit on long ones.
+forecast maths it imports the report helpers and TensorBoard's protobufs, not torch, Lightning or matplotlib. The
+figure is made on the caller's thread when a result is picked up (matplotlib would cost the worker seconds of
+imports, and the image goes to the caller's logger), and so are the files in the other modes, only while what the
+training thread pays stays under ``max_overhead`` of the training time so far: a coarser cadence on short or fast
+runs, a figure at every refit on long ones.
 
 Refits are due on the caller's cadence; while one is in flight the latest due snapshot waits (a newer one
 replaces it), so every refit belongs to a cadence step and none is lost behind a slow one. A process that cannot

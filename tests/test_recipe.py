@@ -122,6 +122,9 @@ def test_a_real_run_checks_before_training(tmp_path: Path) -> None:
     ({"schedules": ["../cosine"]}, "'schedules' must be a list of distinct schedule names"),
     ({"schedules": ["cosine"], "schedule_arg": None}, "needs 'schedule_arg'"),
     ({"schedules": ["constant", "cosine"]}, "lists 'constant', the model's own schedule"),
+    ({"schedules": ["cosine"], "schedule_sizes": [2]},
+     r"'schedule_sizes' must be distinct indices of fitted sizes \(0..1\)"),
+    ({"schedules": ["cosine"], "schedule_sizes": [0, 0]}, "'schedule_sizes' must be distinct indices"),
 ])
 def test_bad_schedules_fail_with_a_clear_message(overrides: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
@@ -446,6 +449,12 @@ def test_a_schedule_added_to_a_finished_study_reuses_its_runs_and_keeps_their_pr
     assert set(after["schedule_predictions"]) == {"cosine"}
     comp = second.report["comparison"]["final_loss"]
     assert comp["predicted"] == first.report["comparison"]["final_loss"]["predicted"]
+
+
+def test_schedule_sizes_pick_the_fitted_sizes_trained_under_each_schedule() -> None:
+    specs = plan_runs(load_config(tiny(schedules=["cosine", "wsd"], schedule_sizes=[1])))
+    assert [s.name for s in specs if s.schedule] == ["d12_b4_cosine", "d12_b4_wsd", "d16_b4_cosine", "d16_b4_wsd"]
+    assert [s.role for s in specs if s.size == "d16"] == ["holdout"] * 3  # the held-out size under every schedule
 
 
 def test_every_held_out_run_goes_to_the_shard_that_fits() -> None:

@@ -15,15 +15,17 @@ def demo_config(*, quick: bool = False) -> RecipeConfig:
 
     Default: 6 sizes (2 layers, width 16 to 96: N = 6.1k to 221k non-embedding parameters, the largest held
     out) at batch 16 and a batch sweep over 4, 8, 16, 32 at width 32, 800 steps each, one CPU thread, constant
-    LR after a short warmup (the L(S) power law of Kaplan/Su describes constant-LR runs), and every size once
-    more under a cosine schedule (to 10% of the peak): the law fitted on both schedules predicts the held-out
-    model under each. ``quick=True`` is a tiny setting for tests.
+    LR after a short warmup (the L(S) power law of Kaplan/Su describes constant-LR runs), and widths 16, 32, 64
+    and the held-out 96 once more under a cosine schedule (to 10% of the peak): the law fitted on both schedules
+    predicts the held-out model under each. 13 runs, so 39 TensorBoard runs with their ``by_tokens`` and
+    ``forecast`` runs: TensorBoard shows at most 40 runs selected when it opens. ``quick=True`` is a tiny setting
+    for tests.
 
     Example::
 
         >>> cfg = demo_config()
-        >>> len(cfg.sizes), cfg.batch_sizes, cfg.max_steps, cfg.schedules
-        (6, [4, 8, 32], 800, ['cosine'])
+        >>> len(cfg.sizes), cfg.batch_sizes, cfg.max_steps, cfg.schedules, cfg.schedule_sizes
+        (6, [4, 8, 32], 800, ['cosine'], [0, 2, 4])
     """
     model = {
         "class_path": "lightning_scaling.demo.model.GPT",
@@ -50,7 +52,7 @@ def demo_config(*, quick: bool = False) -> RecipeConfig:
         model=model, data=data,
         sizes=[{"name": f"d{d}", "d_model": d} for d in (16, 24, 32, 48, 64, 96)],
         batch_size=16, batch_sizes=[4, 8, 32], sweep_size=2, max_steps=800, val_every=400, torch_threads=1,
-        schedules=["cosine"],
+        schedules=["cosine"], schedule_sizes=[0, 2, 4],
         trainer={"accelerator": "cpu", "devices": 1, "limit_val_batches": 8},
         gns=dict(_GNS), forecast={}, fit={"n_bootstrap": 40, "form": "auto"},
         name="demo",

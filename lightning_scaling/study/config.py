@@ -47,6 +47,8 @@ class RecipeConfig:
             schedules) and the held-out model is predicted under each before it trains. Empty: the model's own
             schedule only.
         schedule_arg: model ``init_args`` key that selects the LR schedule (for ``schedules``).
+        schedule_sizes: indices in ``sizes`` of the fitted sizes also trained under each of ``schedules`` (the
+            held-out size always is); ``None``: every size. Each costs one more run per schedule.
         trainer: extra ``lightning.pytorch.Trainer`` arguments (``accelerator``, ``devices``, ``precision``...).
         gns: ``GradientNoiseScale`` init args, or ``None`` to leave it out.
         forecast: ``ScalingForecast`` init args, or ``None`` to leave it out.
@@ -80,6 +82,7 @@ class RecipeConfig:
     lr_scaling: str = "none"
     schedules: list[str] = field(default_factory=list)
     schedule_arg: str | None = "schedule"
+    schedule_sizes: list[int] | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     gns: dict[str, Any] | None = field(default_factory=dict)
     forecast: dict[str, Any] | None = field(default_factory=dict)
@@ -132,6 +135,13 @@ class RecipeConfig:
         if own is not None and own in self.schedules:
             raise ValueError(f"config 'schedules' lists {own!r}, the model's own schedule (model.init_args."
                              f"{self.schedule_arg}): the ladder already trains it")
+        if self.schedule_sizes is not None:
+            n_fit = len(self.sizes) - (1 if self.holdout else 0)
+            ok = isinstance(self.schedule_sizes, list) and all(isinstance(i, int) and 0 <= i < n_fit
+                                                               for i in self.schedule_sizes)
+            if not ok or len(set(self.schedule_sizes)) != len(self.schedule_sizes) or not self.schedule_sizes:
+                raise ValueError(f"config 'schedule_sizes' must be distinct indices of fitted sizes (0..{n_fit - 1}), "
+                                 f"or null for all, got {self.schedule_sizes!r}")
         if self.tokens_per_sample is not None and not self.tokens_per_sample > 0:
             raise ValueError(f"config 'tokens_per_sample' must be positive, got {self.tokens_per_sample!r}")
         if self.target_loss is not None and not self.target_loss > 0:

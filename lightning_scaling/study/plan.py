@@ -63,7 +63,8 @@ def _lr_for(cfg: RecipeConfig, batch: int) -> float | None:
 def plan_runs(cfg: RecipeConfig) -> list[RunSpec]:
     """The runs of the recipe in training order: sweep and ladder (smallest first), then the held-out size.
 
-    Each of ``cfg.schedules`` adds a run per ladder size, named ``<size>_b<batch>_<schedule>``.
+    Each of ``cfg.schedules`` adds a run per ladder size (those of ``cfg.schedule_sizes`` and the held-out one),
+    named ``<size>_b<batch>_<schedule>``.
 
     Example::
 
@@ -87,6 +88,8 @@ def plan_runs(cfg: RecipeConfig) -> list[RunSpec]:
             specs.append(RunSpec(name=f"{name}_b{b}", size_index=i, size=name, overrides=overrides, batch_size=b,
                                  role=role, lr=_lr_for(cfg, b)))
         role = "holdout" if (cfg.holdout and i == last) else "ladder"
+        if role == "ladder" and cfg.schedule_sizes is not None and i not in cfg.schedule_sizes:
+            continue
         for sched in cfg.schedules:  # config validation guarantees schedule_arg is set when schedules are
             specs.append(RunSpec(name=f"{name}_b{cfg.batch_size}_{sched}", size_index=i, size=name,
                                  overrides={**overrides, str(cfg.schedule_arg): sched}, batch_size=cfg.batch_size,
