@@ -195,6 +195,35 @@ def test_fit_on_plain_lightning_logs_per_run_n_and_critical_batch(tmp_path: Path
     assert "expected 'none' or a positive number" in capsys.readouterr().err
 
 
+def test_fit_predicts_under_the_schedule_of_a_named_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Three sizes at a constant LR and under cosine, generated from a law with an annealing term: without
+    # --schedule-of the mixed runs share no schedule, so the prediction is at a constant LR (and says so); with it,
+    # under that run's cosine.
+    from lightning_scaling.fitting import ScalingLaw
+
+    truth = ScalingLaw({**TRUTH, "anneal": 0.3, "anneal_lambda": 0.99})
+    steps = np.arange(1, 3001)
+    cosine = 0.1 + 0.45 * (1 + np.cos(np.pi * np.arange(3000) / 3000))
+    for n in (1e6, 3e6, 1e7):
+        for name, lr in (("const", np.ones(3000)), ("cos", cosine)):
+            loss = truth.predict_loss(n, steps, 64, lr)
+            run = RunHistory(name=f"n{n:g}_{name}", n_params=n, batch_size=64, tokens_per_sample=128, step=steps,
+                             loss=loss, lr=lr, planned_lr=lr)
+            run.to_json(tmp_path / run.name / "scaling" / "history.json")
+    base = ["fit", str(tmp_path), "--critical-batch", "none", "--bootstrap", "0", "--predict-n", "3e7", "--json"]
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert "the runs use several LR schedules; the prediction is at a constant LR" in captured.err
+    const = json.loads(captured.out)["prediction"]["loss"][-1]
+    assert main([*base, "--schedule-of", "n1e+07_cos"]) == 0
+    cos = json.loads(capsys.readouterr().out)["prediction"]["loss"][-1]
+    assert const == pytest.approx(float(truth.predict_loss(3e7, 3000, 64, np.ones(3000))), rel=0.01)
+    assert cos == pytest.approx(float(truth.predict_loss(3e7, 3000, 64, cosine)), rel=0.02)  # 3x past the sizes
+    assert cos < const - 0.05  # the annealing gain
+    assert main([*base, "--schedule-of", "nope"]) == 1
+    assert "--schedule-of 'nope': no such run" in _err(capsys)
+
+
 def test_fit_fails_fast_before_importing_heavy_modules(tmp_path: Path) -> None:
     import subprocess
     import sys
