@@ -467,22 +467,20 @@ def _check_fit_runs(runs: Sequence[Any], *, min_points: int = 10) -> None:
         raise CLIError(f"runs {missing} do not record their batch size: pass --run-batch-size")
 
 
-def _schedule_run(runs: Sequence[Any], name: str | None) -> Any:
-    """The run named by ``--schedule-of`` (``None`` without it); an unknown name or a run without LR is an error."""
+def _schedule_lr(runs: Sequence[Any], name: str | None) -> Any:
+    """The per-step LR of the run named by ``--schedule-of`` (``None`` without it); an unknown name or a run
+    without a usable LR record is an error."""
     if name is None:
         return None
     run = next((r for r in runs if r.name == name), None)
     if run is None:
         raise CLIError(f"--schedule-of {name!r}: no such run among {sorted(r.name for r in runs)}")
-    if run.planned_lr is None and (run.lr is None or not any(math.isfinite(v) for v in run.lr.tolist())):
-        raise CLIError(f"--schedule-of {name!r}: the run records no learning rate")
-    return run
-
-
-def _lr_of(run: Any) -> Any:
     from lightning_scaling.backtest import run_schedule
 
-    return None if run is None else run_schedule(run)[0]
+    lr = run_schedule(run)[0]
+    if lr is None:
+        raise CLIError(f"--schedule-of {name!r}: the run records no learning rate")
+    return lr
 
 
 def _check_identified(law: Any) -> None:
@@ -502,7 +500,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _name_from_path(r, [Path(p) for p in args.logdirs])
     _assign_n_params(runs, args.n_params)
     _check_fit_runs(runs)
-    schedule_run = _schedule_run(runs, args.schedule_of)
+    schedule_lr = _schedule_lr(runs, args.schedule_of)
     from lightning_scaling.report.tables import format_fit_table
     from lightning_scaling.study.predict import fit_and_predict
     from lightning_scaling.fitting import fit_critical_batch_size
@@ -527,7 +525,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 warnings.simplefilter("ignore", FitWarning)  # turned into the one-line error below
                 result = fit_and_predict(runs, predict_n=args.predict_n, batch_size=args.batch_size,
                                          steps=args.steps, target_loss=args.target_loss, fit_kwargs=fit_kwargs,
-                                         lr_schedule=_lr_of(schedule_run),
+                                         lr_schedule=schedule_lr,
                                          **({"sweep_runs": []} if args.critical_batch is not None else {}))
         except ValueError as err:
             if "critical_batch='none'" not in str(err):
@@ -537,7 +535,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                            "or --critical-batch B (a constant critical batch in samples)") from None
         _check_identified(result.get("_law"))
         law = result.get("_law")
-        if args.predict_n is not None and schedule_run is None and law is not None and law.params["anneal"] > 0 \
+        if args.predict_n is not None and schedule_lr is None and law is not None and law.params["anneal"] > 0 \
                 and law.schedule is None:
             print("note: the runs use several LR schedules; the prediction is at a constant LR (--schedule-of RUN "
                   "predicts under that run's schedule)", file=sys.stderr)

@@ -611,7 +611,7 @@ class GradientNoiseScale(Callback):
         try:
             self._micro_sizes.append(int(fn(batch)))
         except Exception as err:  # never raise into the training loop
-            if trainer.world_size == 1:  # warn and stop measuring
+            if self._world == 1:  # warn and stop measuring
                 rank_zero_warn(f"GradientNoiseScale: cannot get the batch size ({err}); pass `batch_size_fn`. "
                                "Disabled.", category=ScalingWarning)
                 self._disable()
@@ -672,13 +672,13 @@ class GradientNoiseScale(Callback):
         # A window this rank cannot measure (batch size unknown or empty) still runs every collective below, its
         # statistics poisoned with NaN, so no rank waits for it in an all-reduce and every rank skips the step.
         bad = self._bad_window or local_samples <= 0
-        if bad and self._world == 1:
-            return
-        poison = float("nan") if bad else 1.0
-        if bad:  # a placeholder for the batch sizes the estimator keeps (the step itself is skipped)
-            local_samples = self._good_samples or max(local_samples, 1.0)
+        if bad:
+            if self._world == 1:
+                return
+            poison = float("nan")
+            local_samples = self._good_samples or max(local_samples, 1.0)  # a placeholder: the step is skipped
         else:
-            self._good_samples = local_samples
+            poison, self._good_samples = 1.0, local_samples
         grads = [p.grad for p in self._tracked if p.grad is not None]
         if not grads:
             warning_cache.warn("GradientNoiseScale: no gradients at the optimizer step; skipped.",

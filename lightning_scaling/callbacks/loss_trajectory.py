@@ -489,4 +489,3 @@ def _event_writer(logger: Any) -> Any:
     if not isinstance(writer, SummaryWriter):
         return None
     return getattr(writer, "file_writer", None)
-

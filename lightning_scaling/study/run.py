@@ -535,10 +535,11 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
     report.update({k: v for k, v in fitted.items() if not k.startswith("_")})
     report["timings"]["fit_s"] = fitted.pop("_fit_s")
     holdouts = [s for s in specs if s.role == "holdout"]  # the model's own schedule first, then cfg.schedules
+    refs = {s.name: _references(fit_specs, histories, s) for s in holdouts}  # the finished ladder of its schedule
     extra: dict[str, dict[str, Any]] = {}
-    for spec in holdouts:  # each gets the law and the finished ladder of its own schedule as references
+    for spec in holdouts:  # each trains with the law and its references
         target = (_prediction_for(fitted, spec) or {}).get("target_loss")
-        extra[spec.name] = {"law": fitted.get("_law"), "reference": _references(fit_specs, histories, spec),
+        extra[spec.name] = {"law": fitted.get("_law"), "reference": refs[spec.name],
                             **({"target_loss": target} if target is not None else {})}
     runner.train(holdouts, wait=True, extra=extra)  # together: Ray or other processes may train them at once
     for spec in specs:
@@ -551,7 +552,7 @@ def _run_all(cfg: RecipeConfig, specs: Sequence[RunSpec], out: Path, report: dic
         comp = compare_prediction(pred, histories[spec.name], critical=fitted.get("_critical") if own else None,
                                   law=fitted.get("_law") if own else None)
         comp["live_forecast"] = _half_run_forecast(histories[spec.name], cfg.max_steps, law=fitted.get("_law"),
-                                                   reference=_references(fit_specs, histories, spec))
+                                                   reference=refs[spec.name])
         if own:
             report["comparison"] = comp
         else:
