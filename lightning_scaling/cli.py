@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bt = sub.add_parser(
         "backtest", help="how accurate the forecast and the cross-size fit would have been on your finished runs",
-        description="Replay the forecast from 10-70%% prefixes of each finished run (with the run's whole LR "
+        description="Replay the forecast from 10-70 percent prefixes of each finished run (with the run's whole LR "
                     "schedule) and hold the largest model size out of the scaling-law fit; print the errors and "
                     "band coverage beside a power-law / plain Kaplan baseline measured on the same runs.")
     bt.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="folders or files holding finished runs")
@@ -488,6 +488,8 @@ def _check_identified(law: Any) -> None:
     info = getattr(law, "info", None)
     if info is not None and not info.identified:
         raise CLIError(f"the runs do not determine a scaling law: {info.messages[0]}")
+    for message in getattr(info, "messages", ()):  # what the fit says about an identified law (e.g. e at 0)
+        print(f"note: {message}", file=sys.stderr)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

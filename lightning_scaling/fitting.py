@@ -890,9 +890,13 @@ class ScalingLaw:
                           f" at which B_crit(L) was measured: the critical batch there is {there}; a batch sweep "
                           "that trains further pins it down", FitWarning, stacklevel=3)
 
-    def min_loss(self, n_params: ArrayLike) -> np.ndarray:
-        """Lowest loss a model of ``n_params`` reaches (infinite steps): ``e + (n_c/N)^alpha_n``."""
-        return self.params["e"] + laws.loss_n(n_params, n_c=self.params["n_c"], alpha_n=self.params["alpha_n"])
+    def min_loss(self, n_params: ArrayLike, *, decayed: bool = False) -> np.ndarray:
+        """Lowest loss a model of ``n_params`` reaches (infinite steps): ``e + (n_c/N)^alpha_n`` at a constant LR;
+        with ``decayed=True`` after the LR has also decayed to zero, times the annealing factor ``exp(-anneal)``
+        (the two agree for a law fitted without decayed runs). A decayed run's predicted loss can lie below the
+        constant-LR minimum, never below the decayed one."""
+        floor = self.params["e"] + laws.loss_n(n_params, n_c=self.params["n_c"], alpha_n=self.params["alpha_n"])
+        return floor * math.exp(-self.params["anneal"]) if decayed else floor
 
     def critical_batch_size(self, loss: ArrayLike) -> np.ndarray:
         """Critical batch size in samples at ``loss`` (``* tokens_per_sample`` for tokens)."""
@@ -1752,6 +1756,11 @@ def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, fl
         problems.append(f"it predicts a loss of {pred} inside the data (N={probe[0]:g}, S={probe[1]:g})")
     n_drop = sum(dropped.values())
     messages = list(problems)
+    fitted = dict(zip(names, theta))  # names may list an irreducible term the form did not fit
+    if "e" in fitted and fitted["e"] <= 1e-9 * max(1.0, law.params.get("e", 0.0)):
+        # a legitimate value (the law becomes Kaplan's), not an unidentified fit, but its floor is then no estimate
+        messages.append("the irreducible loss e sits at 0, its lower bound: the runs show no floor, so min_loss "
+                        "falls toward 0 as N grows and is no estimate of the data's floor")
     if n_drop:
         messages.append(f"{n_drop} of {total} points dropped: " +
                         ", ".join(f"{v} {k}" for k, v in dropped.items() if v))

@@ -752,13 +752,15 @@ class Forecast:
     def steps_to(self, loss: float, *, bound: str = "mean") -> float:
         """First step at which the forecast (or its ``lower``/``upper`` bound) reaches ``loss``.
 
-        Returns the first observed (binned) step at or below ``loss`` when it was already reached, the
-        linearly interpolated future step otherwise, and ``inf`` when not reached by ``horizon``.
+        Returns the first observed step at which the observed loss, averaged over the last 5% of the observed span
+        (at least 3 bins, the span of a final loss), was at or below ``loss`` when it was already reached; the
+        linearly interpolated future step otherwise; ``inf`` when not reached by ``horizon``. One noisy bin below
+        ``loss`` does not count as reaching it.
         """
         curve = self._curve(bound)
         if not math.isfinite(loss):
             raise ValueError(f"loss must be finite, got {loss}")
-        hit = np.nonzero(self.observed_loss <= loss)[0]
+        hit = np.nonzero(_trailing_mean(self.observed_loss, _FINAL_SHARE) <= loss)[0]
         if hit.size:
             return float(self.observed_steps[hit[0]])
         below = np.nonzero(curve <= loss)[0]
@@ -780,6 +782,21 @@ class Forecast:
         """A JSON-serialisable dict: arrays as lists, non-finite floats as ``"NaN"``/``"Infinity"`` (the package's one
         convention, :func:`lightning_scaling.numerics.to_jsonable`)."""
         return to_jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "warm_state"})
+
+
+_FINAL_SHARE = 0.05  # as backtest.final_window: a loss "reached" is a mean over this share of the steps, not a bin
+
+
+def _trailing_mean(y: np.ndarray, share: float, least: int = 3) -> np.ndarray:
+    """Mean of each point with the points before it, over ``share`` of the (equal-width) bins, at least ``least``;
+    NaN where fewer points came before."""
+    y = np.asarray(y, dtype=np.float64)
+    k = min(max(least, math.ceil(share * y.size)), y.size)
+    out = np.full(y.size, np.nan)
+    if k:
+        c = np.concatenate([[0.0], np.cumsum(y)])
+        out[k - 1:] = (c[k:] - c[:-k]) / k
+    return out
 
 
 def _law_params(law: Any) -> dict[str, float]:

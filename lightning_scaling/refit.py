@@ -206,6 +206,7 @@ class RefitScheduler:
     Attributes:
         mode: The mode in use (``"inline"`` after a worker failure).
         submitted_steps: Cadence steps of the submitted refits, in order; ``completed`` counts the results.
+        skipped_steps: Cadence steps of the refits never run: a newer one replaced them while they waited.
 
     Example::
 
@@ -227,6 +228,7 @@ class RefitScheduler:
         self.mode = "thread" if mode == "process" and sys.platform == "win32" else mode
         self.max_overhead = float(max_overhead)
         self.submitted_steps: list[int] = []
+        self.skipped_steps: list[int] = []  # waiting refits replaced by a newer one before they started
         self.completed = 0
         self._extras_seconds = 0.0
         # cost of the next forecast run and figure: each the last one's (a refit that made neither teaches nothing:
@@ -255,13 +257,31 @@ class RefitScheduler:
             return True
         return self._extras_seconds + need <= self.max_overhead * max(train_seconds, 0.0)
 
+    def start(self) -> None:
+        """Start the worker process now (``"process"`` mode), so that its interpreter and imports (about a second)
+        are ready by the first refit instead of delaying it; a worker that cannot start falls back as in
+        :meth:`submit`."""
+        if self.mode == "process" and self._worker is None:
+            try:
+                self._worker = _Worker()
+            except Exception as err:
+                self._fall_back(err)
+
     def submit(self, job: RefitJob) -> None:
-        """Start ``job`` now, or keep it waiting (replacing an older waiting one) while a refit is in flight."""
+        """Start ``job`` now, or keep it waiting (replacing an older waiting one, counted in ``skipped_steps``)
+        while a refit is in flight."""
         self.submitted_steps.append(job.at_step)
         if self._in_flight is None:
             self._start(job)
         else:
+            if self._waiting is not None:
+                self.skipped_steps.append(self._waiting.at_step)
             self._waiting = job
+
+    @property
+    def pending_steps(self) -> list[int]:
+        """Cadence steps of the refits in flight or waiting (dropped by :meth:`close`)."""
+        return [j.at_step for j in (self._in_flight_job, self._waiting) if j is not None]
 
     def poll(self) -> list[RefitResult]:
         """Finished refits since the last call (oldest first), starting the waiting job when the worker frees."""

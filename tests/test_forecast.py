@@ -338,12 +338,24 @@ def test_transient_exclusion_helps_power_law_with_early_transient():
     assert abs(with_ex.final_loss / truth - 1) < 0.01
 
 
+def test_one_noisy_bin_below_the_target_is_not_reaching_it():
+    obs = np.full(40, 3.4)
+    obs[12] = 3.0  # one bin of a noisy curve dips below the target
+    f = Forecast(steps=np.array([41, 60, 80]), loss=np.array([3.3, 3.1, 2.9]), lower=np.array([3.2, 2.9, 2.7]),
+                 upper=np.array([3.4, 3.3, 3.1]), final_loss=2.9, final_lower=2.7, final_upper=3.1, horizon=80,
+                 method="power", params={}, n_observed=40, observed_until=40,
+                 observed_steps=np.arange(1, 41), observed_loss=obs)
+    assert f.steps_to(3.1) == pytest.approx(60.0)  # from the forecast, not the dip at step 13
+    obs[12:15] = 3.0  # three bins in a row: the trailing mean of the last 5% (3 bins here) reaches it
+    assert f.steps_to(3.1) == 15.0
+
+
 def test_forecast_steps_to_tokens_to_and_json():
     f = Forecast(steps=np.array([11, 20, 30]), loss=np.array([3.0, 2.6, 2.4]), lower=np.array([2.9, 2.4, 2.2]),
                  upper=np.array([3.1, 2.8, 2.6]), final_loss=2.4, final_lower=2.2, final_upper=2.6, horizon=30,
                  method="power", params={"l_inf": 2.0}, n_observed=10, observed_until=10, tokens_per_step=100.0,
-                 observed_steps=np.array([5, 10]), observed_loss=np.array([3.5, 3.2]))
-    assert f.steps_to(3.3) == 10.0                    # already reached in the observed curve
+                 observed_steps=np.array([2, 4, 6, 8, 10]), observed_loss=np.array([3.6, 3.5, 3.4, 3.3, 3.1]))
+    assert f.steps_to(3.3) == 10.0                    # already reached: the mean of the last 3 bins is 3.27
     assert f.steps_to(2.8) == pytest.approx(15.5)     # interpolated between 11 and 20
     assert f.steps_to(2.8, bound="lower") < f.steps_to(2.8) < f.steps_to(2.8, bound="upper")
     assert math.isinf(f.steps_to(2.0)) and f.tokens_to(2.8) == pytest.approx(1550.0)

@@ -37,6 +37,7 @@ from lightning_scaling.report.tensorboard import (
 )
 from lightning_scaling.report.figures import forecast_figure, render_figure
 from lightning_scaling.history import RunHistory
+from lightning_scaling.warnings import ForecastWarning
 
 from helpers import TinyLM, token_loader, trainer_kwargs
 
@@ -336,9 +337,48 @@ def test_last_refits_are_dropped_when_they_would_delay_the_end(tmp_path, monkeyp
 
     monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
     sf = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
-    fit(tmp_path, [LossTrajectory(), sf], max_steps=20, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [LossTrajectory(), sf], max_steps=20, logger=False)
     # 2% of well under a second of training: the end does not wait 0.3 s for the refit of step 20.
     assert [s for s, _ in sf.refit_log] in ([], [10]) and sf._scheduler is None
+    said = [str(w.message) for w in caught if issubclass(w.category, ForecastWarning)]
+    if not sf.refit_log:  # a run that got no forecast at all is told so, with what to do
+        assert any("no forecast was made during this run" in m and "background=False" in m for m in said), said
+
+
+def test_refits_the_run_never_got_are_reported(tmp_path, monkeypatch):
+    def slow(history, *args, **kwargs):
+        time.sleep(0.25)
+        return stub_forecast_run(history, *args, **kwargs)
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    sf = ScalingForecast(every_n_steps=2, background="thread", figure=False, forecast_runs=False)
+    with pytest.warns(ForecastWarning, match="refits were not made") as caught:
+        fit(tmp_path, [LossTrajectory(), StepWork(0.01), sf], max_steps=40, logger=False)
+    # refits every 20 ms of training, each 250 ms long: most were replaced while waiting, the last ones unfinished
+    (msg,) = [str(w.message) for w in caught if "refits were not made" in str(w.message)]
+    made = len(sf.refit_log)
+    sched_steps = list(range(2, 41, 2))
+    assert made < len(sched_steps) and f"{len(sched_steps) - made} of {len(sched_steps)} refits" in msg
+    assert "skipped while the previous refit was still running" in msg and "every_n_steps=2" in msg
+    assert "still unfinished when training ended (steps" in msg and "40" in msg
+
+
+def test_only_the_last_refit_unfinished_is_not_reported(tmp_path, monkeypatch):
+    def slow(history, *args, **kwargs):
+        time.sleep(0.05)
+        return stub_forecast_run(history, *args, **kwargs)
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    sf = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [LossTrajectory(), StepWork(0.01), sf], max_steps=40, logger=False)
+    steps = [s for s, _ in sf.refit_log]
+    assert steps[:3] == [10, 20, 30]  # 100 ms of training between refits of 50 ms: none skipped
+    # the refit of the last step may be dropped (the run is over and its end is known): no warning for that alone
+    assert not [w for w in caught if "refits were not made" in str(w.message)]
 
 
 def test_extras_budget_counts_what_figures_cost():
@@ -477,6 +517,21 @@ def _idle_worker_scheduler():
     sched.submit(RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"}))
     assert [r.at_step for r in sched.finish(timeout=60)] == [300]
     return sched, sched._worker._proc
+
+
+def test_the_worker_can_start_before_the_first_refit():
+    from lightning_scaling.refit import RefitJob, RefitScheduler
+
+    sched = RefitScheduler("process")
+    try:
+        sched.start()  # ScalingForecast does this at train start: the interpreter's start-up overlaps training
+        worker = sched._worker
+        assert worker is not None and worker._proc.poll() is None
+        sched.submit(RefitJob(_synthetic_history(300), at_step=300, fit_kwargs={"horizon": 1000, "method": "power"}))
+        assert sched._worker is worker and sched.pending_steps == [300]
+        assert [r.at_step for r in sched.finish(timeout=60)] == [300] and sched.pending_steps == []
+    finally:
+        sched.close()
 
 
 def test_closing_an_idle_worker_ends_and_reaps_it():

@@ -156,6 +156,25 @@ def test_resume_continues_one_history(tmp_path):
     assert any(k.startswith("LossTrajectory") and len(v["step"]) == 8 for k, v in state.items())
 
 
+def test_runs_without_a_logger_do_not_overwrite_each_other(tmp_path):
+    # logger=False: every run's history goes to <default_root_dir>/scaling; a second run used to replace the first.
+    first = fit(tmp_path, TinyLM(), LossTrajectory(tokens_per_sample=6), max_steps=12)
+    fit(tmp_path, TinyLM(), LossTrajectory(tokens_per_sample=6), max_steps=5)
+    fit(tmp_path, TinyLM(), LossTrajectory(tokens_per_sample=6), max_steps=3)
+    assert first.logger is None
+    paths = [tmp_path / "scaling" / "history.json", tmp_path / "scaling" / "version_1" / "history.json",
+             tmp_path / "scaling" / "version_2" / "history.json"]
+    assert [len(RunHistory.from_json(p)) for p in paths] == [12, 5, 3]
+    # resuming continues the same file (the checkpointed history already holds the earlier steps)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "r", TinyLM(max_steps=8), LossTrajectory(tokens_per_sample=6), max_steps=4,
+        enable_checkpointing=True, extra=[ckpt])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "r", max_steps=8), callbacks=[LossTrajectory(tokens_per_sample=6)])
+    trainer.fit(TinyLM(max_steps=8), token_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert len(RunHistory.from_json(tmp_path / "r" / "scaling" / "history.json")) == 8
+    assert not (tmp_path / "r" / "scaling" / "version_1").exists()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP spawn")
 def test_ddp_two_ranks_same_history_tokens_count_both(tmp_path):
     traj = LossTrajectory(tokens_per_sample=6, flush_every_n_steps=3)

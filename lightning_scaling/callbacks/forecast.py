@@ -295,6 +295,7 @@ class ScalingForecast(Callback):
         self._train_seconds = 0.0
         self._shutdown()
         self._scheduler = RefitScheduler(_mode(self.background), max_overhead=self.max_overhead)
+        self._scheduler.start()  # the worker's start-up (about a second) overlaps the first steps, not a refit
 
     @override
     def on_train_batch_end(
@@ -332,6 +333,7 @@ class ScalingForecast(Callback):
         if self._scheduler is not None:  # pick up the last refits, waiting no longer than the refit budget
             wait = min(_MAX_END_WAIT, self.max_overhead * self._train_seconds)
             self._apply_all(trainer, self._scheduler.finish(timeout=wait))
+            self._warn_unmade(wait)
         self._shutdown()
         if self.n_refits == 0 and self.last_error is not None:
             self._warning_cache.warn(
@@ -464,6 +466,28 @@ class ScalingForecast(Callback):
             except Exception as err:
                 self._warn_failure(err, step)
 
+    def _warn_unmade(self, waited: float) -> None:
+        """Say which refits the run never got (a newer one replaced them while the worker was busy, or the run ended
+        first): a forecast that silently lags, or never comes, looks like a working one."""
+        sch = self._scheduler
+        skipped, pending = list(sch.skipped_steps), sch.pending_steps
+        # only the refit of the run's last step unfinished: the run is over, its own end says more than a forecast
+        if not skipped and (not pending or (self.n_refits and pending == sch.submitted_steps[-1:])):
+            return
+        parts = []
+        if skipped:
+            parts.append(f"{len(skipped)} skipped while the previous refit was still running (steps "
+                         f"{_steps_text(skipped)}: a refit takes longer than every_n_steps={self.every_n_steps} steps)")
+        if pending:
+            parts.append(f"{len(pending)} still unfinished when training ended (steps {_steps_text(pending)}; "
+                         f"waited {waited:.2g} s, max_overhead={self.max_overhead:g} of the training time)")
+        last = (f"the last forecast is from step {self.refit_log[-1][0]}" if self.n_refits
+                else "no forecast was made during this run")
+        hint = ("; for runs this short pass background=False (refits on the training thread)" if not self.n_refits
+                else "")
+        self._warning_cache.warn(f"ScalingForecast: {len(skipped) + len(pending)} of {len(sch.submitted_steps)} refits "
+                                 f"were not made: {'; '.join(parts)}; {last}{hint}.", category=ForecastWarning)
+
     def _warn_failure(self, err: BaseException | None, step: int) -> None:
         key = type(err).__name__
         if key not in self._warning_cache:
@@ -544,6 +568,10 @@ class ScalingForecast(Callback):
         if self._scheduler is not None:
             self._scheduler.close()
             self._scheduler = None
+
+
+def _steps_text(steps: list[int], most: int = 6) -> str:
+    return ", ".join(map(str, steps[:most])) + (f", ... ({len(steps)} in all)" if len(steps) > most else "")
 
 
 def _mode(background: bool | str) -> str:

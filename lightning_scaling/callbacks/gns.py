@@ -447,12 +447,20 @@ class GradientNoiseScale(Callback):
                 "LN-proxy GNS" if self.per_example_layers == "norm" else "LN+Linear-proxy GNS"
             )
             if method == "per_example" and not self._tracked:
-                rank_zero_warn(
-                    "GradientNoiseScale(method='per_example') found no LayerNorm/RMSNorm (or Linear) layers with"
-                    " trainable parameters; no noise scale is measured.",
-                    category=ScalingWarning,
-                )
+                layers = ("LayerNorm/RMSNorm layers (per_example_layers='norm'; "
+                          "per_example_layers='norm+linear' adds Linear layers)" if self.per_example_layers == "norm"
+                          else "LayerNorm/RMSNorm or Linear layers")
+                rank_zero_warn(f"GradientNoiseScale(method='per_example') found no {layers} with trainable, unshared "
+                               "parameters; no noise scale is measured. accumulate_grad_batches >= 2 measures it "
+                               "exactly for any model (method='accumulation').", category=ScalingWarning)
+                self._remove_hooks()
                 return
+        if method == "accumulation" and trainer.accumulate_grad_batches < 2 and self._world == 1:
+            rank_zero_warn("GradientNoiseScale(method='accumulation') needs accumulate_grad_batches >= 2 (it compares "
+                           "the micro-batch gradients with their mean; with one there is nothing to compare): no "
+                           "noise scale is measured. Use method='auto'.", category=ScalingWarning)
+            self._remove_hooks()
+            return
         self._enabled = True
         rank_zero_info(
             f"GradientNoiseScale: method={method!r} ({self.label}), accumulate_grad_batches="

@@ -193,6 +193,7 @@ class LossTrajectory(Callback):
             return
         # trainer.log_dir broadcasts, so resolve it here where every rank runs, not in rank-zero-only writes.
         self._history_path = self.history_path(trainer)
+        self._restored = False
         if not pl_module.automatic_optimization:
             self._warning_cache.warn(
                 "LossTrajectory: manual optimization; the returned loss is recorded once per optimizer step "
@@ -206,6 +207,8 @@ class LossTrajectory(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restored state is visible here under every strategy (FSDP restores after on_fit_start).
+        if not getattr(self, "_restored", False):  # a resume keeps writing the history it continues
+            self._history_path = self._fresh_path(trainer, self._history_path)
         if self.n_params is None:
             self.n_params = count_non_embedding_params(pl_module)
         try:
@@ -289,6 +292,7 @@ class LossTrajectory(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reset_state()
+        self._restored = True
         self._rec.load_state_dict(state_dict)
         if self.n_params is None:
             self.n_params = state_dict.get("n_params")
@@ -393,6 +397,19 @@ class LossTrajectory(Callback):
         """
         base = Path(self.save_dir) if self.save_dir else Path(trainer.log_dir or trainer.default_root_dir) / "scaling"
         return base / HISTORY_FILENAME
+
+    def _fresh_path(self, trainer: pl.Trainer, path: Path) -> Path:
+        """Without a logger or ``save_dir`` every run shares ``<default_root_dir>/scaling``: a new run (not a resume)
+        writes beside an earlier run's history, in the next free ``version_<k>`` folder, instead of over it."""
+        if trainer.loggers or self.save_dir or not path.exists():
+            return path
+        k = 1
+        while (path.parent / f"version_{k}" / path.name).exists():
+            k += 1
+        fresh = path.parent / f"version_{k}" / path.name
+        rank_zero_info(f"LossTrajectory: {path} holds an earlier run's history; this run's goes to {fresh} "
+                       "(a logger or `save_dir` chooses the place).")
+        return fresh
 
     def _write(self, trainer: pl.Trainer, *, wait: bool) -> Path | None:
         """Write ``history.json`` (rank 0): now, or (``wait=False``) from a snapshot in a writer thread."""

@@ -108,7 +108,9 @@ def plot_loss_curves(ax: Any, report: Mapping[str, Any], histories: Mapping[str,
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats)")
-    ax.set_title("Loss curves: observed, fitted L(N,S,B) (dashed), held-out prediction (red)", fontsize=9)
+    held_out = any(info.get("role") == "holdout" for info in runs_info.values())
+    shown = ", held-out prediction (red)" if held_out else (", prediction (red)" if pred else "")
+    ax.set_title(f"Loss curves: observed, fitted L(N,S,B) (dashed){shown}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6.5, loc="upper right" if by_size else "lower left", ncol=2)
 
@@ -211,7 +213,9 @@ def plot_loss_vs_n(ax: Any, report: Mapping[str, Any], histories: Mapping[str, R
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel(f"final loss (nats), at step {steps}")
-    ax.set_title("L(N): law fitted on the smaller models vs the held-out model", fontsize=9)
+    held_out = any(info.get("role") == "holdout" for info in runs_info.values())
+    ax.set_title("L(N): law fitted on the smaller models vs the held-out model" if held_out
+                 else "L(N): law fitted on these models", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6.5 if len(series) > 1 else 7, loc="upper right")
 

@@ -99,7 +99,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     if law:
         out.append("Fitted law  L(N, S_min) = e + (N_c/N)^a_N + (S_c/S_min)^a_S,  B_crit(L) = B*/L^(1/a_B)")
         out.append("  " + ", ".join(f"{k}={v:.4g}" for k, v in law.items()))
-        if cb:
+        if cb.get("source") == "none":
+            out.append("  critical batch: not fitted (critical_batch='none': runs at one batch size), so the law "
+                       "predicts at that batch size only")
+        elif cb:
             b_star, alpha_b = _num(_as_float(cb.get("b_star")), ".4g"), _num(_as_float(cb.get("alpha_b")), ".3g")
             out.append(f"  critical batch B_crit(L) = B*/L^(1/alpha_B): B* = {b_star} samples, "
                        f"alpha_B = {alpha_b} (source: {cb.get('source', '?')})")
@@ -123,8 +126,7 @@ def format_table(report: Mapping[str, Any]) -> str:
             rows.append([f"critical batch at loss {cbr['loss']:.3f} (samples)",
                          f"{_num(cbr.get('sweep'), '.1f')} (sweep fit)",
                          f"{_num(cbr.get('live_b_simple'), '.1f')} (live B_simple)", ""])
-        rows.append(["min loss L(N) (infinite steps)",
-                     _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f"), "-", ""])
+        rows += [r + ["-", ""] for r in _min_loss_rows(pred)]
         rows += _live_forecast_rows("final loss forecast", comp.get("live_forecast"), fl["actual"])
         others = _schedule_rows(report)
         if others:
@@ -206,19 +208,29 @@ def update_readme(readme: str | Path, section: str) -> None:
     path.write_text(text[:i] + section + text[j + len(README_END):])
 
 
+def _min_loss_rows(pred: Mapping[str, Any]) -> list[list[str]]:
+    """The floor of L(N): at a constant LR, and (a law with an annealing term) after a decay to zero."""
+    if "min_loss_decayed" not in pred:
+        return [["min loss L(N) (infinite steps)",
+                 _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f")]]
+    return [["min loss L(N) (infinite steps, constant LR)",
+             _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f")],
+            ["min loss L(N) (infinite steps, LR decayed to 0)",
+             _num(pred.get("min_loss_decayed")) + _interval(pred.get("min_loss_decayed_interval"), ".3f")]]
+
+
 def format_prediction(pred: Mapping[str, Any]) -> str:
     """Prediction of a ``fit --predict-n`` without an actual run to compare with."""
-    rows = [["min loss L(N) (infinite steps)",
-             _num(pred.get("min_loss")) + _interval(pred.get("min_loss_interval"), ".3f")],
-            [f"loss after {pred['steps'][-1]} steps at batch {pred['batch_size']:g}",
-             _num(pred["loss"][-1]) + _interval([pred["lower"][-1], pred["upper"][-1]] if "lower" in pred else None,
-                                                ".3f")]]
+    last = _interval([pred["lower"][-1], pred["upper"][-1]] if "lower" in pred else None, ".3f")
+    rows = _min_loss_rows(pred) + [[f"loss after {pred['steps'][-1]} steps at batch {pred['batch_size']:g}",
+                                    _num(pred["loss"][-1]) + last]]
     if "steps_to_target" in pred:
         rows.append([f"steps to loss {pred['target_loss']:.3f}",
                      _num(pred["steps_to_target"], ".0f") + _interval(pred.get("steps_to_target_interval"), ".0f")])
         rows.append([f"tokens to loss {pred['target_loss']:.3f}", _num(pred.get("tokens_to_target"), ".4g")])
-        rows.append([f"critical batch at loss {pred['target_loss']:.3f} (samples)",
-                     _num(pred.get("critical_batch_at_target"), ".1f")])
+        if "critical_batch_at_target" in pred:  # not with critical_batch="none"
+            rows.append([f"critical batch at loss {pred['target_loss']:.3f} (samples)",
+                         _num(pred["critical_batch_at_target"], ".1f")])
     return f"Prediction for N = {fmt_n(pred['n_params'])}\n" + _rows_to_text(["quantity", "predicted"], rows)
 
 

@@ -97,7 +97,8 @@ def fit_and_predict(
     kwargs = dict(fit_kwargs or {})
     law = fit_scaling_law(fit_runs, critical_batch=kwargs.pop("critical_batch", critical), **kwargs)
     if critical is None:
-        critical_dict = {"b_star": law.params["b_star"], "alpha_b": law.params["alpha_b"], "source": "gns/law"}
+        source = "gns/law" if law.models_batch_size else "none"  # none: fitted at one batch size, B_crit unknown
+        critical_dict = {"b_star": law.params["b_star"], "alpha_b": law.params["alpha_b"], "source": source}
     else:
         critical_dict = critical.to_dict()
     out.update(critical_batch=critical_dict, law=law.to_dict(), _law=law, _critical=critical)
@@ -134,19 +135,26 @@ def predict_size(law: Any, n_params: float, batch_size: float, steps: int, *, ta
     pred: dict[str, Any] = {"n_params": float(n_params), "batch_size": float(batch_size), "steps": grid.tolist(),
                             "loss": law.predict_loss(n_params, grid, batch_size, lr_schedule).tolist(),
                             "min_loss": float(law.min_loss(n_params))}
+    decays = law.params["anneal"] > 0  # the law has an annealing term: a decayed LR lowers the floor too
+    if decays:
+        pred["min_loss_decayed"] = float(law.min_loss(n_params, decayed=True))
     if len(law.bootstrap):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lo, hi = law.interval("predict_loss", n_params, grid, batch_size, lr_schedule)
             mlo, mhi = law.interval("min_loss", n_params)
+            dlo, dhi = law.interval("min_loss", n_params, decayed=True) if decays else (None, None)
         pred.update(lower=np.asarray(lo).tolist(), upper=np.asarray(hi).tolist(),
                     min_loss_interval=[float(mlo), float(mhi)])
+        if decays:
+            pred["min_loss_decayed_interval"] = [float(dlo), float(dhi)]
     if target_loss is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             s, tok = law.steps_to_loss(target_loss, n_params, batch_size)
-        pred.update(target_loss=float(target_loss), steps_to_target=float(s), tokens_to_target=float(tok),
-                    critical_batch_at_target=float(law.critical_batch_size(target_loss)))
+        pred.update(target_loss=float(target_loss), steps_to_target=float(s), tokens_to_target=float(tok))
+        if law.models_batch_size:  # a law fitted with critical_batch="none" knows no B_crit
+            pred["critical_batch_at_target"] = float(law.critical_batch_size(target_loss))
         if len(law.bootstrap):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
