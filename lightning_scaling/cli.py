@@ -431,19 +431,27 @@ def _assign_n_params(runs: Sequence[Any], specs: Sequence[tuple[str | None, floa
     """Per-run ``--n-params RUN=N`` first, then what the logs record, then a global ``--n-params N``."""
     specs = list(specs or [])
     default = next((n for name, n in reversed(specs) if name is None), None)
+    named = set()
     for name, n in specs:
         if name is None:
             continue
         key = name.strip("/")
-        hits = [r for r in runs if r.name == key or r.name.endswith("/" + key)]
+        hits = _runs_named(runs, key)
         if len(hits) != 1:
             raise CLIError(f"--n-params {name}=...: {'no run' if not hits else f'{len(hits)} runs'} named {key!r}; "
                            f"runs: {', '.join(r.name for r in runs)}")
         hits[0].n_params = n
-    named = {r.name for r in runs if any(r.name == k or r.name.endswith("/" + k) for k, _ in specs if k)}
+        named.add(hits[0].name)
     for r in runs:
         if r.name not in named and r.n_params is None:
             r.n_params = _hparams_n_params(r) or default
+
+
+def _runs_named(runs: Sequence[Any], key: str) -> list[Any]:
+    """Runs called ``key``: the whole name or its last parts (``version_0``, ``w16/version_0``), else its first
+    part alone (``w16`` for TensorBoard's ``w16/version_0``)."""
+    hits = [r for r in runs if r.name == key or r.name.endswith("/" + key)]
+    return hits or [r for r in runs if r.name.startswith(key + "/")]
 
 
 def _check_paths(paths: Sequence[str]) -> None:

@@ -186,7 +186,13 @@ def test_fit_on_plain_lightning_logs_per_run_n_and_critical_batch(tmp_path: Path
     out = json.loads(capsys.readouterr().out)
     assert {r["name"]: r["n_params"] for r in out["runs"]} == {
         "n1e+06/version_0": 1e6, "n3e+06/version_0": 3e6, "n1e+07/version_0": 1e7}
-    assert out["critical_batch"]["b_star"] == 0.0
+    assert out["critical_batch"]["b_star"] == 0.0 and out["critical_batch"]["source"] == "none"
+    # The run folder alone names a TensorBoard run (n1e+07 for n1e+07/version_0); a target loss needs no B_crit.
+    assert main([*base, "--n-params", "n1e+07=1e7", "--critical-batch", "none", "--predict-n", "3e7",
+                 "--target-loss", "3.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps to loss 3.000" in printed and "critical batch at loss" not in printed
+    assert "critical batch: not fitted" in printed
     # A global N fills in only the runs whose logs record none.
     assert main([*base, "--n-params", "1e7", "--critical-batch", "none", "--json"]) == 0
     assert sorted(r["n_params"] for r in json.loads(capsys.readouterr().out)["runs"]) == [1e6, 3e6, 1e7]

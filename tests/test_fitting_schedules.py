@@ -111,6 +111,22 @@ def test_predicts_a_larger_model_under_an_unseen_decay(mixed_law, kind):
     assert abs(const[-1] / true[-1] - 1) > 0.01
 
 
+def test_a_decayed_run_never_ends_below_the_decayed_floor(mixed_law):
+    from lightning_scaling.study.predict import predict_size
+
+    n = 3e7
+    floor = mixed_law.min_loss(n)
+    decayed = mixed_law.min_loss(n, decayed=True)
+    assert decayed == pytest.approx(floor * np.exp(-mixed_law.params["anneal"]))
+    ends = [mixed_law.predict_loss(n, [k], 64, lr_schedule=schedule("wsd", k))[0] for k in (10**4, 10**5, 10**6)]
+    assert ends[0] > ends[1] > ends[2] > decayed  # decays to 0 after ever longer runs approach the decayed floor
+    assert decayed < floor
+    out = predict_size(mixed_law, n, 64, STEPS, lr_schedule=schedule("cosine"))
+    assert out["min_loss_decayed"] == pytest.approx(decayed) and min(out["loss"]) > out["min_loss_decayed"]
+    lo, hi = out["min_loss_decayed_interval"]
+    assert lo <= decayed <= hi
+
+
 def test_runs_sharing_one_decay_are_predicted_under_it_by_default():
     runs = [run(n, "cosine", seed=i) for i, n in enumerate(SIZES)]
     law = fit_scaling_law(runs, critical_batch=(K["b_star"], K["alpha_b"]), n_bootstrap=0)
