@@ -1756,8 +1756,8 @@ def _judged(law: ScalingLaw, theta: np.ndarray, bounds: Sequence[tuple[float, fl
         problems.append(f"it predicts a loss of {pred} inside the data (N={probe[0]:g}, S={probe[1]:g})")
     n_drop = sum(dropped.values())
     messages = list(problems)
-    fitted = dict(zip(names, theta))  # names may list an irreducible term the form did not fit
-    if "e" in fitted and fitted["e"] <= 1e-9 * max(1.0, law.params.get("e", 0.0)):
+    fitted, box = dict(zip(names, theta)), dict(zip(names, bounds))  # names may list an e the form did not fit
+    if "e" in fitted and fitted["e"] <= box["e"][0] + 1e-6 * max(1.0, abs(box["e"][1])):  # as at_bounds above
         # a legitimate value (the law becomes Kaplan's), not an unidentified fit, but its floor is then no estimate
         messages.append("the irreducible loss e sits at 0, its lower bound: the runs show no floor, so min_loss "
                         "falls toward 0 as N grows and is no estimate of the data's floor")

@@ -752,10 +752,10 @@ class Forecast:
     def steps_to(self, loss: float, *, bound: str = "mean") -> float:
         """First step at which the forecast (or its ``lower``/``upper`` bound) reaches ``loss``.
 
-        Returns the first observed step at which the observed loss, averaged over the last 5% of the observed span
-        (at least 3 bins, the span of a final loss), was at or below ``loss`` when it was already reached; the
-        linearly interpolated future step otherwise; ``inf`` when not reached by ``horizon``. One noisy bin below
-        ``loss`` does not count as reaching it.
+        Returns the first observed step at which the observed loss, averaged over it and the bins before it (5% of
+        the observed bins, at least 3: the span of a final loss), was at or below ``loss`` when it was already
+        reached; the linearly interpolated future step otherwise; ``inf`` when not reached by ``horizon``. One noisy
+        bin below ``loss`` does not count as reaching it.
         """
         curve = self._curve(bound)
         if not math.isfinite(loss):

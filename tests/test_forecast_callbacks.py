@@ -109,10 +109,10 @@ def scalars(path, tag):
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
 
 
-def fit(tmp_path, callbacks, *, max_steps=40, logger=True, model=None, **kw):
+def fit(tmp_path, callbacks, *, max_steps=40, logger=True, model=None, ckpt_path=None, **kw):
     tb = TensorBoardLogger(tmp_path, name="tb") if logger else False
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, callbacks=callbacks, logger=tb, **kw))
-    trainer.fit(model or TinyLM(max_steps=max_steps), token_loader(n=64, batch_size=4))
+    trainer.fit(model or TinyLM(max_steps=max_steps), token_loader(n=64, batch_size=4), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -358,11 +358,34 @@ def test_refits_the_run_never_got_are_reported(tmp_path, monkeypatch):
         fit(tmp_path, [LossTrajectory(), StepWork(0.01), sf], max_steps=40, logger=False)
     # refits every 20 ms of training, each 250 ms long: most were replaced while waiting, the last ones unfinished
     (msg,) = [str(w.message) for w in caught if "refits were not made" in str(w.message)]
-    made = len(sf.refit_log)
-    sched_steps = list(range(2, 41, 2))
-    assert made < len(sched_steps) and f"{len(sched_steps) - made} of {len(sched_steps)} refits" in msg
+    assert sf.n_refits < 20 and "of 20 refits were not made" in msg
     assert "skipped while the previous refit was still running" in msg and "every_n_steps=2" in msg
-    assert "still unfinished when training ended (steps" in msg and "40" in msg
+    if sf.n_refits:  # the last step's refit, unfinished, is not counted against the run
+        assert f"the last forecast is from step {sf.forecast.observed_until + 1}" in msg
+        assert "40" not in msg.split("unfinished")[-1]
+    else:
+        assert "no forecast was made during this run" in msg and "background=False" in msg
+
+
+def test_a_resumed_run_that_gets_no_forecast_is_told_so(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", stub_forecast_run, raising=False)
+    first = ScalingForecast(every_n_steps=10, background=False, figure=False, forecast_runs=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, [LossTrajectory(), first, ckpt], max_steps=20, logger=False, enable_checkpointing=True)
+    assert first.n_refits == 2
+
+    def slow(history, *args, **kwargs):
+        time.sleep(0.5)
+        return stub_forecast_run(history, *args, **kwargs)
+
+    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    second = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
+    with pytest.warns(ForecastWarning, match="no forecast was made during this run"):  # it raised IndexError
+        fit(tmp_path, [LossTrajectory(), second, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+            max_steps=40, logger=False, enable_checkpointing=True, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.n_refits == 2  # the restored count; none of this fit's refits (30, 40) came back in time
 
 
 def test_only_the_last_refit_unfinished_is_not_reported(tmp_path, monkeypatch):

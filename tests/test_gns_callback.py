@@ -588,6 +588,18 @@ def test_k1_gives_no_estimate_and_warns(tmp_path):
     assert cb.estimator.read().n_steps == 0 and cb.estimator.n_no_estimate == 0 and cb._handles == []
 
 
+def test_accumulation_scheduled_by_lightnings_callback_is_measured(tmp_path):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    # The scheduler needs accumulate_grad_batches=1 on the Trainer and raises it at an epoch start: not a K = 1 run.
+    data = regression_data(40 * 4 * 8, seed=6)
+    cb = GradientNoiseScale("accumulation", measure_every_n_steps=1, log_every_n_steps=5)
+    fit(LinReg(data[2]), cb, tmp_path, steps=40, batch=8, data=data,
+        extra_callbacks=[GradientAccumulationScheduler({0: 4})])
+    r = cb.estimator.read()
+    assert r.n_steps == 40 and r.b_simple == pytest.approx(TRUTH, rel=0.3), r.b_simple
+
+
 def test_partial_last_window_is_skipped(tmp_path):
     # 10 micro-batches per epoch with K = 4: windows of 4, 4, then a short one of 2 -> skipped each epoch.
     data = regression_data(80, seed=7)

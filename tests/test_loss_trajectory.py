@@ -173,6 +173,16 @@ def test_runs_without_a_logger_do_not_overwrite_each_other(tmp_path):
     trainer.fit(TinyLM(max_steps=8), token_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert len(RunHistory.from_json(tmp_path / "r" / "scaling" / "history.json")) == 8
     assert not (tmp_path / "r" / "scaling" / "version_1").exists()
+    # a run that went to version_1 resumes there, and leaves the earlier run's history alone
+    ckpt_b = ModelCheckpoint(dirpath=tmp_path / "ckpt_b", save_last=True)
+    b = LossTrajectory(tokens_per_sample=6)
+    trainer = fit(tmp_path / "r", TinyLM(max_steps=10), b, max_steps=4, enable_checkpointing=True, extra=[ckpt_b])
+    assert b.history_path(trainer) == tmp_path / "r" / "scaling" / "version_1" / "history.json"
+    resumed = LossTrajectory(tokens_per_sample=6)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "r", max_steps=10), callbacks=[resumed])
+    trainer.fit(TinyLM(max_steps=10), token_loader(), ckpt_path=tmp_path / "ckpt_b" / "last.ckpt")
+    assert len(RunHistory.from_json(tmp_path / "r" / "scaling" / "history.json")) == 8
+    assert len(RunHistory.from_json(tmp_path / "r" / "scaling" / "version_1" / "history.json")) == 10
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP spawn")

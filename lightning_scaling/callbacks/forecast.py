@@ -291,6 +291,7 @@ class ScalingForecast(Callback):
             # fit() called again for a new run: nothing of the last one may warm-start or stand for this one.
             self.forecast, self.summary, self._last_observed = None, {}, None
         self._seen_step = trainer.global_step
+        self._made_here: list[int] = []  # steps of this fit's successful refits (n_refits counts a resumed run's too)
         self._t_last = None
         self._train_seconds = 0.0
         self._shutdown()
@@ -448,6 +449,7 @@ class ScalingForecast(Callback):
             self._warn_failure(result.error, result.at_step)
         self.forecast = result.forecast
         self.n_refits += 1
+        self._made_here.append(result.at_step)
         self.summary = self._summarise(result, trainer.global_step)
         self._pbar_pending = self.prog_bar
         if not trainer.is_global_zero:
@@ -469,10 +471,12 @@ class ScalingForecast(Callback):
     def _warn_unmade(self, waited: float) -> None:
         """Say which refits the run never got (a newer one replaced them while the worker was busy, or the run ended
         first): a forecast that silently lags, or never comes, looks like a working one."""
-        sch = self._scheduler
+        sch, made = self._scheduler, getattr(self, "_made_here", [])
         skipped, pending = list(sch.skipped_steps), sch.pending_steps
-        # only the refit of the run's last step unfinished: the run is over, its own end says more than a forecast
-        if not skipped and (not pending or (self.n_refits and pending == sch.submitted_steps[-1:])):
+        if made and sch.submitted_steps and sch.submitted_steps[-1] in pending:
+            # the refit of the run's last step: the run is over, its own end says more than a forecast of it
+            pending.remove(sch.submitted_steps[-1])
+        if not (skipped or pending):
             return
         parts = []
         if skipped:
@@ -481,12 +485,11 @@ class ScalingForecast(Callback):
         if pending:
             parts.append(f"{len(pending)} still unfinished when training ended (steps {_steps_text(pending)}; "
                          f"waited {waited:.2g} s, max_overhead={self.max_overhead:g} of the training time)")
-        last = (f"the last forecast is from step {self.refit_log[-1][0]}" if self.n_refits
-                else "no forecast was made during this run")
-        hint = ("; for runs this short pass background=False (refits on the training thread)" if not self.n_refits
-                else "")
+        last = (f"the last forecast is from step {made[-1]}" if made
+                else "no forecast was made during this run; for runs this short pass background=False (refits on "
+                     "the training thread)")
         self._warning_cache.warn(f"ScalingForecast: {len(skipped) + len(pending)} of {len(sch.submitted_steps)} refits "
-                                 f"were not made: {'; '.join(parts)}; {last}{hint}.", category=ForecastWarning)
+                                 f"were not made: {'; '.join(parts)}; {last}.", category=ForecastWarning)
 
     def _warn_failure(self, err: BaseException | None, step: int) -> None:
         key = type(err).__name__

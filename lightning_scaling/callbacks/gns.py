@@ -80,6 +80,16 @@ def _is_deepspeed(trainer: "pl.Trainer") -> bool:
     return type(trainer.strategy).__name__.startswith("DeepSpeed")
 
 
+def _may_accumulate(trainer: "pl.Trainer") -> bool:
+    """Whether a step may hold several micro-batches: now, or later through Lightning's GradientAccumulationScheduler
+    (which needs the Trainer's value at 1 and raises it at an epoch start)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    return trainer.accumulate_grad_batches >= 2 or any(
+        isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
+        for c in trainer.callbacks)
+
+
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -455,7 +465,7 @@ class GradientNoiseScale(Callback):
                                "exactly for any model (method='accumulation').", category=ScalingWarning)
                 self._remove_hooks()
                 return
-        if method == "accumulation" and trainer.accumulate_grad_batches < 2 and self._world == 1:
+        if method == "accumulation" and self._world == 1 and not _may_accumulate(trainer):
             rank_zero_warn("GradientNoiseScale(method='accumulation') needs accumulate_grad_batches >= 2 (it compares "
                            "the micro-batch gradients with their mean; with one there is nothing to compare): no "
                            "noise scale is measured. Use method='auto'.", category=ScalingWarning)

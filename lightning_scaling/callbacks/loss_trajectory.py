@@ -65,7 +65,8 @@ class LossTrajectory(Callback):
         n_params: Non-embedding parameter count N. Default: trainable parameters outside ``nn.Embedding``.
         flush_every_n_steps: Optimizer steps between host copies, logging and all-reduces.
         name: Run name stored in the history (default: the logger's name/version or ``"run"``).
-        save_dir: Folder for ``history.json`` (default: ``<trainer.log_dir>/scaling``).
+        save_dir: Folder for ``history.json`` (default: ``<trainer.log_dir>/scaling``; without a logger
+            ``<default_root_dir>/scaling``, or its ``version_<k>`` subfolder beside an earlier run's history).
         log_by_tokens: Write the loss-versus-tokens TensorBoard run.
         val_loss_key: Metric name (in ``trainer.callback_metrics``) of the validation loss to record.
 
@@ -192,8 +193,9 @@ class LossTrajectory(Callback):
         if stage != "fit":
             return
         # trainer.log_dir broadcasts, so resolve it here where every rank runs, not in rank-zero-only writes.
+        self._path_resolved = False
         self._history_path = self.history_path(trainer)
-        self._restored = False
+        self._restored, self._history_dir = False, None
         if not pl_module.automatic_optimization:
             self._warning_cache.warn(
                 "LossTrajectory: manual optimization; the returned loss is recorded once per optimizer step "
@@ -207,8 +209,7 @@ class LossTrajectory(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restored state is visible here under every strategy (FSDP restores after on_fit_start).
-        if not getattr(self, "_restored", False):  # a resume keeps writing the history it continues
-            self._history_path = self._fresh_path(trainer, self._history_path)
+        self._history_path, self._path_resolved = self._run_path(trainer, self._history_path), True
         if self.n_params is None:
             self.n_params = count_non_embedding_params(pl_module)
         try:
@@ -287,12 +288,12 @@ class LossTrajectory(Callback):
         self._flush(self._trainer())
         # CPU tensors, not lists: compact (8 bytes a value), fast to save, and torch.load(weights_only=True) reads them.
         return {"version": 2, **self._rec.state_dict(), "n_params": self.n_params, "name": self.name,
-                "n_logged": self._n_logged}
+                "n_logged": self._n_logged, "history_dir": getattr(self, "_history_dir", None)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reset_state()
-        self._restored = True
+        self._restored, self._history_dir = True, state_dict.get("history_dir")
         self._rec.load_state_dict(state_dict)
         if self.n_params is None:
             self.n_params = state_dict.get("n_params")
@@ -391,22 +392,32 @@ class LossTrajectory(Callback):
             self._by_tokens_writer = None
 
     def history_path(self, trainer: pl.Trainer) -> Path:
-        """Where the history is written: ``save_dir`` or ``<log_dir>/scaling``, plus ``history.json``.
+        """Where the history is written: ``save_dir`` or ``<log_dir>/scaling``, plus ``history.json``; without a
+        logger or ``save_dir``, a new run beside an earlier run's history uses ``scaling/version_<k>/`` (known once
+        training started).
 
         Reads ``trainer.log_dir``, a collective under DDP: call it on every rank.
         """
+        if getattr(self, "_path_resolved", False):
+            return self._history_path
         base = Path(self.save_dir) if self.save_dir else Path(trainer.log_dir or trainer.default_root_dir) / "scaling"
         return base / HISTORY_FILENAME
 
-    def _fresh_path(self, trainer: pl.Trainer, path: Path) -> Path:
-        """Without a logger or ``save_dir`` every run shares ``<default_root_dir>/scaling``: a new run (not a resume)
-        writes beside an earlier run's history, in the next free ``version_<k>`` folder, instead of over it."""
-        if trainer.loggers or self.save_dir or not path.exists():
+    def _run_path(self, trainer: pl.Trainer, path: Path) -> Path:
+        """Without a logger or ``save_dir`` every run shares ``<default_root_dir>/scaling``: a new run writes beside
+        an earlier run's history, in the next free ``version_<k>`` folder, instead of over it; a resumed run goes on
+        writing where it wrote (its checkpoint says which folder)."""
+        if trainer.loggers or self.save_dir:
+            return path
+        if self._restored:
+            return path.parent / self._history_dir / path.name if self._history_dir else path
+        if not path.exists():
             return path
         k = 1
         while (path.parent / f"version_{k}" / path.name).exists():
             k += 1
-        fresh = path.parent / f"version_{k}" / path.name
+        self._history_dir = f"version_{k}"
+        fresh = path.parent / self._history_dir / path.name
         rank_zero_info(f"LossTrajectory: {path} holds an earlier run's history; this run's goes to {fresh} "
                        "(a logger or `save_dir` chooses the place).")
         return fresh
