@@ -336,7 +336,9 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         for spec in plan_runs(cfg):
             print(f"{spec.name}: {spec.role}, batch {spec.batch_size}, overrides {spec.overrides}"
                   + (f", lr {spec.lr:g}" if spec.lr is not None else ""))
-        checks = check_config(cfg)  # builds every run's model and datamodule, trains nothing
+        from lightning_scaling.study.run import trainer_arguments
+
+        checks = check_config(cfg, trainer_arguments())  # builds every run's model and datamodule, trains nothing
         for check in checks:
             print(check.line())
         return EXIT_OK if all(c.ok for c in checks) else EXIT_DATA
@@ -609,6 +611,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     summary = _forecast_summary(fc, run, args.target_loss)
     if args.target_loss is not None:
         summary["steps_to_target"] = float(fc.steps_to(args.target_loss))
+        # an observed step: the run's smoothed loss got there already (it may end above it again: see final_loss)
+        summary["target_already_reached"] = bool(summary["steps_to_target"] <= last)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -625,7 +629,10 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     else:
         from lightning_scaling.report.tables import _rows_to_text
 
-        rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items() if k != "files"]
+        rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items()
+                if k not in ("files", "target_already_reached")]
+        if summary.get("target_already_reached"):
+            rows = [[k, f"{v} (already reached: an observed step)" if k == "steps_to_target" else v] for k, v in rows]
         print(f"Forecast of {run.name} ({len(run)} points, last step {last}) to step {args.horizon}")
         print(_rows_to_text(["quantity", "value"], rows))
         if args.out:

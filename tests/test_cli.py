@@ -134,6 +134,13 @@ def test_forecast_on_plain_tensorboard_run(tmp_path: Path, capsys: pytest.Captur
     out = json.loads(capsys.readouterr().out)
     assert out["final_loss"] == pytest.approx(2.0 + 200.0**-0.5, abs=0.01)
     assert (tmp_path / "fc" / "forecast.png").exists()
+    # A target the run's smoothed loss already reached is said to be so; one ahead is not.
+    common = ["forecast", str(tmp_path / "run"), "--horizon", "10000", "--loss-tag", "train_loss"]
+    assert main([*common, "--target-loss", "2.2"]) == 0  # reached at S = 1250
+    assert "(already reached: an observed step)" in capsys.readouterr().out
+    assert main([*common, "--target-loss", "2.09", "--json"]) == 0
+    ahead = json.loads(capsys.readouterr().out)
+    assert ahead["target_already_reached"] is False and 3000 < ahead["steps_to_target"] < 10000
     # Bad inputs: horizon inside the run, a folder without runs, the default tag missing.
     assert main(["forecast", str(tmp_path / "run"), "--horizon", "100", "--loss-tag", "train_loss"]) == 1
     assert "beyond the run's last step" in _err(capsys)

@@ -109,6 +109,23 @@ def test_dry_run_fails_with_one_line_per_silent_setting(tmp_path: Path, capsys: 
     assert len(failed) == 1 and failed[0].startswith(f"FAIL {name}: ") and needle in failed[0], failed
 
 
+def test_a_trainer_argument_typo_fails_the_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tiny(trainer={"accelerator": "cpu", "devices": 1, "limit_val_batch": 2})
+    from lightning_scaling.study.run import trainer_arguments
+
+    checks = check_config(load_config(bad), trainer_arguments())
+    (trainer,) = [c for c in checks if c.name == "trainer"]
+    assert not trainer.ok and "'limit_val_batch' (did you mean 'limit_val_batches'?)" in trainer.message
+    assert [c.ok for c in check_config(load_config(tiny()), trainer_arguments()) if c.name == "trainer"] == [True]
+    assert not [c for c in check_config(load_config(bad)) if c.name == "trainer"]  # plan.py alone: not checked
+    path = write_cfg(tmp_path / "bad.json", bad)
+    assert main(["recipe", "--config", str(path), "--dry-run"]) == 1  # the CLI's dry run checks it
+    assert "FAIL trainer: not arguments of lightning.pytorch.Trainer: 'limit_val_batch'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="limit_val_batch"):  # and so does a real run, before it trains
+        run_recipe(load_config(bad), tmp_path / "out", progress=False, plots=False, echo=None)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_a_real_run_checks_before_training(tmp_path: Path) -> None:
     cfg = load_config(tiny(tokens_per_sample=7))
     with pytest.raises(ValueError, match=r"1 config check\(s\) failed .*FAIL tokens_per_sample"):
@@ -212,6 +229,49 @@ def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path: Path,
     changed = load_config({**cfg.to_dict(), "seed": 1})
     (tmp_path / "runs" / spec.name / "scaling" / "done.json").unlink()
     assert train_run(changed, plan_runs(changed)[0], tmp_path, progress=False).meta["resumed_from_step"] is None
+
+
+def test_a_prediction_is_never_rewritten_once_its_run_began(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_scaling.study import run as recipe
+
+    original = recipe._callbacks
+
+    class _CtrlC(Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 15:
+                raise KeyboardInterrupt
+
+    def callbacks(cfg: Any, model: Any, data: Any, spec: Any, *args: Any) -> list[Any]:
+        return original(cfg, model, data, spec, *args) + ([_CtrlC()] if spec.role == "holdout" else [])
+
+    monkeypatch.setattr(recipe, "_callbacks", callbacks)
+    cfg = tiny(checkpoint_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_config(cfg), tmp_path, progress=False, plots=False, echo=None)
+    before = json.loads((tmp_path / "prediction.json").read_text())
+    assert (tmp_path / "runs" / "d16_b4" / "checkpoints" / "last.ckpt").is_file()  # the held-out run began
+    monkeypatch.setattr(recipe, "_callbacks", original)
+    # Rerun with a target loss: the held-out run resumes, and the prediction made before it began stays as it was.
+    run_recipe(load_config({**cfg, "target_loss": 5.0}), tmp_path, progress=False, plots=False, echo=None)
+    after = json.loads((tmp_path / "prediction.json").read_text())
+    assert after == before
+
+
+def test_the_recipe_hides_the_noise_scale_notes_but_not_that_it_measures_nothing() -> None:
+    import warnings
+
+    from lightning_scaling.study.run import _Quiet
+    from lightning_scaling.warnings import ScalingWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _Quiet():
+            warnings.warn("GradientNoiseScale: skipping Embedding with shared parameters.", ScalingWarning)
+            warnings.warn("GradientNoiseScale(method='per_example') found no LayerNorm/RMSNorm layers with trainable, "
+                          "unshared parameters; no noise scale is measured.", ScalingWarning)
+    assert [str(w.message)[:40] for w in caught] == ["GradientNoiseScale(method='per_example')"]
 
 
 # --------------------------------------------------------------------------------------- 3. locks, shards, Ray

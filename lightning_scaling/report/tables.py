@@ -99,6 +99,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     if law:
         out.append("Fitted law  L(N, S_min) = e + (N_c/N)^a_N + (S_c/S_min)^a_S,  B_crit(L) = B*/L^(1/a_B)")
         out.append("  " + ", ".join(f"{k}={v:.4g}" for k, v in law.items()))
+        # what the fit said about itself (e.g. an irreducible loss at 0: its min loss is then no floor)
+        out += [f"  note: {m}" for m in ((report.get("law") or {}).get("info") or {}).get("messages") or ()]
         if cb.get("source") == "none":
             out.append("  critical batch: not fitted (critical_batch='none': runs at one batch size), so the law "
                        "predicts at that batch size only")

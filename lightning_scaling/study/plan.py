@@ -6,10 +6,11 @@ Models and data are built here (on the meta device where possible) but nothing t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,14 +195,16 @@ class Check:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
 
 
-def check_config(cfg: RecipeConfig) -> list[Check]:
+def check_config(cfg: RecipeConfig, trainer_arguments: Collection[str] | None = None) -> list[Check]:
     """Build every run's model and datamodule (no training) and check the settings that would make results wrong.
 
     Checked: ``batch_size_arg``/``max_steps_arg``/``lr_arg`` are init arguments of the classes; the model size N
     (measured on the built models) strictly increases along ``sizes``; ``sweep_size`` indexes a fitted size with
     >= 3 batch sizes; every batch size splits evenly over devices and is accepted by the datamodule; one batch of
-    each datamodule's train loader has the per-device batch and ``tokens_per_sample`` tokens per sample. Models
-    are built on the meta device where they allow it (no memory for weights).
+    each datamodule's train loader has the per-device batch and ``tokens_per_sample`` tokens per sample; the
+    ``trainer`` keys are among ``trainer_arguments`` (the ``Trainer``'s, from :func:`study.run.trainer_arguments`:
+    this module imports no Lightning; ``None`` skips the check). Models are built on the meta device where they
+    allow it (no memory for weights).
 
     Returns:
         One :class:`Check` per rule (``check.line()`` prints it).
@@ -218,12 +221,15 @@ def check_config(cfg: RecipeConfig) -> list[Check]:
     except ValueError as err:
         return [Check("import", False, str(err))]
     checks = [_check_sweep(cfg, specs), *_check_args(cfg, model_cls, data_cls)]
+    if trainer_arguments is not None:
+        checks.append(_check_trainer(cfg, trainer_arguments))
     if not all(c.ok for c in checks):
         return checks  # building with a wrong argument name would only repeat the failure
     return checks + [_check_sizes(cfg, specs), *_check_data(cfg, specs)]
 
 
-def validate_config(cfg: RecipeConfig, say: Callable[[str], None] | None = None) -> None:
+def validate_config(cfg: RecipeConfig, say: Callable[[str], None] | None = None,
+                    trainer_arguments: Collection[str] | None = None) -> None:
     """Run :func:`check_config`; print the failed lines and raise before anything trains.
 
     Raises:
@@ -233,7 +239,7 @@ def validate_config(cfg: RecipeConfig, say: Callable[[str], None] | None = None)
 
         >>> validate_config(demo_config(quick=True))  # doctest: +SKIP
     """
-    failed = [c for c in check_config(cfg) if not c.ok]
+    failed = [c for c in check_config(cfg, trainer_arguments) if not c.ok]
     for c in failed:
         (say or (lambda s: None))(c.line())
     if failed:
@@ -279,6 +285,16 @@ def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]
         out.append(Check("lr_arg", ok, f"{model_cls.__name__}({cfg.lr_arg}=...) scaled {cfg.lr_scaling}" if ok else
                          f"{model_cls.__name__} has no init argument {cfg.lr_arg!r} for lr_scaling={cfg.lr_scaling}"))
     return out
+
+
+def _check_trainer(cfg: RecipeConfig, known: Collection[str]) -> Check:
+    """The ``trainer`` keys are ``Trainer`` arguments (a typo would fail after the first run began)."""
+    unknown = sorted(k for k in cfg.trainer if k not in known)
+    if unknown:
+        near = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in near.items())
+        return Check("trainer", False, f"not arguments of lightning.pytorch.Trainer: {hints}")
+    return Check("trainer", True, f"Trainer({', '.join(sorted(cfg.trainer))}) plus the recipe's own arguments")
 
 
 def _measure_n(model: Any) -> float:

@@ -388,6 +388,15 @@ class _Runner:
             time.sleep(self.poll_s)
 
 
+def trainer_arguments() -> frozenset[str]:
+    """The argument names of ``lightning.pytorch.Trainer`` (for :func:`check_config`, which imports no Lightning)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    return frozenset(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
 class _Quiet:
     """Silence Lightning's per-run banners (GPU/TPU availability, tips) but keep the progress bars."""
 
@@ -410,6 +419,9 @@ class _Quiet:
         # (the recipe reports B_crit from its sweep); other ScalingWarnings (FitWarning, DataWarning) stay visible.
         for pattern in (".*GradientNoiseScale.*", ".*critical batch from the gradient noise.*"):
             warnings.filterwarnings("ignore", message=pattern, category=ScalingWarning)
+        # ...but not that it measures nothing on this model (the report's B_simple column would be empty unexplained)
+        warnings.filterwarnings("default", message=".*GradientNoiseScale.*(noise scale is measured|Disabled)",
+                                category=ScalingWarning)
         if not _is_rank_zero():  # under DDP every rank fits the same runs: rank 0's warnings are enough
             warnings.simplefilter("ignore")
         return self
@@ -453,7 +465,8 @@ def run_recipe(cfg: RecipeConfig, out_dir: str | os.PathLike[str], *, progress: 
         >>> print(result.table)  # doctest: +SKIP
     """
     say = echo if echo is not None and _is_rank_zero() else (lambda s: None)
-    validate_config(cfg, say)  # a config that would make the result meaningless fails before any training
+    # a config that would make the result meaningless fails before any training
+    validate_config(cfg, say, trainer_arguments=trainer_arguments())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if _is_rank_zero():
@@ -623,9 +636,10 @@ def _write_predictions(cfg: RecipeConfig, holdouts: Sequence[RunSpec], fitted: M
                        out: Path) -> dict[str, Any]:
     """Write ``prediction.json``: each held-out run's prediction, made before that run trained.
 
-    An entry whose run is finished, or is being trained by another process (which wrote the file before it
-    started), is kept as the file has it: a resumed study, or one given another schedule later, never rewrites a
-    prediction after its run trained. Nothing new: the file is left alone. Returns the record on file.
+    An entry whose run is finished, partly trained (a checkpoint it will resume from), or being trained by another
+    process (which wrote the file before it started), is kept as the file has it: a resumed study, or one given
+    another schedule or target later, never rewrites a prediction after its run began to train. A run that restarts
+    from step 0 gets a new one. Nothing new: the file is left alone. Returns the record on file.
     """
     path = out / PREDICTION_FILENAME
     try:
@@ -634,7 +648,8 @@ def _write_predictions(cfg: RecipeConfig, holdouts: Sequence[RunSpec], fitted: M
         old = {}
 
     def settled(spec: RunSpec) -> bool:
-        return (_load_finished(out / "runs" / spec.name, cfg, spec) is not None
+        run_dir = out / "runs" / spec.name
+        return (_load_finished(run_dir, cfg, spec) is not None or _resume_point(run_dir, cfg, spec) is not None
                 or (_locking(cfg) and RunLock(out / "runs" / f"{spec.name}.lock").held_elsewhere()))
 
     own = next(s for s in holdouts if s.schedule is None)
