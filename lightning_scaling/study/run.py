@@ -88,13 +88,14 @@ def _callbacks(cfg: RecipeConfig, model: Any, data: Any, spec: RunSpec,
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run: says which run stopped at which step and that it resumes from its checkpoint."""
+    """Ctrl-C (or SIGTERM, e.g. a preempted cluster job) during a run: which run stopped at which step, and that it
+    resumes from its checkpoint."""
 
-    def __init__(self, run: str, step: int, checkpoint_step: int | None) -> None:
+    def __init__(self, run: str, step: int, checkpoint_step: int | None, by: str = "") -> None:
         self.run, self.step, self.checkpoint_step = run, step, checkpoint_step
         resume = ("rerun the same command to resume it from its checkpoint at step "
                   f"{checkpoint_step}" if checkpoint_step is not None else "it restarts from step 0 on rerun")
-        super().__init__(f"run {run} interrupted at step {step}; {resume} (finished runs are kept)")
+        super().__init__(f"run {run} interrupted{by} at step {step}; {resume} (finished runs are kept)")
 
 
 class _RunProgress:
@@ -126,7 +127,10 @@ class _RunProgress:
                 outer.start = int(trainer.global_step)  # after the checkpoint was restored
 
             def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-                if not isinstance(exception, KeyboardInterrupt):
+                from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+                # Ctrl-C, or SIGTERM (Lightning stops after the step: a preempted SLURM job gets its grace period)
+                if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
                     return
                 outer.step = int(trainer.global_step)
                 if trainer.world_size == 1:  # under DDP a save is a collective the other ranks may never join
@@ -163,7 +167,8 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
     prior and the target loss).
 
     Raises:
-        RunInterrupted: Ctrl-C stopped the run (a ``KeyboardInterrupt``; its message says where it resumes).
+        RunInterrupted: Ctrl-C or SIGTERM stopped the run (a ``KeyboardInterrupt``; its message says where it
+            resumes; a checkpoint of the step it stopped at is saved on one process).
 
     Example::
 
@@ -191,11 +196,12 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
     started, start = time.time(), time.perf_counter()
     try:
         trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
-    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+    except SystemExit as exc:  # Ctrl-C: sys.exit(1) after Lightning's graceful shutdown; SIGTERM: SIGTERMException
         if run.step is None:
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C from here on
-        raise RunInterrupted(spec.name, run.step, run.checkpoint_step()) from None
+        by = "" if type(exc) is SystemExit else " (SIGTERM)"
+        raise RunInterrupted(spec.name, run.step, run.checkpoint_step(), by) from None
     wall = time.perf_counter() - start
     resumed_from = run.start if resume is not None else None
     history = callbacks[0].history
