@@ -6,7 +6,7 @@ A 2-layer byte-level GPT trains on the Python standard library's source (no down
 with warmup + cosine decay. Three callbacks are attached:
 
 - ``LossTrajectory`` records loss vs steps/tokens and the planned per-step LR schedule;
-- ``ScalingForecast`` refits a schedule-aware forecast every 50 steps and logs the predicted final loss with its
+- ``ScalingForecast`` refits a schedule-aware forecast every 100 steps and logs the predicted final loss with its
   90% band, the steps/tokens/seconds to ``--target`` and the ETA (also shown in the progress bar);
 - ``ForecastEarlyStopping`` stops the run if, with 90% confidence, ``--target`` cannot be reached within the
   step budget (try ``--target 1.5`` to see it stop).

@@ -239,8 +239,9 @@ def _cmd_recipe(cfg: Any, out: str, *, progress: bool, plots: bool, as_json: boo
     try:
         result = run_recipe(cfg, out, progress=progress, plots=plots, echo=echo, **run_args)
     except RunInterrupted as stop:  # one line: which run, which step, where it resumes
-        print(f"lightning-scaling recipe: {stop}", file=sys.stderr)
-        return 130
+        if _is_rank_zero():
+            print(f"lightning-scaling recipe: {stop}", file=sys.stderr)
+        return 143 if stop.sigterm else 130  # 128 + the signal, as a shell reports it
     wall = time.perf_counter() - start
     if not _is_rank_zero():  # under DDP every rank runs the recipe; one report is enough
         return EXIT_OK

@@ -118,6 +118,13 @@ def test_a_trainer_argument_typo_fails_the_dry_run(tmp_path: Path, capsys: pytes
     assert not trainer.ok and "'limit_val_batch' (did you mean 'limit_val_batches'?)" in trainer.message
     assert [c.ok for c in check_config(load_config(tiny()), trainer_arguments()) if c.name == "trainer"] == [True]
     assert not [c for c in check_config(load_config(bad)) if c.name == "trainer"]  # plan.py alone: not checked
+    for extra, needle in (({"max_steps": 5}, "'max_steps' (set the recipe's max_steps)"),
+                          ({"enable_checkpointing": False}, "'enable_checkpointing'"),
+                          ({"strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy"}},
+                           "strategy: class_path values are not instantiated")):
+        cfg = load_config(tiny(trainer={"accelerator": "cpu", "devices": 1, **extra}))
+        (check,) = [c for c in check_config(cfg, trainer_arguments()) if c.name == "trainer"]
+        assert not check.ok and needle in check.message, check.message
     path = write_cfg(tmp_path / "bad.json", bad)
     assert main(["recipe", "--config", str(path), "--dry-run"]) == 1  # the CLI's dry run checks it
     assert "FAIL trainer: not arguments of lightning.pytorch.Trainer: 'limit_val_batch'" in capsys.readouterr().out
@@ -203,6 +210,30 @@ def test_ctrl_c_says_where_and_the_run_resumes_from_its_checkpoint(tmp_path: Pat
     assert done["resumed_from_step"] == 25
 
 
+def test_sigterm_that_also_killed_the_loader_workers_is_still_an_interrupt(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_scaling.study import run as recipe
+
+    # SLURM signals the whole job: the DataLoader workers die first and torch raises a RuntimeError mid-step.
+    original = recipe._callbacks
+
+    class _GroupKill(Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 25:
+                trainer._signal_connector.received_sigterm = True
+                raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(recipe, "_callbacks", lambda *a, **k: original(*a, **k) + [_GroupKill()])
+    cfg = load_config(tiny(checkpoint_every=10))
+    with pytest.raises(recipe.RunInterrupted, match=r"interrupted \(SIGTERM\) at step 25") as stop:
+        train_run(cfg, plan_runs(cfg)[0], tmp_path, progress=False)
+    assert stop.value.sigterm and stop.value.checkpoint_step == 25
+    monkeypatch.setattr(recipe, "_callbacks", original)
+    assert train_run(cfg, plan_runs(cfg)[0], tmp_path, progress=False).meta["resumed_from_step"] == 25
+
+
 def test_sigterm_saves_the_step_and_the_run_resumes_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -211,7 +242,7 @@ def test_sigterm_saves_the_step_and_the_run_resumes_there(tmp_path: Path, monkey
     path = write_cfg(tmp_path / "cfg.json", tiny(checkpoint_every=10))
     out = tmp_path / "out"
     Stop(25, SIGTERMException).patch(monkeypatch)
-    assert main(["recipe", "--config", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == 130
+    assert main(["recipe", "--config", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lightning-scaling recipe: run d8_b2 interrupted (SIGTERM) at step 25; rerun the same command to resume it "
         "from its checkpoint at step 25 (finished runs are kept)")
@@ -289,7 +320,10 @@ def test_the_recipe_hides_the_noise_scale_notes_but_not_that_it_measures_nothing
             warnings.warn("GradientNoiseScale: skipping Embedding with shared parameters.", ScalingWarning)
             warnings.warn("GradientNoiseScale(method='per_example') found no LayerNorm/RMSNorm layers with trainable, "
                           "unshared parameters; no noise scale is measured.", ScalingWarning)
-    assert [str(w.message)[:40] for w in caught] == ["GradientNoiseScale(method='per_example')"]
+            warnings.warn("GradientNoiseScale (rank 1): cannot get the batch size (KeyError); pass `batch_size_fn`.",
+                          ScalingWarning)
+    assert [str(w.message)[:40] for w in caught] == ["GradientNoiseScale(method='per_example')",
+                                                      "GradientNoiseScale (rank 1): cannot get "]
 
 
 # --------------------------------------------------------------------------------------- 3. locks, shards, Ray

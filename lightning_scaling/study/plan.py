@@ -287,13 +287,33 @@ def _check_args(cfg: RecipeConfig, model_cls: Any, data_cls: Any) -> list[Check]
     return out
 
 
+# Trainer arguments the recipe owns: the run length is max_steps (its LR schedule, the finished-run check and the
+# report use it), the logger and checkpoints are the recipe's (resume, the history, TensorBoard layout).
+_RECIPE_OWNED = {"max_steps": "set the recipe's max_steps", "max_epochs": "runs are bounded by max_steps",
+                 "max_time": "runs are bounded by max_steps", "fast_dev_run": "runs are bounded by max_steps",
+                 "limit_train_batches": "a shortened run never counts as finished",
+                 "logger": "the recipe logs each run to <out>/runs/<run>",
+                 "enable_checkpointing": "the recipe checkpoints every run to resume it",
+                 "default_root_dir": "the recipe writes under --out"}
+
+
 def _check_trainer(cfg: RecipeConfig, known: Collection[str]) -> Check:
-    """The ``trainer`` keys are ``Trainer`` arguments (a typo would fail after the first run began)."""
+    """The ``trainer`` keys are ``Trainer`` arguments the recipe leaves to the user, with plain values (a typo, a
+    ``class_path`` dict or a run-length override would fail or mislead after the first run began)."""
     unknown = sorted(k for k in cfg.trainer if k not in known)
     if unknown:
         near = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
         hints = ", ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in near.items())
         return Check("trainer", False, f"not arguments of lightning.pytorch.Trainer: {hints}")
+    owned = [f"{k!r} ({why})" for k, why in _RECIPE_OWNED.items() if k in cfg.trainer]
+    if owned:
+        return Check("trainer", False, f"set by the recipe itself: {', '.join(owned)}")
+    built = sorted(k for k, v in cfg.trainer.items()
+                   if any(isinstance(x, Mapping) and "class_path" in x for x in (v if isinstance(v, list) else [v])))
+    if built:
+        return Check("trainer", False, f"{', '.join(built)}: class_path values are not instantiated here; give "
+                                       "plain values (strategy: ddp, precision: bf16-mixed) or call run_recipe "
+                                       "from Python with a config whose trainer holds the objects")
     return Check("trainer", True, f"Trainer({', '.join(sorted(cfg.trainer))}) plus the recipe's own arguments")
 
 

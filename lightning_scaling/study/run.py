@@ -91,10 +91,11 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM, e.g. a preempted cluster job) during a run: which run stopped at which step, and that it
     resumes from its checkpoint."""
 
-    def __init__(self, run: str, step: int, checkpoint_step: int | None, by: str = "") -> None:
-        self.run, self.step, self.checkpoint_step = run, step, checkpoint_step
+    def __init__(self, run: str, step: int, checkpoint_step: int | None, sigterm: bool = False) -> None:
+        self.run, self.step, self.checkpoint_step, self.sigterm = run, step, checkpoint_step, sigterm
         resume = ("rerun the same command to resume it from its checkpoint at step "
                   f"{checkpoint_step}" if checkpoint_step is not None else "it restarts from step 0 on rerun")
+        by = " (SIGTERM)" if sigterm else ""
         super().__init__(f"run {run} interrupted{by} at step {step}; {resume} (finished runs are kept)")
 
 
@@ -109,6 +110,7 @@ class _RunProgress:
         self.start: int | None = None
         self.step: int | None = None
         self.saved_step: int | None = None
+        self.sigterm = False
 
     def checkpoint_step(self) -> int | None:
         """The step the run will resume from after an interrupt."""
@@ -129,10 +131,12 @@ class _RunProgress:
             def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
                 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-                # Ctrl-C, or SIGTERM (Lightning stops after the step: a preempted SLURM job gets its grace period)
-                if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+                # Ctrl-C, or SIGTERM: Lightning stops after the step (SIGTERMException), unless the signal also
+                # reached the DataLoader workers (SLURM signals the whole job), whose death ends the step first
+                sigterm = isinstance(exception, SIGTERMException) or bool(getattr(trainer, "received_sigterm", False))
+                if not (isinstance(exception, KeyboardInterrupt) or sigterm):
                     return
-                outer.step = int(trainer.global_step)
+                outer.step, outer.sigterm = int(trainer.global_step), sigterm
                 if trainer.world_size == 1:  # under DDP a save is a collective the other ranks may never join
                     try:
                         trainer.save_checkpoint(outer.path)
@@ -196,12 +200,11 @@ def train_run(cfg: RecipeConfig, spec: RunSpec, out_dir: Path, *, progress: bool
     started, start = time.time(), time.perf_counter()
     try:
         trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
-    except SystemExit as exc:  # Ctrl-C: sys.exit(1) after Lightning's graceful shutdown; SIGTERM: SIGTERMException
-        if run.step is None:
+    except BaseException:  # Ctrl-C: sys.exit(1) after Lightning's shutdown; SIGTERM: SIGTERMException, or whatever
+        if run.step is None:  # the killed loader workers raised (even during teardown, replacing the first)
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C from here on
-        by = "" if type(exc) is SystemExit else " (SIGTERM)"
-        raise RunInterrupted(spec.name, run.step, run.checkpoint_step(), by) from None
+        raise RunInterrupted(spec.name, run.step, run.checkpoint_step(), run.sigterm) from None
     wall = time.perf_counter() - start
     resumed_from = run.start if resume is not None else None
     history = callbacks[0].history
@@ -426,8 +429,8 @@ class _Quiet:
         for pattern in (".*GradientNoiseScale.*", ".*critical batch from the gradient noise.*"):
             warnings.filterwarnings("ignore", message=pattern, category=ScalingWarning)
         # ...but not that it measures nothing on this model (the report's B_simple column would be empty unexplained)
-        warnings.filterwarnings("default", message=".*GradientNoiseScale.*(noise scale is measured|Disabled)",
-                                category=ScalingWarning)
+        warnings.filterwarnings("default", category=ScalingWarning, message=".*GradientNoiseScale.*(noise scale is "
+                                "measured|Disabled|cannot get the batch size|saw no gradients)")
         if not _is_rank_zero():  # under DDP every rank fits the same runs: rank 0's warnings are enough
             warnings.simplefilter("ignore")
         return self
