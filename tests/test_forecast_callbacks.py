@@ -280,13 +280,18 @@ class StepWork(pl.Callback):
 _COST, _STEP_TIME = 0.06, 0.01
 
 
-def _background_run(tmp_path, monkeypatch):
-    """60 steps of 10 ms with a refit of 60 ms every 5 steps on the background thread: (callback, trainer, wall)."""
+def slow_stub(monkeypatch, seconds):
+    """The stub forecast, taking ``seconds`` (sleep releases the GIL like the numpy/scipy parts of a fit)."""
     def slow(history, *args, **kwargs):
-        time.sleep(_COST)  # sleep releases the GIL like the numpy/scipy parts of a fit
+        time.sleep(seconds)
         return stub_forecast_run(history, *args, **kwargs)
 
-    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)  # in-process: the thread sees it
+    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)  # in-process: threads see it
+
+
+def _background_run(tmp_path, monkeypatch):
+    """60 steps of 10 ms with a refit of 60 ms every 5 steps on the background thread: (callback, trainer, wall)."""
+    slow_stub(monkeypatch, _COST)
     # max_overhead=1: at the end, wait for the last refits up to the 0.6 s of training (a 2% budget would drop them).
     sf = ScalingForecast(every_n_steps=5, background="thread", max_overhead=1.0, figure=False, forecast_runs=False)
     t0 = time.perf_counter()
@@ -331,11 +336,7 @@ def test_figures_and_files_are_skipped_beyond_the_time_budget(tmp_path, stub):
 
 
 def test_last_refits_are_dropped_when_they_would_delay_the_end(tmp_path, monkeypatch):
-    def slow(history, *args, **kwargs):
-        time.sleep(0.3)
-        return stub_forecast_run(history, *args, **kwargs)
-
-    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    slow_stub(monkeypatch, 0.3)
     sf = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -348,11 +349,7 @@ def test_last_refits_are_dropped_when_they_would_delay_the_end(tmp_path, monkeyp
 
 
 def test_refits_the_run_never_got_are_reported(tmp_path, monkeypatch):
-    def slow(history, *args, **kwargs):
-        time.sleep(0.25)
-        return stub_forecast_run(history, *args, **kwargs)
-
-    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    slow_stub(monkeypatch, 0.25)
     sf = ScalingForecast(every_n_steps=2, background="thread", figure=False, forecast_runs=False)
     with pytest.warns(ForecastWarning, match="refits were not made") as caught:
         fit(tmp_path, [LossTrajectory(), StepWork(0.01), sf], max_steps=40, logger=False)
@@ -376,11 +373,7 @@ def test_a_resumed_run_that_gets_no_forecast_is_told_so(tmp_path, monkeypatch):
     fit(tmp_path, [LossTrajectory(), first, ckpt], max_steps=20, logger=False, enable_checkpointing=True)
     assert first.n_refits == 2
 
-    def slow(history, *args, **kwargs):
-        time.sleep(0.5)
-        return stub_forecast_run(history, *args, **kwargs)
-
-    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    slow_stub(monkeypatch, 0.5)
     second = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
     with pytest.warns(ForecastWarning, match="no forecast was made during this run"):  # it raised IndexError
         fit(tmp_path, [LossTrajectory(), second, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
@@ -389,11 +382,7 @@ def test_a_resumed_run_that_gets_no_forecast_is_told_so(tmp_path, monkeypatch):
 
 
 def test_only_the_last_refit_unfinished_is_not_reported(tmp_path, monkeypatch):
-    def slow(history, *args, **kwargs):
-        time.sleep(0.05)
-        return stub_forecast_run(history, *args, **kwargs)
-
-    monkeypatch.setattr(forecast_mod, "forecast_run", slow, raising=False)
+    slow_stub(monkeypatch, 0.05)
     sf = ScalingForecast(every_n_steps=10, background="thread", figure=False, forecast_runs=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

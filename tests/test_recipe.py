@@ -234,24 +234,6 @@ def test_sigterm_that_also_killed_the_loader_workers_is_still_an_interrupt(tmp_p
     assert train_run(cfg, plan_runs(cfg)[0], tmp_path, progress=False).meta["resumed_from_step"] == 25
 
 
-def test_sigterm_saves_the_step_and_the_run_resumes_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    # What Lightning raises after the step on SIGTERM (a preempted SLURM job): it exited 0 without a checkpoint.
-    path = write_cfg(tmp_path / "cfg.json", tiny(checkpoint_every=10))
-    out = tmp_path / "out"
-    Stop(25, SIGTERMException).patch(monkeypatch)
-    assert main(["recipe", "--config", str(path), "--out", str(out), "--no-progress", "--no-plots"]) == 143
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "lightning-scaling recipe: run d8_b2 interrupted (SIGTERM) at step 25; rerun the same command to resume it "
-        "from its checkpoint at step 25 (finished runs are kept)")
-    cfg = load_config(path)
-    history = train_run(cfg, plan_runs(cfg)[0], out, progress=False)
-    assert history.meta["resumed_from_step"] == 25
-    assert_complete(history, cfg.max_steps)
-
-
 @pytest.mark.parametrize(("start", "step", "saved", "expected"), [
     (None, 25, None, 20), (None, 5, None, None), (20, 23, None, 20), (None, 25, 25, 25)])
 def test_the_interrupt_message_names_the_checkpoint_it_resumes_from(start: int | None, step: int,
