@@ -285,9 +285,24 @@ def test_a_prediction_is_never_rewritten_once_its_run_began(tmp_path: Path, monk
     assert (tmp_path / "runs" / "d16_b4" / "checkpoints" / "last.ckpt").is_file()  # the held-out run began
     monkeypatch.setattr(recipe, "_callbacks", original)
     # Rerun with a target loss: the held-out run resumes, and the prediction made before it began stays as it was.
-    run_recipe(load_config({**cfg, "target_loss": 5.0}), tmp_path, progress=False, plots=False, echo=None)
+    said: list[str] = []
+    run_recipe(load_config({**cfg, "target_loss": 5.0}), tmp_path, progress=False, plots=False, echo=said.append)
     after = json.loads((tmp_path / "prediction.json").read_text())
     assert after == before
+    assert any(line.startswith("prediction.json kept: made before d16_b4 began training (target loss ")
+               and "the config's is now 5.0" in line for line in said), said
+
+
+def test_a_prediction_made_after_its_run_began_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_scaling.study import run as recipe
+
+    monkeypatch.setattr(recipe, "_resume_point", lambda *a: Path("last.ckpt"))  # the held-out run "began"
+    fitted = {"prediction": {"target_loss": 2.0}, "law": {}}
+    holdout = [s for s in plan_runs(load_config(tiny())) if s.role == "holdout"]
+    said: list[str] = []
+    record = recipe._write_predictions(load_config(tiny()), holdout, fitted, tmp_path, said.append)  # no file yet
+    assert record["written_after_training_began"] == "d16_b4" and "written_before_training" not in record
+    assert "missing or unreadable" in said[0]
 
 
 def test_the_recipe_hides_the_noise_scale_notes_but_not_that_it_measures_nothing() -> None:

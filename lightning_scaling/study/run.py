@@ -636,13 +636,13 @@ def _fit_before_holdout(cfg: RecipeConfig, specs: Sequence[RunSpec], histories: 
     fitted["_fit_s"] = time.perf_counter() - t
     if "prediction" in fitted and holdout is not None and _is_rank_zero():
         # compared with the actual runs below: the predictions on file, each made before its run trained
-        record = _write_predictions(cfg, holdouts, fitted, out)
+        record = _write_predictions(cfg, holdouts, fitted, out, say)
         fitted.update({k: record[k] for k in ("prediction", "schedule_predictions") if k in record})
     return fitted
 
 
 def _write_predictions(cfg: RecipeConfig, holdouts: Sequence[RunSpec], fitted: Mapping[str, Any],
-                       out: Path) -> dict[str, Any]:
+                       out: Path, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Write ``prediction.json``: each held-out run's prediction, made before that run trained.
 
     An entry whose run is finished, partly trained (a checkpoint it will resume from), or being trained by another
@@ -663,9 +663,19 @@ def _write_predictions(cfg: RecipeConfig, holdouts: Sequence[RunSpec], fitted: M
 
     own = next(s for s in holdouts if s.schedule is None)
     new = {k: v for k, v in fitted.items() if not k.startswith("_") and k != "schedule_predictions"}
-    keep_own = "prediction" in old and settled(own)
-    record = {k: v for k, v in old.items() if k != "schedule_predictions"} if keep_own else \
-        {"written_before_training": own.name, "time": time.time(), **new}
+    began = settled(own)
+    keep_own = "prediction" in old and began
+    if keep_own:
+        record = {k: v for k, v in old.items() if k != "schedule_predictions"}
+        was, now = (d.get("prediction", {}).get("target_loss") for d in (old, new))
+        say(f"{PREDICTION_FILENAME} kept: made before {own.name} began training"
+            + (f" (target loss {was}; the config's is now {now})" if was != now else ""))
+    elif began:  # the file is gone or unreadable but the run began: a new prediction is not one made before it
+        record = {"written_after_training_began": own.name, "time": time.time(), **new}
+        say(f"{PREDICTION_FILENAME} was missing or unreadable and {own.name} has begun training: the new prediction "
+            "is marked as made after it began")
+    else:
+        record = {"written_before_training": own.name, "time": time.time(), **new}
     changed = not keep_own
     kept, made = old.get("schedule_predictions") or {}, fitted.get("schedule_predictions") or {}
     others = {}
