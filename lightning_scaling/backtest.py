@@ -28,14 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from lightning_scaling.history import RunHistory
+from lightning_scaling.history import FINAL_FRACTION, RunHistory
 from lightning_scaling.numerics import warmup_steps
 
 __all__ = ["PREFIXES", "BacktestResult", "backtest", "replay_forecast", "holdout_cross_size", "summarize",
            "power_law_baseline", "final_window", "run_schedule", "KaplanBaseline"]
 
 PREFIXES = (0.1, 0.2, 0.3, 0.5, 0.7)
-FINAL_FRACTION = 0.05
 _CURVE_WINDOWS = 32
 
 

@@ -36,6 +36,7 @@ from numpy.typing import ArrayLike
 from scipy import optimize, signal, stats
 
 from lightning_scaling import laws
+from lightning_scaling.history import FINAL_FRACTION
 from lightning_scaling.numerics import to_jsonable, warmup_steps
 
 __all__ = [
@@ -760,7 +761,7 @@ class Forecast:
         curve = self._curve(bound)
         if not math.isfinite(loss):
             raise ValueError(f"loss must be finite, got {loss}")
-        hit = np.nonzero(_trailing_mean(self.observed_loss, _FINAL_SHARE) <= loss)[0]
+        hit = np.nonzero(_trailing_mean(self.observed_loss, FINAL_FRACTION) <= loss)[0]
         if hit.size:
             return float(self.observed_steps[hit[0]])
         below = np.nonzero(curve <= loss)[0]
@@ -782,9 +783,6 @@ class Forecast:
         """A JSON-serialisable dict: arrays as lists, non-finite floats as ``"NaN"``/``"Infinity"`` (the package's one
         convention, :func:`lightning_scaling.numerics.to_jsonable`)."""
         return to_jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "warm_state"})
-
-
-_FINAL_SHARE = 0.05  # as backtest.final_window: a loss "reached" is a mean over this share of the steps, not a bin
 
 
 def _trailing_mean(y: np.ndarray, share: float, least: int = 3) -> np.ndarray:

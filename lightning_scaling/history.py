@@ -30,11 +30,14 @@ from lightning_scaling.warnings import DataWarning
 
 __all__ = [
     "RunHistory", "LoadReport", "merge_runs", "final_loss", "group_by_size", "live_b_simple", "HISTORY_FILENAME",
-    "DEFAULT_TAGS",
+    "DEFAULT_TAGS", "FINAL_FRACTION",
 ]
 
 #: File name that :class:`~lightning_scaling.callbacks.LossTrajectory` writes under ``<log_dir>/scaling/``.
 HISTORY_FILENAME = "history.json"
+#: Share of a run's last records averaged into its final loss (fixed before any result was seen): one noisy
+#: step never decides a comparison. Also what counts as "reached" in ``Forecast.steps_to``.
+FINAL_FRACTION = 0.05
 
 #: The TensorBoard / CSV tags this project writes; readers take other names by argument.
 DEFAULT_TAGS: dict[str, str] = {
@@ -660,7 +663,8 @@ class RunHistory:
 # ----------------------------------------------------------------------------------------------------------------
 # Summaries of runs: one definition each, shared by the study, the report, the CLI and the callbacks
 # ----------------------------------------------------------------------------------------------------------------
-def final_loss(history: RunHistory, *, fraction: float = 0.05, min_points: int = 10) -> tuple[float, int]:
+def final_loss(history: RunHistory, *, fraction: float = FINAL_FRACTION,
+               min_points: int = 10) -> tuple[float, int]:
     """The final loss of a run: the mean finite loss over its last ``fraction`` of records (at least
     ``min_points``), so one noisy last step does not decide a comparison; and the first step averaged.
 

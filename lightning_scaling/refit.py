@@ -310,10 +310,9 @@ class RefitScheduler:
 
     # ------------------------------------------------------------------------------------------ internals
     def _start(self, job: RefitJob) -> None:
+        self.start()  # no-op once the worker runs (or after a fall-back)
         if self.mode == "process":
             try:
-                if self._worker is None:
-                    self._worker = _Worker()
                 files = replace(job, draw=False)  # the worker writes the files; the figure is made here, at pick-up
                 self._worker.send(files)
                 self._in_flight, self._in_flight_job = files, replace(job, log_dir=None, write_run=False)

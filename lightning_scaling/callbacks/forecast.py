@@ -471,7 +471,7 @@ class ScalingForecast(Callback):
     def _warn_unmade(self, waited: float) -> None:
         """Say which refits the run never got (a newer one replaced them while the worker was busy, or the run ended
         first): a forecast that silently lags, or never comes, looks like a working one."""
-        sch, made = self._scheduler, getattr(self, "_made_here", [])
+        sch, made = self._scheduler, self._made_here  # both set in on_train_start
         skipped, pending = list(sch.skipped_steps), sch.pending_steps
         if made and sch.submitted_steps and sch.submitted_steps[-1] in pending:
             # the refit of the run's last step: the run is over, its own end says more than a forecast of it

@@ -193,8 +193,7 @@ class LossTrajectory(Callback):
         if stage != "fit":
             return
         # trainer.log_dir broadcasts, so resolve it here where every rank runs, not in rank-zero-only writes.
-        self._path_resolved = False
-        self._history_path = self.history_path(trainer)
+        self._history_path = self._base_path(trainer)
         self._restored, self._history_dir = False, None
         if not pl_module.automatic_optimization:
             self._warning_cache.warn(
@@ -209,7 +208,7 @@ class LossTrajectory(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restored state is visible here under every strategy (FSDP restores after on_fit_start).
-        self._history_path, self._path_resolved = self._run_path(trainer, self._history_path), True
+        self._choose_history_dir(trainer)
         if self.n_params is None:
             self.n_params = count_non_embedding_params(pl_module)
         try:
@@ -398,35 +397,36 @@ class LossTrajectory(Callback):
 
         Reads ``trainer.log_dir``, a collective under DDP: call it on every rank.
         """
-        if getattr(self, "_path_resolved", False):
-            return self._history_path
+        return self._in_history_dir(self._base_path(trainer))
+
+    def _base_path(self, trainer: pl.Trainer) -> Path:
         base = Path(self.save_dir) if self.save_dir else Path(trainer.log_dir or trainer.default_root_dir) / "scaling"
         return base / HISTORY_FILENAME
 
-    def _run_path(self, trainer: pl.Trainer, path: Path) -> Path:
+    def _in_history_dir(self, base: Path) -> Path:
+        subdir = getattr(self, "_history_dir", None)
+        return base.parent / subdir / base.name if subdir else base
+
+    def _choose_history_dir(self, trainer: pl.Trainer) -> None:
         """Without a logger or ``save_dir`` every run shares ``<default_root_dir>/scaling``: a new run writes beside
         an earlier run's history, in the next free ``version_<k>`` folder, instead of over it; a resumed run goes on
         writing where it wrote (its checkpoint says which folder)."""
+        base = self._history_path
         if trainer.loggers or self.save_dir:
-            return path
-        if self._restored:
-            return path.parent / self._history_dir / path.name if self._history_dir else path
-        if not path.exists():
-            return path
-        k = 1
-        while (path.parent / f"version_{k}" / path.name).exists():
-            k += 1
-        self._history_dir = f"version_{k}"
-        fresh = path.parent / self._history_dir / path.name
-        rank_zero_info(f"LossTrajectory: {path} holds an earlier run's history; this run's goes to {fresh} "
-                       "(a logger or `save_dir` chooses the place).")
-        return fresh
+            self._history_dir = None
+        elif not self._restored and base.exists():
+            k = 1
+            while (base.parent / f"version_{k}" / base.name).exists():
+                k += 1
+            self._history_dir = f"version_{k}"
+            rank_zero_info(f"LossTrajectory: {base} holds an earlier run's history; this run's goes to "
+                           f"{self._in_history_dir(base)} (a logger or `save_dir` chooses the place).")
 
     def _write(self, trainer: pl.Trainer, *, wait: bool) -> Path | None:
         """Write ``history.json`` (rank 0): now, or (``wait=False``) from a snapshot in a writer thread."""
         if not trainer.is_global_zero or not (len(self._rec.step) or self._rec.n_pending):
             return None
-        path = getattr(self, "_history_path", None) or self.history_path(trainer)
+        path = self._in_history_dir(getattr(self, "_history_path", None) or self._base_path(trainer))
         history = self.history  # a snapshot (copies), taken on the training thread
         self._join_writer()  # one write at a time, in order
         if wait:

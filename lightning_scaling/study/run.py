@@ -670,12 +670,12 @@ def _write_predictions(cfg: RecipeConfig, holdouts: Sequence[RunSpec], fitted: M
         was, now = (d.get("prediction", {}).get("target_loss") for d in (old, new))
         say(f"{PREDICTION_FILENAME} kept: made before {own.name} began training"
             + (f" (target loss {was}; the config's is now {now})" if was != now else ""))
-    elif began:  # the file is gone or unreadable but the run began: a new prediction is not one made before it
-        record = {"written_after_training_began": own.name, "time": time.time(), **new}
-        say(f"{PREDICTION_FILENAME} was missing or unreadable and {own.name} has begun training: the new prediction "
-            "is marked as made after it began")
-    else:
-        record = {"written_before_training": own.name, "time": time.time(), **new}
+    else:  # a file gone or unreadable while the run began: the new prediction is not one made before it
+        record = {"written_after_training_began" if began else "written_before_training": own.name,
+                  "time": time.time(), **new}
+        if began:
+            say(f"{PREDICTION_FILENAME} was missing or unreadable and {own.name} has begun training: the new "
+                "prediction is marked as made after it began")
     changed = not keep_own
     kept, made = old.get("schedule_predictions") or {}, fitted.get("schedule_predictions") or {}
     others = {}
